@@ -1,0 +1,27 @@
+//! # fd-node
+//!
+//! One member of an fd federation: its private data, its student, the steps
+//! of a round, the ensemble teacher, and the libp2p networking that carries
+//! logit shares (never weights, never data) between members.
+//!
+//! Map:
+//! - [`data`]: loaders (Fashion-MNIST IDX, synthetic), partitioners, the public set.
+//! - [`model`], [`device`], [`learner`]: burn students and their training.
+//! - [`aggregate`]: the ensemble teacher.
+//! - [`member`]: a round's learning steps on one member, no networking.
+//! - [`inbox`]: the validation gate between received shares and aggregation.
+//! - [`net`]: the libp2p swarm, its event loop and client.
+//! - [`runtime`]: the networked member and the isolated baseline.
+//! - [`config`], [`keyfile`]: configuration and identity on disk.
+
+pub mod aggregate;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod inbox;
+pub mod keyfile;
+pub mod learner;
+pub mod member;
+pub mod model;
+pub mod net;
+pub mod runtime;

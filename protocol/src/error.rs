@@ -1,0 +1,98 @@
+//! Typed errors for decoding and validating messages.
+//!
+//! Every way a message can be refused has its own variant, and each maps to a
+//! short [`RejectReason`] code so nodes can count rejections by reason in
+//! their metrics without parsing strings.
+
+use crate::identity::PublicKey;
+
+/// Why a message or share was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("unsupported protocol version {got} (this build speaks version {expected})")]
+    UnsupportedVersion { got: u16, expected: u16 },
+    #[error("message of {size} bytes exceeds the limit of {max} bytes")]
+    TooLarge { size: usize, max: usize },
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("could not encode message: {0}")]
+    Encode(String),
+    #[error("bad signature on a share claiming to be from {sender}")]
+    BadSignature { sender: PublicKey },
+    #[error("shape mismatch in `{field}`: expected {expected}, got {got}")]
+    ShapeMismatch {
+        field: &'static str,
+        expected: String,
+        got: String,
+    },
+    #[error("non-finite value at position {index} of the payload")]
+    NonFinite { index: usize },
+    #[error("share belongs to federation `{got}`, expected `{expected}`")]
+    WrongFederation { expected: String, got: String },
+    #[error("share is for round {got}, expected round {expected}")]
+    WrongRound { expected: u64, got: u64 },
+    #[error("share describes a different public subset: {0}")]
+    SubsetMismatch(String),
+    #[error("share from {0}, which is not a member of this federation")]
+    UnknownSender(PublicKey),
+    #[error("invalid value in `{field}`: {reason}")]
+    InvalidField { field: &'static str, reason: String },
+}
+
+/// Short, stable codes for counting rejections (metrics labels, CSV columns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectReason {
+    Version,
+    TooLarge,
+    Malformed,
+    BadSignature,
+    Shape,
+    NonFinite,
+    WrongFederation,
+    WrongRound,
+    Subset,
+    UnknownSender,
+    InvalidField,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Version => "version",
+            RejectReason::TooLarge => "too_large",
+            RejectReason::Malformed => "malformed",
+            RejectReason::BadSignature => "bad_signature",
+            RejectReason::Shape => "shape",
+            RejectReason::NonFinite => "non_finite",
+            RejectReason::WrongFederation => "wrong_federation",
+            RejectReason::WrongRound => "wrong_round",
+            RejectReason::Subset => "subset",
+            RejectReason::UnknownSender => "unknown_sender",
+            RejectReason::InvalidField => "invalid_field",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ProtocolError {
+    pub fn reason(&self) -> RejectReason {
+        match self {
+            ProtocolError::UnsupportedVersion { .. } => RejectReason::Version,
+            ProtocolError::TooLarge { .. } => RejectReason::TooLarge,
+            ProtocolError::Malformed(_) | ProtocolError::Encode(_) => RejectReason::Malformed,
+            ProtocolError::BadSignature { .. } => RejectReason::BadSignature,
+            ProtocolError::ShapeMismatch { .. } => RejectReason::Shape,
+            ProtocolError::NonFinite { .. } => RejectReason::NonFinite,
+            ProtocolError::WrongFederation { .. } => RejectReason::WrongFederation,
+            ProtocolError::WrongRound { .. } => RejectReason::WrongRound,
+            ProtocolError::SubsetMismatch(_) => RejectReason::Subset,
+            ProtocolError::UnknownSender(_) => RejectReason::UnknownSender,
+            ProtocolError::InvalidField { .. } => RejectReason::InvalidField,
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! # fd-protocol
+//!
+//! The wire format of an fd federation: what members say to each other and to
+//! the optional coordinator, how it is encoded, signed and checked.
+//!
+//! This crate has no networking and no machine learning. It turns messages
+//! into bytes and back, and decides whether a [`LogitShare`] may be trusted;
+//! everything that moves bytes (libp2p) or makes logits (burn) lives in
+//! `fd-node`. Keeping it small means the rules a member enforces can be read
+//! in one place and fuzzed in isolation.
+//!
+//! - [`codec`]: versioned bincode 2 framing with an explicit size limit.
+//! - [`identity`]: Ed25519 keys and signatures (ring).
+//! - [`digest`]: SHA-256 of the public dataset.
+//! - [`message`]: the messages (join, manifest, round announcement, metrics).
+//! - [`share`]: the signed [`LogitShare`] and its validation.
+
+pub mod codec;
+pub mod digest;
+pub mod error;
+pub mod identity;
+pub mod message;
+pub mod share;
+
+pub use codec::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode};
+pub use digest::Digest;
+pub use error::{ProtocolError, RejectReason};
+pub use identity::{PublicKey, Signature, SigningKey};
+pub use message::*;
+pub use share::{LogitShare, PayloadEncoding, PublicSubset, ShareExpectation};

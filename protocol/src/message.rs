@@ -1,0 +1,125 @@
+//! The messages of an fd federation.
+//!
+//! Two conversations share one message type so one codec serves both:
+//! - member ↔ coordinator: [`JoinRequest`] → `Welcome`/`JoinRefused`;
+//!   [`RoundAnnouncement`] → `Ack`; [`RoundMetrics`] → `Ack`; `Done`.
+//! - member ↔ member: `Share` ([`LogitShare`]) → `ShareAccepted`/`ShareRejected`.
+//!
+//! The coordinator never sees private data and never needs the logits: it
+//! only learns who is a member, where they listen, and the metrics they report.
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::identity::PublicKey;
+use crate::share::LogitShare;
+
+/// A federation member as others see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    /// Ed25519 public key: signs the member's shares and is its libp2p identity.
+    pub key: PublicKey,
+    /// Human-readable name, for logs and tables.
+    pub name: String,
+    /// Multiaddresses the member listens on.
+    pub addrs: Vec<String>,
+}
+
+/// The public dataset every member holds and has verified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublicSetDescriptor {
+    /// Where it comes from, for humans (e.g. "fashion-mnist train, 5000 samples").
+    pub source: String,
+    /// Number of samples in the public set.
+    pub samples: u64,
+    /// SHA-256 over the bytes of those samples, in order.
+    pub digest: Digest,
+}
+
+/// What every member agrees on before the first round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FederationManifest {
+    pub federation_id: String,
+    pub public_set: PublicSetDescriptor,
+    pub classes: u32,
+    pub rounds: u64,
+    /// Public samples predicted and shared per round.
+    pub subset_size: u32,
+    /// Seed for the per-round public subsets.
+    pub seed: u64,
+}
+
+/// A node asks to join.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub federation_id: String,
+    pub member: Member,
+    /// Digest of the public set the node holds; must equal the manifest's.
+    pub public_set_digest: Digest,
+    pub train_samples: u64,
+}
+
+/// The coordinator opens a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundAnnouncement {
+    pub federation_id: String,
+    pub round: u64,
+    /// Shares arriving after this instant (Unix milliseconds) are not waited for.
+    pub deadline_unix_ms: u64,
+    /// Current members, including the receiver.
+    pub members: Vec<Member>,
+}
+
+/// What a node reports after a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundMetrics {
+    pub federation_id: String,
+    pub round: u64,
+    pub node: PublicKey,
+    pub name: String,
+    /// Test accuracy after distillation, in [0, 1].
+    pub test_accuracy: f64,
+    /// Test accuracy after local training, before distillation.
+    pub local_accuracy: f64,
+    /// Bytes this node wrote to peers this round (share frames).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Size of one encoded share frame.
+    pub share_bytes: u64,
+    pub shares_sent: u32,
+    pub shares_aggregated: u32,
+    /// Shares rejected since the previous report.
+    pub shares_rejected: u32,
+    /// Rejections since the node started, by [`crate::RejectReason`] code.
+    pub rejections: Vec<(String, u64)>,
+    pub train_seconds: f64,
+    pub predict_seconds: f64,
+    pub distill_seconds: f64,
+}
+
+/// Everything that travels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    Join(JoinRequest),
+    Welcome {
+        manifest: FederationManifest,
+        members: Vec<Member>,
+    },
+    JoinRefused {
+        reason: String,
+    },
+    Round(RoundAnnouncement),
+    Share(LogitShare),
+    ShareAccepted,
+    ShareRejected {
+        /// A [`crate::RejectReason`] code.
+        code: String,
+        reason: String,
+    },
+    Metrics(RoundMetrics),
+    /// The federation finished its last round.
+    Done {
+        rounds: u64,
+    },
+    Ack,
+}

@@ -1,0 +1,211 @@
+//! Helpers for the cross-crate integration tests: locate the built `fd-*`
+//! binaries, write configs, start real processes on 127.0.0.1 and clean
+//! them up even when a test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fd_protocol::RoundMetrics;
+
+/// Path of a workspace binary, next to the test executable's `deps` folder.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile> folder");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace`), as the README's test command does",
+        path.display()
+    );
+    path
+}
+
+/// A child process killed when dropped, with its stderr in a log file.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn start(name: &str, bin: &str, args: &[&str], dir: &Path) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let stdout = std::fs::File::create(dir.join(format!("{name}.out"))).expect("out file");
+        let child = Command::new(binary(bin))
+            .args(args)
+            .env("RUST_LOG", "info,libp2p=warn")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        Proc {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    /// Waits for the process to exit; panics with its log on failure or timeout.
+    pub fn wait_success(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(
+                    status.success(),
+                    "{} exited with {status}; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+                return;
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!(
+                    "{} did not finish within {timeout:?}; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `path` holds a non-empty line (e.g. the coordinator's address file).
+pub fn wait_for_line(path: &Path, timeout: Duration, proc: &mut Proc) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Some(line) = text.lines().next().filter(|l| !l.trim().is_empty()) {
+                return line.trim().to_string();
+            }
+        }
+        if let Some(status) = proc.child.try_wait().expect("wait") {
+            panic!(
+                "{} exited with {status} early; log:\n{}",
+                proc.name,
+                proc.log_tail()
+            );
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{} never appeared; log:\n{}",
+            path.display(),
+            proc.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Reads a node's JSON-lines metrics file.
+pub fn read_metrics(path: &Path) -> Vec<RoundMetrics> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("bad metrics line in {}: {e}", path.display()))
+        })
+        .collect()
+}
+
+/// The `[federation]`, `[data]` tables shared by the test federations:
+/// synthetic data, so the tests need nothing installed.
+pub fn federation_toml(id: &str, rounds: u64) -> String {
+    format!(
+        r#"[federation]
+id = "{id}"
+rounds = {rounds}
+public_size = 3000
+subset_size = 1000
+seed = 11
+
+[data]
+kind = "synthetic"
+seed = 5
+train = 12000
+test = 2000
+"#
+    )
+}
+
+/// A coordinator config in `dir`.
+pub fn coordinator_toml(
+    dir: &Path,
+    min_members: usize,
+    round_timeout_secs: u64,
+    federation: &str,
+) -> PathBuf {
+    let path = dir.join("coordinator.toml");
+    let text = format!(
+        r#"listen = "/ip4/127.0.0.1/tcp/0"
+key_file = "coordinator.key"
+min_members = {min_members}
+round_timeout_secs = {round_timeout_secs}
+metrics_file = "coordinator-metrics.csv"
+address_file = "coordinator.addr"
+
+{federation}"#
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A node config in `dir`; `coordinator` None for the isolated baseline.
+pub fn node_toml(
+    dir: &Path,
+    index: usize,
+    nodes: usize,
+    alpha: f64,
+    coordinator: Option<&str>,
+    metrics: &str,
+    federation: &str,
+) -> PathBuf {
+    let path = dir.join(format!("{metrics}.toml"));
+    let coordinator = coordinator
+        .map(|c| format!("coordinator = \"{c}\"\n"))
+        .unwrap_or_default();
+    let text = format!(
+        r#"name = "node-{index}"
+listen = "/ip4/127.0.0.1/tcp/0"
+key_file = "node-{index}.key"
+{coordinator}metrics_file = "{metrics}.jsonl"
+
+{federation}
+[partition]
+nodes = {nodes}
+index = {index}
+scheme = {{ kind = "dirichlet", alpha = {alpha} }}
+
+[model]
+kind = "mlp"
+hidden = [200, 200]
+
+[training]
+local_epochs = 1
+distill_epochs = 5
+seed = {index}
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
