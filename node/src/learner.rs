@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
 use crate::device::DeviceKind;
-use crate::model::{ModelConfig, Student};
+use crate::model::{InputShape, ModelConfig, Student};
 
 /// Optimizer of local training and distillation.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -103,11 +103,11 @@ impl Learner {
         model: &ModelConfig,
         config: TrainingConfig,
         device: DeviceKind,
-        features: usize,
+        input: InputShape,
         classes: usize,
     ) -> Self {
         let training_device = device.training_device();
-        let student = model.init(features, classes, config.seed, &training_device);
+        let student = model.init(input, classes, config.seed, &training_device);
         let optimizer = match config.optimizer {
             OptimizerKind::Adam => AdamConfig::new().init(),
             OptimizerKind::Sgd => SgdConfig::new()

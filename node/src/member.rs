@@ -14,6 +14,7 @@ use crate::config::NodeConfig;
 use crate::data::DataSplits;
 use crate::data::public::{round_subset, split_public};
 use crate::learner::Learner;
+use crate::model::InputShape;
 
 /// Seconds spent in each step of a round.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -63,7 +64,7 @@ impl LocalMember {
             &config.model,
             config.training.clone(),
             config.device,
-            data.train.features,
+            InputShape::new(data.train.shape),
             data.train.classes,
         );
         Ok(LocalMember {

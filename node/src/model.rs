@@ -13,6 +13,29 @@ use burn::nn::{Linear, LinearConfig, Relu};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+/// The shape of one input sample: channels × height × width (tabular data: 1 × 1 × features).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputShape {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl InputShape {
+    pub fn new([channels, height, width]: [usize; 3]) -> Self {
+        InputShape {
+            channels,
+            height,
+            width,
+        }
+    }
+
+    /// Values per sample.
+    pub fn features(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+}
+
 /// Which student a node trains. Deserialized from the `[model]` table, e.g.
 /// `kind = "mlp"`, `hidden = [200, 200]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,14 +79,14 @@ impl ModelConfig {
     /// burn draws initial weights from a per-backend (possibly global) RNG;
     /// holding a lock while seeding and initialising keeps initial weights a
     /// function of the seed alone, even when many nodes share one process.
-    pub fn init(&self, inputs: usize, classes: usize, seed: u64, device: &Device) -> Student {
+    pub fn init(&self, input: InputShape, classes: usize, seed: u64, device: &Device) -> Student {
         static INIT: Mutex<()> = Mutex::new(());
         let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
         device.seed(seed);
         match self {
             ModelConfig::Mlp { hidden } => {
                 let mut layers = Vec::with_capacity(hidden.len() + 1);
-                let mut width = inputs;
+                let mut width = input.features();
                 for &h in hidden {
                     layers.push(LinearConfig::new(width, h).init(device));
                     width = h;

@@ -41,11 +41,14 @@ pub const CLASSES: usize = 10;
 pub const DEFAULT_FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
 /// In-memory labelled images: `pixels` is n × features bytes, row-major, 0..=255.
+/// Each sample is laid out channel-major as `shape` = [channels, height, width]
+/// (tabular data: [1, 1, features]); `features` is their product.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dataset {
     pub pixels: Vec<u8>,
     pub labels: Vec<u8>,
     pub features: usize,
+    pub shape: [usize; 3],
     pub classes: usize,
 }
 
@@ -74,6 +77,7 @@ impl Dataset {
             pixels,
             labels: self.labels_of(indices),
             features: self.features,
+            shape: self.shape,
             classes: self.classes,
         }
     }
@@ -353,6 +357,7 @@ fn load_idx_pair(images_path: &Path, labels_path: &Path) -> Result<Dataset, Data
         pixels,
         labels,
         features: IMAGE_PIXELS,
+        shape: [1, IMAGE_SIDE, IMAGE_SIDE],
         classes: CLASSES,
     })
 }
@@ -390,6 +395,7 @@ mod tests {
             pixels: vec![0, 255, 10, 20, 30, 40],
             labels: vec![2, 0, 2],
             features: 2,
+            shape: [1, 1, 2],
             classes: 3,
         }
     }

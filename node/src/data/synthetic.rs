@@ -161,6 +161,7 @@ fn draw_split(prototypes: &[Prototype], rng: &mut ChaCha8Rng, n: usize) -> Datas
         pixels,
         labels,
         features: IMAGE_PIXELS,
+        shape: [1, IMAGE_SIDE, IMAGE_SIDE],
         classes: CLASSES,
     }
 }
