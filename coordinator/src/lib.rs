@@ -88,9 +88,7 @@ impl CoordinatorConfig {
         c.key_file = resolve(base, &c.key_file);
         c.metrics_file = c.metrics_file.map(|p| resolve(base, &p));
         c.address_file = c.address_file.map(|p| resolve(base, &p));
-        if let DataSource::FashionMnist { dir } = &mut c.data {
-            *dir = resolve(base, dir);
-        }
+        c.data.rebase(base);
         let invalid = |field, reason: String| ConfigError::Invalid {
             path: path.to_owned(),
             field,

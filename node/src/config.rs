@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fd_protocol::{FederationManifest, PublicSetDescriptor};
+use fd_protocol::{FederationManifest, PayloadEncodingName, PublicSetDescriptor};
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Aggregator;
@@ -27,8 +27,11 @@ listen = "/ip4/127.0.0.1/tcp/0"       # libp2p listen address (tcp/0 = any free 
 key_file = "node-0.key"               # Ed25519 identity; created (mode 0600) if missing
 # Coordinator's full address, printed by fd-coordinator. Omit to run isolated (no collaboration).
 coordinator = "/ip4/127.0.0.1/tcp/7000/p2p/12D3KooWPjceQrSwdWXPyLLeABRXmuqt69Rg3sBYbU1Nft9HyQ6X"
-device = "flex"                       # compute device: flex (CPU)
-aggregator = "mean-probabilities"     # teacher from peers' logits: mean-probabilities | mean (of logits)
+device = "flex"                       # compute device: flex (CPU, default) | ndarray (CPU, deprecated)
+aggregator = "mean-probabilities"     # teacher from own + peers' logits: mean-probabilities | mean (of logits)
+                                      # | weighted (by sample count) | median | { era = { temperature = 0.1 } }
+                                      # | { trimmed-mean = { beta = 0.2 } }
+encoding = "f32"                      # payload of shared logits: f32 | f16 | int8 | top-k:K
 metrics_file = "node-0-metrics.jsonl" # optional: one JSON line per round
 
 [federation]                          # must equal the coordinator's, or joining fails
@@ -39,16 +42,26 @@ subset_size = 2000                    # public samples predicted and shared per 
 seed = 42                             # seed of the public split, subsets and partition
 
 [data]                                # where samples come from (same on every member)
-kind = "auto"                         # auto | fashion-mnist (dir = ...) | synthetic (seed, train, test)
+kind = "auto"                         # auto (Fashion-MNIST if installed, else synthetic)
+# kind = "fashion-mnist", dir = "/usr/share/datasets/fashion-mnist"   (IDX, .gz or raw)
+# kind = "mnist", dir = "..."                                        (IDX)
+# kind = "cifar10", dir = "..."                                      (binary batches)
+# kind = "synthetic", seed = 7, train = 12000, test = 2000
+# kind = "csv", train = "train.csv", test = "test.csv", label_column = "label", values = "auto"
+# kind = "npy", train_x = "...", train_y = "...", test_x = "...", test_y = "..."
 
 [partition]                           # which private part of the data this node holds
 nodes = 3                             # number of parts
 index = 0                             # this node's part, 0-based
-scheme = { kind = "dirichlet", alpha = 0.1 }   # or { kind = "iid" }
+scheme = { kind = "dirichlet", alpha = 0.1 }   # | { kind = "iid" } | { kind = "shards", classes_per_node = 2 }
+                                               # | { kind = "quantity-skew", sigma = 1.0 }
 
 [model]                               # this node's student; may differ between nodes
-kind = "mlp"
-hidden = [200, 200]                   # hidden layer widths
+kind = "mlp"                          # mlp | cnn | fedavg-cnn | resnet
+hidden = [200, 200]                   # mlp: hidden layer widths
+# kind = "cnn": channels = [16, 32], fc = 128  (conv3x3+ReLU+maxpool2 per entry, then fc)
+# kind = "fedavg-cnn": the 2-conv CNN of McMahan et al. 2017 (32/64 channels, 5x5, fc 512)
+# kind = "resnet": blocks = [1, 1, 1]  (basic blocks per stage, widths 16/32/64)
 
 [training]                            # round recipe
 local_epochs = 1                      # epochs on private data per round
@@ -56,9 +69,15 @@ distill_epochs = 5                    # epochs on the public subset towards the 
 batch_size = 64
 learning_rate = 0.001
 optimizer = "adam"                    # adam | sgd (momentum 0.9)
-temperature = 3.0                     # distillation temperature T (loss scaled by T^2)
+temperature = 3.0                     # distillation temperature T in round 1 (loss scaled by T^2)
+final_temperature = 1.0               # T in the last round, for non-constant schedules
+temperature_schedule = "constant"     # constant | linear | cosine (from temperature to final_temperature)
+distill_alpha = 1.0                   # loss = a*T^2*KL(teacher||student) + (1-a)*CE(private labels)
+weight_decay = 0.0                    # L2 penalty
+momentum = 0.9                        # SGD momentum (ignored by adam)
 seed = 0                              # weight init and shuffling
 eval_samples = 0                      # test samples to evaluate on (0 = all)
+threads = 1                           # CPU threads; 1 = bit-identical reruns, more = faster
 "#;
 
 /// Errors reading or checking a config file; each names the file and field.
@@ -166,6 +185,9 @@ pub struct NodeConfig {
     pub device: DeviceKind,
     #[serde(default)]
     pub aggregator: Aggregator,
+    /// How this node encodes the logits it shares.
+    #[serde(default)]
+    pub encoding: PayloadEncodingName,
     #[serde(default)]
     pub metrics_file: Option<PathBuf>,
     pub federation: FederationConfig,
@@ -201,9 +223,7 @@ impl NodeConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         config.key_file = resolve(base, &config.key_file);
         config.metrics_file = config.metrics_file.map(|p| resolve(base, &p));
-        if let DataSource::FashionMnist { dir } = &mut config.data {
-            *dir = resolve(base, dir);
-        }
+        config.data.rebase(base);
         config.validate(path)?;
         Ok(config)
     }
@@ -249,10 +269,9 @@ impl NodeConfig {
                 ));
             }
         }
-        let ModelConfig::Mlp { hidden } = &self.model;
-        if hidden.contains(&0) {
-            return Err(invalid("model.hidden", "widths must be at least 1".into()));
-        }
+        self.model
+            .validate_fields()
+            .map_err(|r| invalid("model", r))?;
         self.training
             .validate()
             .map_err(|r| invalid("training", r))?;

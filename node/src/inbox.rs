@@ -25,7 +25,8 @@ pub struct ShareInbox {
     members: HashMap<PublicKey, Member>,
     /// The lowest round still open.
     open_round: u64,
-    accepted: BTreeMap<u64, BTreeMap<PublicKey, Vec<f32>>>,
+    /// Per round, per sender: the decoded logits and the share's sample count.
+    accepted: BTreeMap<u64, BTreeMap<PublicKey, (Vec<f32>, u64)>>,
     rejected: BTreeMap<RejectReason, u64>,
     rejected_total: u64,
 }
@@ -64,7 +65,7 @@ impl ShareInbox {
                 self.accepted
                     .entry(share.round)
                     .or_default()
-                    .insert(share.sender, logits);
+                    .insert(share.sender, (logits, share.samples));
                 Ok(())
             }
             Err(e) => {
@@ -112,12 +113,16 @@ impl ShareInbox {
         self.accepted.get(&round).map_or(0, |r| r.len())
     }
 
-    /// Closes `round` (and every earlier one) and hands its accepted logits over.
-    pub fn take_round(&mut self, round: u64) -> Vec<(PublicKey, Vec<f32>)> {
+    /// Closes `round` (and every earlier one) and hands its accepted logits
+    /// over, each with its sender and the sample count the share declared.
+    pub fn take_round(&mut self, round: u64) -> Vec<(PublicKey, Vec<f32>, u64)> {
         self.open_round = self.open_round.max(round + 1);
         let taken = self.accepted.remove(&round).unwrap_or_default();
         self.accepted.retain(|r, _| *r > round);
-        taken.into_iter().collect()
+        taken
+            .into_iter()
+            .map(|(sender, (logits, samples))| (sender, logits, samples))
+            .collect()
     }
 
     /// Rejections so far, by reason.
@@ -177,6 +182,8 @@ mod tests {
             "fed",
             subset_for(&manifest(), round),
             2,
+            // From the key, so the test can tell whose count take_round hands over.
+            u64::from(key.public_key().0[0]),
             PayloadEncoding::F32Le,
             logits,
         )
@@ -219,7 +226,14 @@ mod tests {
         assert_eq!(inbox.accepted_count(1), 1);
 
         let taken = inbox.take_round(1);
-        assert_eq!(taken, vec![(bob.public_key(), vec![1.0, 2.0, 3.0, 4.0])]);
+        assert_eq!(
+            taken,
+            vec![(
+                bob.public_key(),
+                vec![1.0, 2.0, 3.0, 4.0],
+                u64::from(bob.public_key().0[0])
+            )]
+        );
         // Round 1 is closed: a replay is refused; round 2 is still waiting.
         assert_eq!(
             inbox.offer(&good).unwrap_err().reason(),

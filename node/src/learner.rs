@@ -8,10 +8,13 @@
 
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{
-    AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig, momentum::MomentumConfig,
+    AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig, decay::WeightDecayConfig,
+    momentum::MomentumConfig,
 };
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
+use std::sync::Arc;
+
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -31,6 +34,35 @@ pub enum OptimizerKind {
     Sgd,
 }
 
+/// How the distillation temperature moves over the rounds, from
+/// `temperature` in round 1 to `final_temperature` in the last round.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TemperatureSchedule {
+    #[default]
+    Constant,
+    Linear,
+    Cosine,
+}
+
+impl TemperatureSchedule {
+    /// The temperature of `round` (1-based) out of `rounds`.
+    pub fn at(self, start: f64, end: f64, round: u64, rounds: u64) -> f64 {
+        let progress = if rounds <= 1 {
+            0.0
+        } else {
+            (round.clamp(1, rounds) - 1) as f64 / (rounds - 1) as f64
+        };
+        match self {
+            TemperatureSchedule::Constant => start,
+            TemperatureSchedule::Linear => start + (end - start) * progress,
+            TemperatureSchedule::Cosine => {
+                end + (start - end) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
 /// The round recipe of one node (`[training]` in its config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -42,12 +74,27 @@ pub struct TrainingConfig {
     pub batch_size: usize,
     pub learning_rate: f64,
     pub optimizer: OptimizerKind,
-    /// Distillation temperature T (the KL term is scaled by T²).
+    /// Distillation temperature T (the KL term is scaled by T²) in round 1.
     pub temperature: f64,
+    /// Temperature in the last round (used by non-constant schedules).
+    pub final_temperature: f64,
+    pub temperature_schedule: TemperatureSchedule,
+    /// Weight α of the distillation term: loss = α·T²·KL + (1 − α)·CE on
+    /// private labels. 1 distils on the public subset alone (DS-FL style).
+    pub distill_alpha: f64,
+    /// L2 weight decay (0 = none).
+    pub weight_decay: f64,
+    /// Momentum of SGD (ignored by Adam).
+    pub momentum: f64,
     /// Seed of weight initialisation and shuffling.
     pub seed: u64,
     /// Test samples used for evaluation (0 = all).
     pub eval_samples: usize,
+    /// CPU threads for this node's kernels. 1 keeps results bit-identical
+    /// from run to run; more threads are faster, but burn's parallel
+    /// reductions then sum in an order that depends on scheduling, so the
+    /// last bits of the numbers may change between runs.
+    pub threads: usize,
 }
 
 impl Default for TrainingConfig {
@@ -59,8 +106,14 @@ impl Default for TrainingConfig {
             learning_rate: 1e-3,
             optimizer: OptimizerKind::Adam,
             temperature: 3.0,
+            final_temperature: 1.0,
+            temperature_schedule: TemperatureSchedule::Constant,
+            distill_alpha: 1.0,
+            weight_decay: 0.0,
+            momentum: 0.9,
             seed: 0,
             eval_samples: 0,
+            threads: 1,
         }
     }
 }
@@ -68,6 +121,9 @@ impl Default for TrainingConfig {
 impl TrainingConfig {
     /// Checks every field, naming the first bad one.
     pub fn validate(&self) -> Result<(), String> {
+        if self.threads == 0 {
+            return Err("training.threads must be at least 1".into());
+        }
         if self.batch_size == 0 {
             return Err("training.batch_size must be at least 1".into());
         }
@@ -77,10 +133,30 @@ impl TrainingConfig {
                 self.learning_rate
             ));
         }
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+        for (field, t) in [
+            ("temperature", self.temperature),
+            ("final_temperature", self.final_temperature),
+        ] {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(format!("training.{field} must be positive, got {t}"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.distill_alpha) {
             return Err(format!(
-                "training.temperature must be positive, got {}",
-                self.temperature
+                "training.distill_alpha must be in [0, 1], got {}",
+                self.distill_alpha
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(format!(
+                "training.weight_decay must be ≥ 0, got {}",
+                self.weight_decay
+            ));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(format!(
+                "training.momentum must be in [0, 1), got {}",
+                self.momentum
             ));
         }
         Ok(())
@@ -89,6 +165,10 @@ impl TrainingConfig {
 
 /// A node's student with its optimizer.
 pub struct Learner {
+    /// Every kernel of this learner runs in its own rayon pool: the thread
+    /// count is a per-node setting, and reductions see the same splits on
+    /// every run (see [`TrainingConfig::threads`]).
+    pool: Arc<rayon::ThreadPool>,
     student: Option<Student>,
     optimizer: ModuleOptimizer,
     device: Device,
@@ -108,15 +188,26 @@ impl Learner {
     ) -> Self {
         let training_device = device.training_device();
         let student = model.init(input, classes, config.seed, &training_device);
+        let decay =
+            (config.weight_decay > 0.0).then(|| WeightDecayConfig::new(config.weight_decay as f32));
         let optimizer = match config.optimizer {
-            OptimizerKind::Adam => AdamConfig::new().init(),
+            OptimizerKind::Adam => AdamConfig::new().with_weight_decay(decay).init(),
             OptimizerKind::Sgd => SgdConfig::new()
+                .with_weight_decay(decay)
                 .with_momentum(Some(
-                    MomentumConfig::new().with_momentum(0.9).with_dampening(0.0),
+                    MomentumConfig::new()
+                        .with_momentum(config.momentum)
+                        .with_dampening(0.0),
                 ))
                 .init(),
         };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.threads.max(1))
+            .thread_name(|i| format!("fd-learner-{i}"))
+            .build()
+            .expect("cannot start the learner's threads");
         Learner {
+            pool: Arc::new(pool),
             student: Some(student),
             optimizer,
             device: training_device,
@@ -166,6 +257,11 @@ impl Learner {
 
     /// Supervised epochs over `indices` of `data`; returns the mean loss of the last epoch.
     pub fn train_local(&mut self, data: &Dataset, indices: &[usize]) -> f64 {
+        let pool = self.pool.clone();
+        pool.install(|| self.train_local_here(data, indices))
+    }
+
+    fn train_local_here(&mut self, data: &Dataset, indices: &[usize]) -> f64 {
         let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
         let mut order = indices.to_vec();
         let mut last = f64::NAN;
@@ -190,6 +286,10 @@ impl Learner {
 
     /// Logits on `indices` of `data`, row-major `indices.len() × classes`.
     pub fn predict(&self, data: &Dataset, indices: &[usize]) -> Vec<f32> {
+        self.pool.install(|| self.predict_here(data, indices))
+    }
+
+    fn predict_here(&self, data: &Dataset, indices: &[usize]) -> Vec<f32> {
         let model = self.student().valid();
         let mut out = Vec::with_capacity(indices.len() * self.classes);
         for chunk in indices.chunks(1024) {
@@ -200,15 +300,42 @@ impl Learner {
     }
 
     /// Distils the teacher's logits (`indices.len() × classes`, aligned with
-    /// `indices`) into the student: loss = T² · KL(softmax(t/T) ‖ softmax(s/T)).
-    /// Returns the mean loss of the last epoch.
-    pub fn distill(&mut self, data: &Dataset, indices: &[usize], teacher: &[f32]) -> f64 {
+    /// `indices`) into the student at temperature `t`:
+    /// loss = α · T² · KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − α) · CE,
+    /// where the CE term (only when α < 1) is on a batch of `private`
+    /// samples drawn alongside each public batch. Returns the mean loss of
+    /// the last epoch.
+    pub fn distill(
+        &mut self,
+        data: &Dataset,
+        indices: &[usize],
+        teacher: &[f32],
+        t: f64,
+        private: &[usize],
+    ) -> f64 {
+        let pool = self.pool.clone();
+        pool.install(|| self.distill_here(data, indices, teacher, t, private))
+    }
+
+    fn distill_here(
+        &mut self,
+        data: &Dataset,
+        indices: &[usize],
+        teacher: &[f32],
+        t: f64,
+        private: &[usize],
+    ) -> f64 {
         assert_eq!(
             teacher.len(),
             indices.len() * self.classes,
             "teacher rows must match indices"
         );
-        let t = self.config.temperature;
+        let alpha = self.config.distill_alpha;
+        let use_private = alpha < 1.0 && !private.is_empty();
+        let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
+        let mut private_order = private.to_vec();
+        private_order.shuffle(&mut self.rng);
+        let mut private_cursor = 0;
         let mut order: Vec<usize> = (0..indices.len()).collect();
         let mut last = f64::NAN;
         for _ in 0..self.config.distill_epochs {
@@ -231,12 +358,36 @@ impl Learner {
                     .sum_dim(1)
                     .mean()
                     * (t * t);
-                sum += self.step(kl);
+                let loss = if use_private {
+                    let take: Vec<usize> = (0..chunk.len())
+                        .map(|k| private_order[(private_cursor + k) % private_order.len()])
+                        .collect();
+                    private_cursor = (private_cursor + chunk.len()) % private_order.len();
+                    let xp = self.batch(data, &take, &self.device.clone());
+                    let labels: Vec<i64> =
+                        data.labels_of(&take).into_iter().map(i64::from).collect();
+                    let y = Tensor::<1, Int>::from_data(
+                        TensorData::new(labels, [take.len()]),
+                        &self.device,
+                    );
+                    let ce = loss_fn.forward(self.student().forward(xp), y);
+                    kl * alpha + ce * (1.0 - alpha)
+                } else {
+                    kl
+                };
+                sum += self.step(loss);
                 batches += 1;
             }
             last = sum / batches.max(1) as f64;
         }
         last
+    }
+
+    /// The distillation temperature of `round` out of `rounds` under the schedule.
+    pub fn temperature(&self, round: u64, rounds: u64) -> f64 {
+        let c = &self.config;
+        c.temperature_schedule
+            .at(c.temperature, c.final_temperature, round, rounds)
     }
 
     /// Fraction of `data` (its first `eval_samples`, or all) classified correctly.
@@ -268,4 +419,150 @@ pub fn argmax(row: &[f32]) -> usize {
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{DataSource, DataSplits};
+
+    fn data() -> DataSplits {
+        DataSource::Synthetic {
+            seed: 3,
+            train: 6000,
+            test: 1000,
+        }
+        .load()
+        .unwrap()
+    }
+
+    fn learner(seed: u64, config: TrainingConfig, data: &DataSplits) -> Learner {
+        let config = TrainingConfig { seed, ..config };
+        Learner::new(
+            &ModelConfig::default(),
+            config,
+            DeviceKind::Flex,
+            InputShape::new(data.train.shape),
+            data.train.classes,
+        )
+    }
+
+    #[test]
+    fn distillation_on_unlabelled_data_transfers_the_teachers_knowledge() {
+        let data = data();
+        let (labelled, public): (Vec<usize>, Vec<usize>) = (0..3000).partition(|i| i % 2 == 0);
+        let public: Vec<usize> = public.into_iter().chain(3000..6000).collect();
+        let mut teacher = learner(
+            1,
+            TrainingConfig {
+                local_epochs: 4,
+                ..TrainingConfig::default()
+            },
+            &data,
+        );
+        teacher.train_local(&data.train, &labelled);
+        let teacher_accuracy = teacher.evaluate(&data.test);
+        let logits = teacher.predict(&data.train, &public);
+
+        let mut student = learner(
+            2,
+            TrainingConfig {
+                distill_epochs: 6,
+                ..TrainingConfig::default()
+            },
+            &data,
+        );
+        let untrained = student.evaluate(&data.test);
+        student.distill(&data.train, &public, &logits, 3.0, &[]);
+        let student_accuracy = student.evaluate(&data.test);
+        println!(
+            "teacher {teacher_accuracy:.4}, student before {untrained:.4}, after {student_accuracy:.4}"
+        );
+        assert!(
+            teacher_accuracy > 0.6,
+            "the teacher learned something: {teacher_accuracy}"
+        );
+        assert!(
+            student_accuracy >= 0.9 * teacher_accuracy,
+            "student {student_accuracy:.4} below 90% of teacher {teacher_accuracy:.4}"
+        );
+    }
+
+    #[test]
+    fn same_seed_gives_bit_identical_logits_and_accuracy() {
+        let data = data();
+        let train: Vec<usize> = (0..1500).collect();
+        let probe: Vec<usize> = (1500..1700).collect();
+        let run = |seed| {
+            let mut l = learner(seed, TrainingConfig::default(), &data);
+            l.train_local(&data.train, &train);
+            let logits = l.predict(&data.train, &probe);
+            l.distill(&data.train, &probe, &logits, 2.0, &train);
+            (l.predict(&data.train, &probe), l.evaluate(&data.test))
+        };
+        let (a, acc_a) = run(7);
+        let (b, acc_b) = run(7);
+        let (c, _) = run(8);
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "same seed, same logits"
+        );
+        assert_eq!(acc_a, acc_b);
+        assert_ne!(a, c, "another seed gives another student");
+    }
+
+    #[test]
+    fn alpha_zero_ignores_the_teacher_and_alpha_one_ignores_labels() {
+        let data = data();
+        let public: Vec<usize> = (0..300).collect();
+        let private: Vec<usize> = (300..900).collect();
+        let teacher_a = vec![0.0f32; 300 * 10];
+        let teacher_b: Vec<f32> = (0..300 * 10).map(|i| (i % 7) as f32).collect();
+        let run = |alpha, teacher: &[f32], private: &[usize]| {
+            let config = TrainingConfig {
+                distill_alpha: alpha,
+                distill_epochs: 1,
+                ..TrainingConfig::default()
+            };
+            let mut l = learner(5, config, &data);
+            l.distill(&data.train, &public, teacher, 3.0, private);
+            l.predict(&data.train, &public)
+        };
+        assert_eq!(
+            run(0.0, &teacher_a, &private),
+            run(0.0, &teacher_b, &private)
+        );
+        assert_ne!(
+            run(0.5, &teacher_a, &private),
+            run(0.5, &teacher_b, &private)
+        );
+        let other_private: Vec<usize> = (900..1500).collect();
+        assert_eq!(
+            run(1.0, &teacher_b, &private),
+            run(1.0, &teacher_b, &other_private)
+        );
+    }
+
+    #[test]
+    fn temperature_schedules_run_from_start_to_end() {
+        for s in [TemperatureSchedule::Linear, TemperatureSchedule::Cosine] {
+            assert_eq!(s.at(4.0, 1.0, 1, 10), 4.0);
+            assert!((s.at(4.0, 1.0, 10, 10) - 1.0).abs() < 1e-12);
+            assert!((s.at(4.0, 1.0, 5, 9) - 2.5).abs() < 1e-12, "{s:?} midpoint");
+        }
+        assert_eq!(TemperatureSchedule::Constant.at(4.0, 1.0, 7, 10), 4.0);
+        assert!(
+            TemperatureSchedule::Cosine.at(4.0, 1.0, 2, 10)
+                > TemperatureSchedule::Linear.at(4.0, 1.0, 2, 10)
+        );
+        assert!(
+            TrainingConfig {
+                distill_alpha: 1.5,
+                ..TrainingConfig::default()
+            }
+            .validate()
+            .unwrap_err()
+            .contains("distill_alpha")
+        );
+    }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use fd_protocol::FederationManifest;
 
-use crate::aggregate::{AggregateError, Aggregator, EnsembleTeacher};
+use crate::aggregate::{AggregateError, Aggregator, Contribution, EnsembleTeacher};
 use crate::config::NodeConfig;
 use crate::data::DataSplits;
 use crate::data::public::{round_subset, split_public};
@@ -114,14 +114,21 @@ impl LocalMember {
         logits
     }
 
-    /// Step 4: the teacher from own and accepted peer logits.
+    /// Step 4: the teacher from own and accepted peer logits, each peer's
+    /// with the sample count its share declared.
     pub fn teacher(
         &self,
         own: &[f32],
-        peers: &[Vec<f32>],
+        peers: &[(Vec<f32>, u64)],
     ) -> Result<EnsembleTeacher, AggregateError> {
-        let mut all: Vec<&[f32]> = vec![own];
-        all.extend(peers.iter().map(|p| p.as_slice()));
+        let mut all = vec![Contribution {
+            logits: own,
+            samples: self.private.len() as u64,
+        }];
+        all.extend(peers.iter().map(|(logits, samples)| Contribution {
+            logits,
+            samples: *samples,
+        }));
         self.aggregator
             .aggregate(&all, self.manifest.subset_size as usize, self.classes())
     }
@@ -129,10 +136,13 @@ impl LocalMember {
     /// Step 5: distil the teacher into the student on the round's subset.
     pub fn distill(&mut self, round: u64, teacher: &EnsembleTeacher) -> f64 {
         let start = Instant::now();
+        let t = self.learner.temperature(round, self.manifest.rounds);
         let loss = self.learner.distill(
             &self.data.train,
             &self.subset_indices(round),
             &teacher.logits,
+            t,
+            &self.private,
         );
         self.times.distill = start.elapsed().as_secs_f64();
         loss

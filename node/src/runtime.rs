@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
 use fd_protocol::{
-    JoinRequest, LogitShare, Member, Message, PayloadEncoding, PublicKey, RejectReason,
-    RoundAnnouncement, RoundMetrics, SigningKey,
+    JoinRequest, LogitShare, Member, Message, PublicKey, RejectReason, RoundAnnouncement,
+    RoundMetrics, SigningKey,
 };
 use futures::future::join_all;
 use libp2p::multiaddr::Protocol;
@@ -224,7 +224,8 @@ pub async fn run_federated(
             &member.manifest.federation_id,
             subset_for(&member.manifest, round),
             member.manifest.classes,
-            PayloadEncoding::F32Le,
+            member.private.len() as u64,
+            config.encoding.0,
             &own,
         )?;
         let share_bytes = fd_protocol::encode(&Message::Share(share.clone()))?.len() as u64 + 4;
@@ -258,10 +259,10 @@ pub async fn run_federated(
         }
         let (peer_logits, rejections, rejected_total) = {
             let mut inbox = shared.inbox.lock().unwrap();
-            let taken: Vec<Vec<f32>> = inbox
+            let taken: Vec<(Vec<f32>, u64)> = inbox
                 .take_round(round)
                 .into_iter()
-                .map(|(_, l)| l)
+                .map(|(_, logits, samples)| (logits, samples))
                 .collect();
             (taken, inbox.rejections(), inbox.rejected_total())
         };

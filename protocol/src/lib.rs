@@ -27,4 +27,4 @@ pub use digest::Digest;
 pub use error::{ProtocolError, RejectReason};
 pub use identity::{PublicKey, Signature, SigningKey};
 pub use message::*;
-pub use share::{LogitShare, PayloadEncoding, PublicSubset, ShareExpectation};
+pub use share::{LogitShare, PayloadEncoding, PayloadEncodingName, PublicSubset, ShareExpectation};

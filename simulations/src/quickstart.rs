@@ -72,6 +72,7 @@ fn node_config(
         coordinator,
         device: DeviceKind::Flex,
         aggregator: Aggregator::MeanProbabilities,
+        encoding: Default::default(),
         metrics_file: None,
         federation: federation.clone(),
         data: data.clone(),

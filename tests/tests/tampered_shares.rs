@@ -148,6 +148,7 @@ async fn tampering_member(coordinator: &str) -> Vec<(String, Message)> {
                         &manifest.federation_id,
                         subset,
                         manifest.classes,
+                        0,
                         PayloadEncoding::F32Le,
                         logits,
                     )

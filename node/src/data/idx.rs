@@ -1,4 +1,4 @@
-//! Reader and writer for the IDX format Fashion-MNIST (and MNIST) ship in.
+//! Reader and writer for the IDX format Fashion-MNIST and MNIST ship in.
 //!
 //! An IDX file is a 4-byte magic (two zero bytes, a type code — 0x08 for
 //! unsigned bytes — and the number of dimensions), one big-endian `u32` per
@@ -76,6 +76,7 @@ pub fn write_labels(path: &Path, labels: &[u8]) -> Result<(), DataError> {
 fn format_err(path: &Path, reason: String) -> DataError {
     DataError::Format {
         path: path.to_path_buf(),
+        format: "IDX",
         reason,
     }
 }
@@ -280,6 +281,36 @@ mod tests {
         .unwrap();
         assert_eq!(s.train, s2.train);
         assert_eq!(s.test, s2.test);
+    }
+
+    #[test]
+    fn mnist_reads_the_same_files_any_image_size() {
+        let dir = tempfile::tempdir().unwrap();
+        write_fake_fashion(dir.path(), 6, 6, true);
+        let m = DataSource::Mnist {
+            dir: dir.path().into(),
+        }
+        .load()
+        .unwrap();
+        let f = DataSource::FashionMnist {
+            dir: dir.path().into(),
+        }
+        .load()
+        .unwrap();
+        assert_eq!((m.train.clone(), m.test.clone()), (f.train, f.test));
+        assert!(m.source.starts_with("mnist ("), "{}", m.source);
+        assert_eq!((m.train.shape, m.train.features), ([1, 28, 28], 784));
+
+        // Other image sizes load (models reshape by `shape`) if train and test agree.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_images(&d.join("train-images-idx3-ubyte"), 2, 3, &[7; 12]).unwrap();
+        write_labels(&d.join("train-labels-idx1-ubyte"), &[1, 2]).unwrap();
+        write_images(&d.join("t10k-images-idx3-ubyte"), 2, 3, &[9; 6]).unwrap();
+        write_labels(&d.join("t10k-labels-idx1-ubyte"), &[3]).unwrap();
+        let s = DataSource::Mnist { dir: d.into() }.load().unwrap();
+        assert_eq!((s.train.shape, s.train.features), ([1, 2, 3], 6));
+        assert_eq!((s.train.len(), s.test.len(), s.test.classes), (2, 1, 10));
     }
 
     #[test]

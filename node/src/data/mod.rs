@@ -1,40 +1,56 @@
-//! Labelled image data: where a node's samples come from and how they are cut up.
+//! Labelled data: where a node's samples come from and how they are cut up.
 //!
 //! Design:
 //! * Everything is held in memory as raw bytes ([`Dataset`]): Fashion-MNIST is
-//!   47 MB unpacked, and the synthetic set is the same shape, so there is no
-//!   reason to stream. Bytes (not floats) are kept because they are what the
-//!   public-set digest is computed over, and they are 4× smaller.
+//!   47 MB unpacked, CIFAR-10 150 MB, and the synthetic set is MNIST-shaped,
+//!   so there is no reason to stream. Bytes (not floats) are kept because they
+//!   are what the public-set digest is computed over, and they are 4× smaller.
+//!   Sources whose values are floats (CSV, NPY) must hold them in [0, 1]; they
+//!   are quantised to bytes (`round(x · 255)`), so anything finer than 1/255
+//!   is lost. That is the price of one sample representation (and one digest
+//!   definition) for every source.
 //! * A [`DataSource`] is plain configuration (deserialized from the node's TOML);
 //!   [`DataSource::load`] turns it into [`DataSplits`]. `auto` exists so that a
 //!   fresh machine without the Debian `dataset-fashion-mnist` package still runs
 //!   end to end, on [`synthetic`] data of the same shape.
+//! * Every sample carries its layout in [`Dataset::shape`] (channels, height,
+//!   width), so models can reshape flat samples; tabular data is `[1, 1, f]`.
 //! * Every random choice (synthetic samples, partitions, public split, round
 //!   subsets) is deterministic in an explicit seed, because federation members
 //!   must agree on the public set and experiments must be repeatable.
+//! * Errors ([`DataError`]) name the file and the field, line or sample at
+//!   fault: a member that cannot load its data stops before it joins, and
+//!   its operator should not have to guess why.
 //!
-//! Submodules: [`idx`] reads and writes the IDX files Fashion-MNIST ships as,
-//! [`synthetic`] generates a stand-in dataset, [`partition`] splits private
-//! data among nodes (IID or Dirichlet label skew), [`public`] carves out the
-//! public set and picks each round's subset of it.
+//! Submodules: [`idx`] reads and writes the IDX files (Fashion-)MNIST ship as,
+//! [`cifar`] reads CIFAR-10 binary batches, [`csv`] and [`npy`] read users'
+//! own numeric tables and NumPy arrays, [`synthetic`] generates a stand-in
+//! dataset, [`partition`] splits private data among nodes (IID, Dirichlet
+//! label skew, label shards, quantity skew), [`heatmap`] draws who holds
+//! which labels, [`public`] carves out the public set, pins it in a
+//! [`public::PublicSetManifest`] and picks each round's subset of it.
 
+pub mod cifar;
+pub mod csv;
+pub mod heatmap;
 pub mod idx;
+pub mod npy;
 pub mod partition;
 pub mod public;
 pub mod synthetic;
 
 use std::path::{Path, PathBuf};
 
-use fd_protocol::digest::sha256;
+use fd_protocol::digest::{Digest, sha256};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-/// Side length of the square images every source produces.
+/// Side length of the square images of (Fashion-)MNIST and the synthetic set.
 pub const IMAGE_SIDE: usize = 28;
-/// Pixels per image (`IMAGE_SIDE²`), the model's input width.
+/// Pixels per such image (`IMAGE_SIDE²`).
 pub const IMAGE_PIXELS: usize = 784;
-/// Number of classes in Fashion-MNIST and in the synthetic stand-in.
+/// Number of classes in (Fashion-)MNIST, CIFAR-10 and the synthetic stand-in.
 pub const CLASSES: usize = 10;
 
 /// Where the Debian package `dataset-fashion-mnist` installs its files.
@@ -135,15 +151,66 @@ fn default_synthetic_test() -> usize {
     2_000
 }
 
-/// Where a node's data comes from. Deserialized from TOML like
+/// Which column of a CSV file holds the label: its header name, or its
+/// 0-based position. TOML: `label_column = "label"` or `label_column = 0`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LabelColumn {
+    Index(usize),
+    Name(String),
+}
+
+impl Default for LabelColumn {
+    fn default() -> Self {
+        LabelColumn::Name("label".into())
+    }
+}
+
+/// How the feature values of a CSV file are to be read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CsvValues {
+    /// `unit` if any feature value in either file is written with a decimal
+    /// point or an exponent, `bytes` otherwise.
+    #[default]
+    Auto,
+    /// Integers 0..=255, stored as they are.
+    Bytes,
+    /// Reals in [0, 1], quantised to `round(x · 255)`.
+    Unit,
+}
+
+/// Where a node's data comes from. Deserialized from TOML (the `[data]` table):
 ///
 /// ```toml
-/// [data]
-/// kind = "fashion-mnist"
-/// dir = "/usr/share/datasets/fashion-mnist"
+/// kind = "fashion-mnist"                    # IDX files, gz or raw
+/// dir = "/usr/share/datasets/fashion-mnist" # the default
 /// ```
 /// ```toml
-/// [data]
+/// kind = "mnist"                            # same IDX files as Fashion-MNIST
+/// dir = "data/mnist"                        # required
+/// ```
+/// ```toml
+/// kind = "cifar10"                          # data_batch_1..5.bin, test_batch.bin
+/// dir = "data/cifar-10-batches-bin"         # required (or the folder above it)
+/// ```
+/// ```toml
+/// kind = "csv"
+/// train = "train.csv"
+/// test = "test.csv"
+/// label_column = "label"                    # header name (default) or 0-based index
+/// values = "auto"                           # auto | bytes (0..=255) | unit ([0,1])
+/// classes = 3                               # optional; default max label + 1
+/// ```
+/// ```toml
+/// kind = "npy"                              # NumPy .npy v1/v2/v3
+/// train_x = "x_train.npy"                   # uint8, or float32/float64 in [0,1]: (n, f), (n, h, w) or (n, c, h, w)
+/// train_y = "y_train.npy"                   # any integer dtype, values 0..=255: (n,) or (n, 1)
+/// test_x = "x_test.npy"
+/// test_y = "y_test.npy"
+/// classes = 10                              # optional; default max label + 1
+/// ```
+/// ```toml
 /// kind = "synthetic"
 /// seed = 7
 /// train = 12000
@@ -157,6 +224,31 @@ pub enum DataSource {
     FashionMnist {
         #[serde(default = "default_fashion_dir")]
         dir: PathBuf,
+    },
+    /// Handwritten digits in the same IDX format and file names as Fashion-MNIST.
+    Mnist {
+        dir: PathBuf,
+    },
+    Cifar10 {
+        dir: PathBuf,
+    },
+    Csv {
+        train: PathBuf,
+        test: PathBuf,
+        #[serde(default)]
+        label_column: LabelColumn,
+        #[serde(default)]
+        values: CsvValues,
+        #[serde(default)]
+        classes: Option<usize>,
+    },
+    Npy {
+        train_x: PathBuf,
+        train_y: PathBuf,
+        test_x: PathBuf,
+        test_y: PathBuf,
+        #[serde(default)]
+        classes: Option<usize>,
     },
     Synthetic {
         #[serde(default = "default_synthetic_seed")]
@@ -187,7 +279,7 @@ impl DataSource {
         match self {
             DataSource::Auto => {
                 let dir = default_fashion_dir();
-                if FashionFiles::locate(&dir).is_ok() {
+                if IdxFiles::locate(&dir).is_ok() {
                     DataSource::FashionMnist { dir }
                 } else {
                     DataSource::default_synthetic()
@@ -197,10 +289,53 @@ impl DataSource {
         }
     }
 
+    /// Makes every relative path of this source relative to `base` (a config
+    /// file's folder), so configs can be moved together with their data.
+    pub fn rebase(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match self {
+            DataSource::FashionMnist { dir }
+            | DataSource::Mnist { dir }
+            | DataSource::Cifar10 { dir } => fix(dir),
+            DataSource::Csv { train, test, .. } => {
+                fix(train);
+                fix(test);
+            }
+            DataSource::Npy {
+                train_x,
+                train_y,
+                test_x,
+                test_y,
+                ..
+            } => [train_x, train_y, test_x, test_y].into_iter().for_each(fix),
+            DataSource::Synthetic { .. } | DataSource::Auto => {}
+        }
+    }
+
     /// Loads (or generates) the train and test splits.
     pub fn load(&self) -> Result<DataSplits, DataError> {
         match self.resolve() {
-            DataSource::FashionMnist { dir } => load_fashion_mnist(&dir),
+            DataSource::FashionMnist { dir } => load_idx_dir(&dir, "fashion-mnist"),
+            DataSource::Mnist { dir } => load_idx_dir(&dir, "mnist"),
+            DataSource::Cifar10 { dir } => cifar::load(&dir),
+            DataSource::Csv {
+                train,
+                test,
+                label_column,
+                values,
+                classes,
+            } => csv::load(&train, &test, &label_column, values, classes),
+            DataSource::Npy {
+                train_x,
+                train_y,
+                test_x,
+                test_y,
+                classes,
+            } => npy::load(&train_x, &train_y, &test_x, &test_y, classes),
             DataSource::Synthetic { seed, train, test } => {
                 if train == 0 {
                     return Err(DataError::Config {
@@ -221,8 +356,8 @@ impl DataSource {
     }
 }
 
-/// Errors while loading, generating or splitting data. Each names the file
-/// (or configuration field) and what is wrong with it.
+/// Errors while loading, generating, splitting or drawing data. Each names the
+/// file (or configuration field, line, sample) and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("cannot read or write {path}: {source}")]
@@ -231,8 +366,12 @@ pub enum DataError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a valid IDX file: {reason}")]
-    Format { path: PathBuf, reason: String },
+    #[error("{path} is not a valid {format} file: {reason}")]
+    Format {
+        path: PathBuf,
+        format: &'static str,
+        reason: String,
+    },
     #[error("image count {images} in {images_path} != label count {labels} in {labels_path}")]
     Mismatch {
         images: usize,
@@ -240,30 +379,106 @@ pub enum DataError {
         labels: usize,
         labels_path: PathBuf,
     },
-    #[error("no {file} (nor {file}.gz) found in {dir} or its subfolders")]
-    Missing { dir: PathBuf, file: String },
+    #[error("{train} and {test} do not match: {reason}")]
+    TrainTest {
+        train: PathBuf,
+        test: PathBuf,
+        reason: String,
+    },
+    #[error("no {file} found under {dir} (looked for {})", tried.join(", "))]
+    Missing {
+        dir: PathBuf,
+        file: String,
+        tried: Vec<String>,
+    },
+    #[error("{path}, line {line}, column {column}: {reason}")]
+    Csv {
+        path: PathBuf,
+        line: usize,
+        /// 0-based index, with the header name when there is one: `3 ("x3")`.
+        column: String,
+        reason: String,
+    },
+    #[error("{path}, {position}: {reason}")]
+    Value {
+        path: PathBuf,
+        /// Which element, e.g. `sample 4, element 17` or `label 4`.
+        position: String,
+        reason: String,
+    },
     #[error("invalid data setting `{field}`: {reason}")]
     Config { field: &'static str, reason: String },
     #[error("cannot partition the data: {reason}")]
     Partition { reason: String },
+    #[error(
+        "public set digest mismatch: expected {expected}, computed {computed} over {samples} samples from {source_name}"
+    )]
+    PublicSetMismatch {
+        expected: Digest,
+        computed: Digest,
+        samples: usize,
+        source_name: String,
+    },
+    #[error("cannot draw {path}: {reason}")]
+    Plot { path: PathBuf, reason: String },
 }
 
-/// The four Fashion-MNIST files, as found on disk.
+/// Checks a loader's labels against a declared class count, or derives the
+/// count as max label + 1 over train and test. `declared` must be 1..=256
+/// (labels are bytes). The first label not below it is reported by
+/// `out_of_range(split, i, label, classes)`, with `split` 0 for train and 1
+/// for test, so each loader can name the file and line or position.
+pub(crate) fn class_count(
+    declared: Option<usize>,
+    train: &[u8],
+    test: &[u8],
+    out_of_range: impl Fn(usize, usize, u8, usize) -> DataError,
+) -> Result<usize, DataError> {
+    match declared {
+        Some(c) if !(1..=256).contains(&c) => Err(DataError::Config {
+            field: "classes",
+            reason: format!("must be between 1 and 256 (labels are bytes), got {c}"),
+        }),
+        Some(c) => {
+            for (split, labels) in [train, test].into_iter().enumerate() {
+                if let Some((i, &l)) = labels.iter().enumerate().find(|&(_, &l)| l as usize >= c) {
+                    return Err(out_of_range(split, i, l, c));
+                }
+            }
+            Ok(c)
+        }
+        None => Ok(train
+            .iter()
+            .chain(test)
+            .copied()
+            .max()
+            .map_or(1, |m| m as usize + 1)),
+    }
+}
+
+/// A real value in [0, 1] as the byte `round(x · 255)`; `None` outside that
+/// range or for NaN (no clamping: a feature at 3.7 means the user's data is
+/// not what they think it is, and silently saturating would hide that).
+pub(crate) fn quantise_unit(x: f64) -> Option<u8> {
+    (0.0..=1.0).contains(&x).then(|| (x * 255.0).round() as u8)
+}
+
+/// The four IDX files of a (Fashion-)MNIST folder, as found on disk.
 #[derive(Debug)]
-struct FashionFiles {
+struct IdxFiles {
     train_images: PathBuf,
     train_labels: PathBuf,
     test_images: PathBuf,
     test_labels: PathBuf,
 }
 
-impl FashionFiles {
+impl IdxFiles {
     /// Finds the files under `dir`. The Debian package puts the four `.gz`
     /// files directly in the directory, but hand-made copies often sit in a
     /// subfolder (`fashion/`, `raw/`, ...), are already unpacked, or use the
     /// `train-images.idx3-ubyte` spelling, so all of those are accepted.
-    fn locate(dir: &Path) -> Result<FashionFiles, DataError> {
-        Ok(FashionFiles {
+    fn locate(dir: &Path) -> Result<IdxFiles, DataError> {
+        Ok(IdxFiles {
             train_images: find_idx_file(dir, "train-images-idx3-ubyte")?,
             train_labels: find_idx_file(dir, "train-labels-idx1-ubyte")?,
             test_images: find_idx_file(dir, "t10k-images-idx3-ubyte")?,
@@ -272,17 +487,9 @@ impl FashionFiles {
     }
 }
 
-/// Looks for `name` in `dir`, then in each immediate subfolder (sorted, so the
-/// choice is stable); in each place `.gz` first, then raw, then the
-/// dot-spelling (`train-images.idx3-ubyte`) in both forms.
-fn find_idx_file(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
-    let dotted = name.replacen("-idx", ".idx", 1);
-    let candidates = [
-        format!("{name}.gz"),
-        name.to_string(),
-        format!("{dotted}.gz"),
-        dotted,
-    ];
+/// `dir` followed by its immediate subfolders, sorted so the choice between
+/// several copies is stable: the places a dataset's files are looked for.
+pub(crate) fn search_places(dir: &Path) -> Vec<PathBuf> {
     let mut places = vec![dir.to_path_buf()];
     if let Ok(entries) = std::fs::read_dir(dir) {
         let mut subdirs: Vec<PathBuf> = entries
@@ -293,7 +500,21 @@ fn find_idx_file(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
         subdirs.sort();
         places.extend(subdirs);
     }
-    for place in &places {
+    places
+}
+
+/// Looks for `name` in `dir`, then in each immediate subfolder; in each place
+/// `.gz` first, then raw, then the dot-spelling (`train-images.idx3-ubyte`)
+/// in both forms.
+fn find_idx_file(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
+    let dotted = name.replacen("-idx", ".idx", 1);
+    let candidates = [
+        format!("{name}.gz"),
+        name.to_string(),
+        format!("{dotted}.gz"),
+        dotted,
+    ];
+    for place in &search_places(dir) {
         for candidate in &candidates {
             let path = place.join(candidate);
             if path.is_file() {
@@ -304,34 +525,57 @@ fn find_idx_file(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
     Err(DataError::Missing {
         dir: dir.to_path_buf(),
         file: name.to_string(),
+        tried: candidates.to_vec(),
     })
 }
 
-fn load_fashion_mnist(dir: &Path) -> Result<DataSplits, DataError> {
-    let files = FashionFiles::locate(dir)?;
-    let train = load_idx_pair(&files.train_images, &files.train_labels)?;
-    let test = load_idx_pair(&files.test_images, &files.test_labels)?;
+/// Loads a folder of (Fashion-)MNIST IDX files; `name` is the dataset's name
+/// for [`DataSplits::source`].
+fn load_idx_dir(dir: &Path, name: &str) -> Result<DataSplits, DataError> {
+    let files = IdxFiles::locate(dir)?;
+    let train = load_idx_pair(&files.train_images, &files.train_labels, None)?;
+    let test = load_idx_pair(
+        &files.test_images,
+        &files.test_labels,
+        Some((&files.train_images, train.shape)),
+    )?;
     tracing::debug!(
         train = train.len(),
         test = test.len(),
         dir = %dir.display(),
-        "loaded fashion-mnist"
+        "loaded {name}"
     );
     Ok(DataSplits {
         train,
         test,
-        source: format!("fashion-mnist ({})", dir.display()),
+        source: format!("{name} ({})", dir.display()),
     })
 }
 
 /// Reads one images file and its labels file and checks they belong together.
-fn load_idx_pair(images_path: &Path, labels_path: &Path) -> Result<Dataset, DataError> {
+/// `like`: the training images' file and shape, which test images must match
+/// (any image size is fine, since models reshape by `shape`, but one size).
+/// Checked before the labels are read, as the more telling error.
+fn load_idx_pair(
+    images_path: &Path,
+    labels_path: &Path,
+    like: Option<(&Path, [usize; 3])>,
+) -> Result<Dataset, DataError> {
     let (n, rows, cols, pixels) = idx::read_images(images_path)?;
-    // The rest of the node (model input width, synthetic fallback) assumes 28×28.
-    if rows != IMAGE_SIDE || cols != IMAGE_SIDE {
+    if rows == 0 || cols == 0 {
         return Err(DataError::Format {
             path: images_path.to_path_buf(),
-            reason: format!("images are {rows}×{cols}, expected {IMAGE_SIDE}×{IMAGE_SIDE}"),
+            format: "IDX",
+            reason: format!("images are {rows}×{cols}, which holds no pixels"),
+        });
+    }
+    if let Some((train_path, [_, tr, tc])) = like
+        && (tr, tc) != (rows, cols)
+    {
+        return Err(DataError::TrainTest {
+            train: train_path.to_path_buf(),
+            test: images_path.to_path_buf(),
+            reason: format!("training images are {tr}×{tc}, test images are {rows}×{cols}"),
         });
     }
     let labels = idx::read_labels(labels_path)?;
@@ -350,16 +594,58 @@ fn load_idx_pair(images_path: &Path, labels_path: &Path) -> Result<Dataset, Data
     {
         return Err(DataError::Format {
             path: labels_path.to_path_buf(),
+            format: "IDX",
             reason: format!("label {l} at position {i} is not below {CLASSES}"),
         });
     }
     Ok(Dataset {
         pixels,
         labels,
-        features: IMAGE_PIXELS,
-        shape: [1, IMAGE_SIDE, IMAGE_SIDE],
+        features: rows * cols,
+        shape: [1, rows, cols],
         classes: CLASSES,
     })
+}
+
+/// Reads a whole file, naming it in the error.
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
+    std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over
+/// `path`: a reader (or a crash) never sees half a file, and an old copy
+/// stays intact until the new one is complete.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
+    use std::io::Write;
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| DataError::Io { path: p, source }
+    };
+    let name = path.file_name().ok_or_else(|| DataError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+    })?;
+    // Unique per process and call, so concurrent writers never share a temp file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = path.with_file_name(format!(
+        ".{}.{}-{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        file.write_all(bytes).map_err(io(&tmp))?;
+        file.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io(path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// A ChaCha8 generator for one purpose, seeded from SHA-256 of a domain tag and
@@ -446,6 +732,122 @@ mod tests {
         assert!(toml::from_str::<Cfg>("[data]\nkind = \"synthetic\"\nsed = 3\n").is_err());
         assert!(toml::from_str::<Cfg>("[data]\nkind = \"cifar\"\n").is_err());
         assert_eq!(DataSource::default(), DataSource::Auto);
+        let c: Cfg = toml::from_str("[data]\nkind = \"mnist\"\ndir = \"m\"\n").unwrap();
+        assert_eq!(c.data, DataSource::Mnist { dir: "m".into() });
+        let c: Cfg = toml::from_str("[data]\nkind = \"cifar10\"\ndir = \"c\"\n").unwrap();
+        assert_eq!(c.data, DataSource::Cifar10 { dir: "c".into() });
+        // No default folder exists for these: `dir` is required.
+        assert!(toml::from_str::<Cfg>("[data]\nkind = \"mnist\"\n").is_err());
+        assert!(toml::from_str::<Cfg>("[data]\nkind = \"cifar10\"\n").is_err());
+    }
+
+    #[test]
+    fn rebase_makes_relative_paths_relative_to_base() {
+        let base = Path::new("/etc/fd");
+        let mut s = DataSource::Npy {
+            train_x: "x.npy".into(),
+            train_y: "/abs/y.npy".into(),
+            test_x: "sub/tx.npy".into(),
+            test_y: "ty.npy".into(),
+            classes: None,
+        };
+        s.rebase(base);
+        assert_eq!(
+            s,
+            DataSource::Npy {
+                train_x: "/etc/fd/x.npy".into(),
+                train_y: "/abs/y.npy".into(),
+                test_x: "/etc/fd/sub/tx.npy".into(),
+                test_y: "/etc/fd/ty.npy".into(),
+                classes: None,
+            }
+        );
+        let mut c = DataSource::Cifar10 { dir: "c".into() };
+        c.rebase(base);
+        assert_eq!(
+            c,
+            DataSource::Cifar10 {
+                dir: "/etc/fd/c".into()
+            }
+        );
+        let mut v = DataSource::Csv {
+            train: "a.csv".into(),
+            test: "b.csv".into(),
+            label_column: LabelColumn::default(),
+            values: CsvValues::Auto,
+            classes: None,
+        };
+        v.rebase(base);
+        assert!(matches!(&v, DataSource::Csv { train, test, .. }
+            if train == Path::new("/etc/fd/a.csv") && test == Path::new("/etc/fd/b.csv")));
+        let mut a = DataSource::Auto;
+        a.rebase(base);
+        assert_eq!(a, DataSource::Auto);
+    }
+
+    #[test]
+    fn class_count_and_quantisation() {
+        let never = |_, _, _, _| -> DataError { unreachable!() };
+        assert_eq!(class_count(None, &[0, 4], &[2], never).unwrap(), 5);
+        assert_eq!(
+            class_count(None, &[0], &[7], never).unwrap(),
+            8,
+            "test labels count too"
+        );
+        assert_eq!(class_count(Some(9), &[0, 4], &[2], never).unwrap(), 9);
+        let e = class_count(Some(4), &[0, 1], &[3, 4], |split, i, l, c| {
+            DataError::Partition {
+                reason: format!("{split} {i} {l} {c}"),
+            }
+        })
+        .unwrap_err();
+        assert_eq!(e.to_string(), "cannot partition the data: 1 1 4 4");
+        for bad in [0, 257] {
+            let e = class_count(Some(bad), &[0], &[0], never).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    DataError::Config {
+                        field: "classes",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+        }
+        assert_eq!(quantise_unit(0.0), Some(0));
+        assert_eq!(quantise_unit(1.0), Some(255));
+        assert_eq!(quantise_unit(0.5), Some(128));
+        assert_eq!(quantise_unit(0.3), Some(77));
+        assert_eq!(quantise_unit(-0.0), Some(0));
+        for bad in [-0.001, 1.001, f64::NAN, f64::INFINITY] {
+            assert_eq!(quantise_unit(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.bin");
+        write_atomic(&p, b"first").unwrap();
+        write_atomic(&p, b"second").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"second");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["out.bin"]);
+        // A folder in the way: the error names the file, no temp file stays.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir_all(blocked.join("inner")).unwrap();
+        let e = write_atomic(&blocked, b"x").unwrap_err();
+        assert!(e.to_string().contains("blocked"), "{e}");
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["blocked", "out.bin"]);
     }
 
     #[test]
@@ -492,6 +894,11 @@ mod tests {
         let msg = e.to_string();
         assert!(matches!(e, DataError::Missing { .. }));
         assert!(msg.contains("train-images-idx3-ubyte"), "{msg}");
+        assert!(
+            msg.contains("looked for train-images-idx3-ubyte.gz, "),
+            "{msg}"
+        );
+        assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
     }
 
     /// Loads the real Fashion-MNIST when the Debian package is installed.
@@ -499,7 +906,7 @@ mod tests {
     fn real_fashion_mnist_loads() {
         // The README's test command and .ci/run install the Debian package.
         let dir = Path::new(DEFAULT_FASHION_MNIST_DIR);
-        if let Err(e) = FashionFiles::locate(dir) {
+        if let Err(e) = IdxFiles::locate(dir) {
             panic!("{e}: install the Debian package dataset-fashion-mnist");
         }
         let s = DataSource::FashionMnist { dir: dir.into() }.load().unwrap();

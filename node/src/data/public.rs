@@ -6,12 +6,15 @@
 //! in explicit seeds, uses a platform-independent shuffle (draws are `u64`,
 //! never `usize`), and [`public_set_digest`] pins the exact bytes so a member
 //! with a different copy of the dataset is detected instead of silently
-//! distilling on different inputs.
+//! distilling on different inputs. [`PublicSetManifest`] bundles the three
+//! facts a member checks before it joins — where the set came from, which
+//! training indices it is, and their digest — and [`PublicSetManifest::verify`]
+//! is the check, with an error that says which digest each side had.
 
 use fd_protocol::digest::{Digest, Sha256};
 use rand::Rng;
 
-use super::{DataError, Dataset, derived_rng, portable_shuffle};
+use super::{DataError, DataSplits, Dataset, derived_rng, portable_shuffle};
 
 /// The split of a training set into the public set (held by every member,
 /// unlabelled use) and the private pool (partitioned among nodes). Both hold
@@ -54,6 +57,62 @@ pub fn public_set_digest(train: &Dataset, public: &[usize]) -> Digest {
         hasher.update(train.sample(i));
     }
     hasher.finish()
+}
+
+/// The public set pinned down: its origin, its training-set indices in order,
+/// and [`public_set_digest`] over them. Built once from the federation's data
+/// and seed; a member whose own data gives a different digest must stop
+/// rather than distil on inputs its peers do not share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicSetManifest {
+    /// [`DataSplits::source`] of the data it was built from, for messages.
+    pub source: String,
+    /// Indices into the training split, in public-set order.
+    pub indices: Vec<usize>,
+    pub digest: Digest,
+}
+
+impl PublicSetManifest {
+    /// The manifest of `split_public(train.len(), public_size, seed)` over `splits.train`.
+    pub fn build(
+        splits: &DataSplits,
+        public_size: usize,
+        seed: u64,
+    ) -> Result<PublicSetManifest, DataError> {
+        let split = split_public(splits.train.len(), public_size, seed)?;
+        let digest = public_set_digest(&splits.train, &split.public);
+        Ok(PublicSetManifest {
+            source: splits.source.clone(),
+            indices: split.public,
+            digest,
+        })
+    }
+
+    /// Recomputes the digest over `train` and compares. A training set too
+    /// short for the indices cannot hold the public set at all, and is
+    /// reported the same way (with no computed digest to show).
+    pub fn verify(&self, train: &Dataset) -> Result<(), DataError> {
+        if let Some(&i) = self.indices.iter().find(|&&i| i >= train.len()) {
+            return Err(DataError::Config {
+                field: "public_set",
+                reason: format!(
+                    "public set from {} has index {i}, but this training set has only {} samples",
+                    self.source,
+                    train.len()
+                ),
+            });
+        }
+        let computed = public_set_digest(train, &self.indices);
+        if computed != self.digest {
+            return Err(DataError::PublicSetMismatch {
+                expected: self.digest,
+                computed,
+                samples: self.indices.len(),
+                source_name: self.source.clone(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Positions (into the public list, `0..public_len`) of round `round`'s subset:
@@ -114,6 +173,50 @@ mod tests {
         assert_eq!(round_subset(20, 100, 1, 3), (0..20).collect::<Vec<_>>());
         assert!(round_subset(0, 10, 1, 0).is_empty());
         assert!(round_subset(10, 0, 1, 0).is_empty());
+    }
+
+    #[test]
+    fn manifest_builds_and_verifies() {
+        let splits = synthetic::generate(2, 300, 10);
+        let m = PublicSetManifest::build(&splits, 40, 9).unwrap();
+        let split = split_public(300, 40, 9).unwrap();
+        assert_eq!(m.indices, split.public);
+        assert_eq!(m.digest, public_set_digest(&splits.train, &split.public));
+        assert_eq!(m.source, "synthetic (seed 2)");
+        assert_eq!(m, PublicSetManifest::build(&splits, 40, 9).unwrap());
+        m.verify(&splits.train).unwrap();
+
+        // A private sample may differ; a public one may not.
+        let mut other = splits.train.clone();
+        other.pixels[split.private[0] * other.features] ^= 1;
+        m.verify(&other).unwrap();
+        other.pixels[split.public[5] * other.features + 9] ^= 1;
+        let computed = public_set_digest(&other, &m.indices);
+        let e = m.verify(&other).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, DataError::PublicSetMismatch { samples: 40, .. }),
+            "{msg}"
+        );
+        assert_eq!(
+            msg,
+            format!(
+                "public set digest mismatch: expected {}, computed {computed} over 40 samples from synthetic (seed 2)",
+                m.digest
+            )
+        );
+
+        // Another seed's data (same shape) is caught too.
+        let foreign = synthetic::generate(3, 300, 10);
+        assert!(matches!(
+            m.verify(&foreign.train),
+            Err(DataError::PublicSetMismatch { .. })
+        ));
+        // Too short to hold the indices: an error, not a panic.
+        let short = splits.train.select(&[0, 1, 2]);
+        let msg = m.verify(&short).unwrap_err().to_string();
+        assert!(msg.contains("only 3 samples"), "{msg}");
+        assert!(PublicSetManifest::build(&splits, 300, 9).is_err());
     }
 
     #[test]
