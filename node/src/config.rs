@@ -65,7 +65,7 @@ hidden = [200, 200]                   # mlp: hidden layer widths
 
 [training]                            # round recipe
 local_epochs = 1                      # epochs on private data per round
-distill_epochs = 5                    # epochs on the public subset towards the teacher
+distill_epochs = 10                   # epochs on the public subset towards the teacher
 batch_size = 64
 learning_rate = 0.001
 optimizer = "adam"                    # adam | sgd (momentum 0.9)

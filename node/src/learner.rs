@@ -101,7 +101,7 @@ impl Default for TrainingConfig {
     fn default() -> Self {
         TrainingConfig {
             local_epochs: 1,
-            distill_epochs: 5,
+            distill_epochs: 10,
             batch_size: 64,
             learning_rate: 1e-3,
             optimizer: OptimizerKind::Adam,

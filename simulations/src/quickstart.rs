@@ -46,6 +46,15 @@ pub struct QuickstartOptions {
     /// Use the synthetic dataset even if Fashion-MNIST is installed.
     #[arg(long)]
     pub synthetic: bool,
+    /// Distillation temperature.
+    #[arg(long, default_value_t = TrainingConfig::default().temperature)]
+    pub temperature: f64,
+    /// Distillation epochs per round on the public subset.
+    #[arg(long, default_value_t = TrainingConfig::default().distill_epochs)]
+    pub distill_epochs: usize,
+    /// Weight of the distillation term (1 − it weighs CE on private labels).
+    #[arg(long, default_value_t = TrainingConfig::default().distill_alpha)]
+    pub distill_alpha: f64,
     /// Results folder.
     #[arg(long, default_value = "results/quickstart")]
     pub out: PathBuf,
@@ -84,6 +93,9 @@ fn node_config(
         model: ModelConfig::default(),
         training: TrainingConfig {
             seed: o.seed + index as u64,
+            temperature: o.temperature,
+            distill_epochs: o.distill_epochs,
+            distill_alpha: o.distill_alpha,
             ..TrainingConfig::default()
         },
     }
