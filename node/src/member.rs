@@ -153,3 +153,86 @@ impl LocalMember {
         self.learner.evaluate(&self.data.test)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::learner::argmax;
+    use fd_protocol::PayloadEncoding;
+
+    fn member(index: usize) -> LocalMember {
+        let text = format!(
+            r#"name = "m{index}"
+key_file = "k"
+[federation]
+id = "enc"
+rounds = 1
+public_size = 3000
+subset_size = 1000
+seed = 11
+[data]
+kind = "synthetic"
+seed = 5
+train = 12000
+test = 2000
+[partition]
+nodes = 3
+index = {index}
+scheme = {{ kind = "dirichlet", alpha = 0.5 }}
+[training]
+seed = {index}
+local_epochs = 2
+"#
+        );
+        LocalMember::prepare(&NodeConfig::parse(&text, std::path::Path::new("m.toml")).unwrap()).unwrap()
+    }
+
+    /// The teacher's accuracy on the round's public subset when every share
+    /// travels in `encoding`, next to f32. Prints the table quoted in
+    /// docs/performance.md.
+    #[test]
+    fn compressed_payloads_keep_the_teachers_accuracy() {
+        let mut members: Vec<LocalMember> = (0..3).map(member).collect();
+        let logits: Vec<Vec<f32>> = members
+            .iter_mut()
+            .map(|m| {
+                m.train();
+                m.predict(1)
+            })
+            .collect();
+        let labels = members[0].data.train.labels_of(&members[0].subset_indices(1));
+        let accuracy = |encoding: PayloadEncoding| {
+            let decoded: Vec<Vec<f32>> = logits
+                .iter()
+                .map(|l| {
+                    let payload = encoding.encode(l, 10).unwrap();
+                    encoding.decode(&payload, 1000, 10).unwrap()
+                })
+                .collect();
+            let peers: Vec<(Vec<f32>, u64)> = decoded[1..].iter().map(|l| (l.clone(), 1)).collect();
+            let teacher = members[0].teacher(&decoded[0], &peers).unwrap();
+            let correct = teacher
+                .logits
+                .chunks(10)
+                .zip(&labels)
+                .filter(|(row, label)| argmax(row) == **label as usize)
+                .count();
+            (correct as f64 / labels.len() as f64, encoding.payload_len(1000, 10))
+        };
+        let (reference, f32_bytes) = accuracy(PayloadEncoding::F32Le);
+        println!("encoding | payload bytes | teacher accuracy | change vs f32");
+        for (encoding, max_loss) in [
+            (PayloadEncoding::F32Le, 0.0),
+            (PayloadEncoding::F16Le, 0.002),
+            (PayloadEncoding::Int8, 0.01),
+            (PayloadEncoding::TopK { k: 3 }, 0.03),
+            (PayloadEncoding::TopK { k: 1 }, 0.10),
+        ] {
+            let (acc, bytes) = accuracy(encoding);
+            println!("{:>8} | {bytes:>13} | {acc:>16.4} | {:+.4}", encoding.name(), acc - reference);
+            assert!(acc >= reference - max_loss, "{} loses {:.4}", encoding.name(), reference - acc);
+            assert!(bytes <= f32_bytes);
+        }
+        assert!(reference > 0.5, "the f32 teacher learned something: {reference}");
+    }
+}
