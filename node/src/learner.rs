@@ -236,6 +236,11 @@ impl Learner {
         )
     }
 
+    fn labels(&self, data: &Dataset, indices: &[usize]) -> Tensor<1, Int> {
+        let labels: Vec<i64> = data.labels_of(indices).into_iter().map(i64::from).collect();
+        Tensor::from_data(TensorData::new(labels, [indices.len()]), &self.device)
+    }
+
     fn step(&mut self, loss: Tensor<1>) -> f64 {
         let value = loss
             .clone()
@@ -270,11 +275,7 @@ impl Learner {
             let (mut sum, mut batches) = (0.0, 0usize);
             for chunk in order.chunks(self.config.batch_size) {
                 let x = self.batch(data, chunk, &self.device.clone());
-                let labels: Vec<i64> = data.labels_of(chunk).into_iter().map(i64::from).collect();
-                let y = Tensor::<1, Int>::from_data(
-                    TensorData::new(labels, [chunk.len()]),
-                    &self.device,
-                );
+                let y = self.labels(data, chunk);
                 let logits = self.student().forward(x);
                 sum += self.step(loss_fn.forward(logits, y));
                 batches += 1;
@@ -364,12 +365,7 @@ impl Learner {
                         .collect();
                     private_cursor = (private_cursor + chunk.len()) % private_order.len();
                     let xp = self.batch(data, &take, &self.device.clone());
-                    let labels: Vec<i64> =
-                        data.labels_of(&take).into_iter().map(i64::from).collect();
-                    let y = Tensor::<1, Int>::from_data(
-                        TensorData::new(labels, [take.len()]),
-                        &self.device,
-                    );
+                    let y = self.labels(data, &take);
                     let ce = loss_fn.forward(self.student().forward(xp), y);
                     kl * alpha + ce * (1.0 - alpha)
                 } else {

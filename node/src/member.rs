@@ -184,7 +184,8 @@ seed = {index}
 local_epochs = 2
 "#
         );
-        LocalMember::prepare(&NodeConfig::parse(&text, std::path::Path::new("m.toml")).unwrap()).unwrap()
+        LocalMember::prepare(&NodeConfig::parse(&text, std::path::Path::new("m.toml")).unwrap())
+            .unwrap()
     }
 
     /// The teacher's accuracy on the round's public subset when every share
@@ -200,7 +201,10 @@ local_epochs = 2
                 m.predict(1)
             })
             .collect();
-        let labels = members[0].data.train.labels_of(&members[0].subset_indices(1));
+        let labels = members[0]
+            .data
+            .train
+            .labels_of(&members[0].subset_indices(1));
         let accuracy = |encoding: PayloadEncoding| {
             let decoded: Vec<Vec<f32>> = logits
                 .iter()
@@ -217,7 +221,10 @@ local_epochs = 2
                 .zip(&labels)
                 .filter(|(row, label)| argmax(row) == **label as usize)
                 .count();
-            (correct as f64 / labels.len() as f64, encoding.payload_len(1000, 10))
+            (
+                correct as f64 / labels.len() as f64,
+                encoding.payload_len(1000, 10),
+            )
         };
         let (reference, f32_bytes) = accuracy(PayloadEncoding::F32Le);
         println!("encoding | payload bytes | teacher accuracy | change vs f32");
@@ -229,10 +236,22 @@ local_epochs = 2
             (PayloadEncoding::TopK { k: 1 }, 0.10),
         ] {
             let (acc, bytes) = accuracy(encoding);
-            println!("{:>8} | {bytes:>13} | {acc:>16.4} | {:+.4}", encoding.name(), acc - reference);
-            assert!(acc >= reference - max_loss, "{} loses {:.4}", encoding.name(), reference - acc);
+            println!(
+                "{:>8} | {bytes:>13} | {acc:>16.4} | {:+.4}",
+                encoding.name(),
+                acc - reference
+            );
+            assert!(
+                acc >= reference - max_loss,
+                "{} loses {:.4}",
+                encoding.name(),
+                reference - acc
+            );
             assert!(bytes <= f32_bytes);
         }
-        assert!(reference > 0.5, "the f32 teacher learned something: {reference}");
+        assert!(
+            reference > 0.5,
+            "the f32 teacher learned something: {reference}"
+        );
     }
 }
