@@ -60,6 +60,18 @@ impl LocalMember {
             .iter()
             .map(|&p| split.private[p])
             .collect();
+        let input = InputShape::new(data.train.shape);
+        config.model.validate(input).map_err(|reason| {
+            anyhow::anyhow!("[model] does not fit the data ({}): {reason}", data.source)
+        })?;
+        let summary = config.model.describe(input, data.train.classes);
+        tracing::info!(
+            node = %config.name,
+            model = %summary.name,
+            params = summary.params,
+            weight_bytes = summary.weight_bytes,
+            "student"
+        );
         let learner = Learner::new(
             &config.model,
             config.training.clone(),
