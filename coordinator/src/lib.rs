@@ -13,11 +13,12 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use fd_node::config::{ConfigError, FederationConfig, resolve};
 use fd_node::data::DataSource;
+use fd_node::fsutil::{now_unix_ms, write_atomic};
 use fd_node::net::{self, Client, InboundRequest};
 use fd_node::runtime::request_with_retry;
 use fd_protocol::{
@@ -147,21 +148,6 @@ struct Shared {
     changed: Notify,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Writes `text` to `path` atomically (temporary file, fsync, rename).
-pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 pub const CSV_HEADER: &str = "round,node,name,test_accuracy,local_accuracy,bytes_sent,bytes_received,share_bytes,shares_sent,shares_aggregated,shares_rejected,train_seconds,predict_seconds,distill_seconds";
 
 /// One CSV row of [`CSV_HEADER`].
@@ -210,7 +196,7 @@ pub async fn run(
     let mut address = client.listen(config.listen.parse()?).await?;
     address.push(Protocol::P2p(client.local_peer_id()));
     if let Some(path) = &config.address_file {
-        write_atomic(path, &format!("{address}\n"))
+        write_atomic(path, format!("{address}\n").as_bytes(), 0o644)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     tracing::info!(%address, "coordinator listening");
@@ -225,7 +211,7 @@ pub async fn run(
     tokio::spawn(serve(client.clone(), shared.clone(), requests, joined_tx));
 
     if let Some(path) = &config.metrics_file {
-        write_atomic(path, &format!("{CSV_HEADER}\n"))
+        write_atomic(path, format!("{CSV_HEADER}\n").as_bytes(), 0o644)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
 
@@ -251,7 +237,7 @@ pub async fn run(
         let announcement = RoundAnnouncement {
             federation_id: manifest.federation_id.clone(),
             round,
-            deadline_unix_ms: now_ms() + timeout.as_millis() as u64,
+            deadline_unix_ms: now_unix_ms() + timeout.as_millis() as u64,
             members: members.clone(),
         };
         emit(CoordinatorEvent::RoundStarted(round));

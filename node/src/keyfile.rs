@@ -7,7 +7,6 @@
 //! shares in this member's name.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use fd_protocol::SigningKey;
@@ -82,29 +81,8 @@ pub fn write(path: &Path, key: &SigningKey) -> Result<(), KeyFileError> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(write_err)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("key"),
-        std::process::id()
-    ));
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let result = (|| {
-        let mut file = options.open(&tmp)?;
-        file.write_all(fd_protocol::Digest(*key.seed()).to_hex().as_bytes())?;
-        file.write_all(b"\n")?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(write_err)
+    let text = format!("{}\n", fd_protocol::Digest(*key.seed()).to_hex());
+    crate::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(write_err)
 }
 
 #[cfg(test)]

@@ -12,12 +12,13 @@
 //! - [`inbox`]: the validation gate between received shares and aggregation.
 //! - [`net`]: the libp2p swarm, its event loop and client.
 //! - [`runtime`]: the networked member and the isolated baseline.
-//! - [`config`], [`keyfile`]: configuration and identity on disk.
+//! - [`config`], [`keyfile`]: configuration and identity on disk; [`fsutil`]: atomic writes.
 
 pub mod aggregate;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod fsutil;
 pub mod inbox;
 pub mod keyfile;
 pub mod learner;

@@ -11,7 +11,7 @@
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use fd_protocol::{
@@ -30,12 +30,6 @@ use crate::net::{self, Client, InboundRequest};
 
 /// Where a caller may watch rounds finish.
 pub type MetricsObserver = mpsc::UnboundedSender<RoundMetrics>;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Splits `/ip4/../tcp/../p2p/<id>` into its peer id and dialable address.
 pub fn split_peer_addr(addr: &Multiaddr) -> anyhow::Result<(PeerId, Multiaddr)> {
@@ -246,7 +240,11 @@ pub async fn run_federated(
 
         // Wait for the others' shares: all of them, or until the deadline.
         let deadline = tokio::time::Instant::now()
-            + Duration::from_millis(announcement.deadline_unix_ms.saturating_sub(now_ms()));
+            + Duration::from_millis(
+                announcement
+                    .deadline_unix_ms
+                    .saturating_sub(crate::fsutil::now_unix_ms()),
+            );
         loop {
             let notified = shared.arrived.notified();
             if shared.inbox.lock().unwrap().accepted_count(round) >= peers.len() {

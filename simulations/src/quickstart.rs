@@ -9,12 +9,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
-use fd_coordinator::{CSV_HEADER, CoordinatorConfig, CoordinatorEvent, csv_row, write_atomic};
+use fd_coordinator::{CSV_HEADER, CoordinatorConfig, CoordinatorEvent, csv_row};
 use fd_node::aggregate::Aggregator;
 use fd_node::config::{FederationConfig, NodeConfig, PartitionConfig};
 use fd_node::data::DataSource;
 use fd_node::data::partition::Partitioner;
 use fd_node::device::DeviceKind;
+use fd_node::fsutil::write_atomic;
 use fd_node::learner::TrainingConfig;
 use fd_node::model::ModelConfig;
 use fd_node::runtime;
@@ -238,7 +239,7 @@ pub async fn run(o: QuickstartOptions) -> anyhow::Result<Vec<RoundMetrics>> {
         csv.push('\n');
     }
     let csv_path = o.out.join("metrics.csv");
-    write_atomic(&csv_path, &csv)?;
+    write_atomic(&csv_path, csv.as_bytes(), 0o644)?;
 
     if !o.no_baseline {
         let mut finals = Vec::new();

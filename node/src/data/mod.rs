@@ -619,33 +619,10 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
 /// `path`: a reader (or a crash) never sees half a file, and an old copy
 /// stays intact until the new one is complete.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
-    use std::io::Write;
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| DataError::Io { path: p, source }
-    };
-    let name = path.file_name().ok_or_else(|| DataError::Io {
+    crate::fsutil::write_atomic(path, bytes, 0o644).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-    })?;
-    // Unique per process and call, so concurrent writers never share a temp file.
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let tmp = path.with_file_name(format!(
-        ".{}.{}-{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(bytes).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io(path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+        source,
+    })
 }
 
 /// A ChaCha8 generator for one purpose, seeded from SHA-256 of a domain tag and
