@@ -148,12 +148,12 @@ struct Shared {
     changed: Notify,
 }
 
-pub const CSV_HEADER: &str = "round,node,name,test_accuracy,local_accuracy,bytes_sent,bytes_received,share_bytes,shares_sent,shares_aggregated,shares_rejected,train_seconds,predict_seconds,distill_seconds";
+pub const CSV_HEADER: &str = "round,node,name,test_accuracy,local_accuracy,bytes_sent,bytes_received,share_bytes,shares_sent,shares_aggregated,shares_rejected,train_loss,distill_loss,train_seconds,predict_seconds,encode_seconds,network_seconds,verify_seconds,aggregate_seconds,distill_seconds";
 
 /// One CSV row of [`CSV_HEADER`].
 pub fn csv_row(m: &RoundMetrics) -> String {
     format!(
-        "{},{},{},{:.6},{:.6},{},{},{},{},{},{},{:.3},{:.3},{:.3}",
+        "{},{},{},{:.6},{:.6},{},{},{},{},{},{},{:.6},{:.6},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{:.3}",
         m.round,
         m.node.to_hex(),
         m.name.replace(',', ";"),
@@ -165,8 +165,14 @@ pub fn csv_row(m: &RoundMetrics) -> String {
         m.shares_sent,
         m.shares_aggregated,
         m.shares_rejected,
+        m.train_loss,
+        m.distill_loss,
         m.train_seconds,
         m.predict_seconds,
+        m.encode_seconds,
+        m.network_seconds,
+        m.verify_seconds,
+        m.aggregate_seconds,
         m.distill_seconds
     )
 }

@@ -28,6 +28,7 @@ key_file = "node-0.key"               # Ed25519 identity; created (mode 0600) if
 # Coordinator's full address, printed by fd-coordinator. Omit to run isolated (no collaboration).
 coordinator = "/ip4/127.0.0.1/tcp/7000/p2p/12D3KooWPjceQrSwdWXPyLLeABRXmuqt69Rg3sBYbU1Nft9HyQ6X"
 device = "flex"                       # compute device: flex (CPU, default) | ndarray (CPU, deprecated)
+                                      # | wgpu (best GPU adapter) | wgpu-cpu (software Vulkan, e.g. lavapipe)
 aggregator = "mean-probabilities"     # teacher from own + peers' logits: mean-probabilities | mean (of logits)
                                       # | weighted (by sample count) | median | { era = { temperature = 0.1 } }
                                       # | { trimmed-mean = { beta = 0.2 } }
@@ -236,7 +237,8 @@ impl NodeConfig {
         Self::parse(&text, path)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+    /// Checks every field; `path` names the file in the error.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |field, reason| ConfigError::Invalid {
             path: path.to_owned(),
             field,

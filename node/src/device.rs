@@ -5,7 +5,11 @@
 //! deployment detail. `flex` is the default CPU device (its conv2d is about
 //! 10× faster than `ndarray`'s here, matmul on par). `ndarray` is burn's
 //! older, deprecated CPU backend; it stays selectable as an independent
-//! implementation to cross-check flex's numbers against.
+//! implementation to cross-check flex's numbers against. `wgpu` runs on the
+//! best graphics adapter wgpu finds (Vulkan, Metal, DX12); `wgpu-cpu` asks
+//! for a software adapter, such as Mesa's lavapipe (Debian package
+//! `mesa-vulkan-drivers`), which is how the wgpu path is tested on machines
+//! without a GPU.
 
 use burn::prelude::Device;
 use serde::{Deserialize, Serialize};
@@ -19,6 +23,10 @@ pub enum DeviceKind {
     Flex,
     /// burn's ndarray CPU backend (deprecated upstream in favour of flex).
     Ndarray,
+    /// burn's wgpu backend on the default adapter (a GPU when there is one).
+    Wgpu,
+    /// burn's wgpu backend on a CPU (software) adapter, e.g. lavapipe.
+    WgpuCpu,
 }
 
 impl DeviceKind {
@@ -30,6 +38,43 @@ impl DeviceKind {
             // config asks for it explicitly.
             #[allow(deprecated)]
             DeviceKind::Ndarray => Device::ndarray(),
+            DeviceKind::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+            DeviceKind::WgpuCpu => Device::wgpu(burn::tensor::DeviceKind::Cpu),
+        }
+    }
+
+    /// The config name (`device = "..."`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Flex => "flex",
+            DeviceKind::Ndarray => "ndarray",
+            DeviceKind::Wgpu => "wgpu",
+            DeviceKind::WgpuCpu => "wgpu-cpu",
+        }
+    }
+
+    /// Runs one small computation on the device, so a missing adapter is a
+    /// clear error at start-up instead of a panic in the first round.
+    pub fn probe(self) -> Result<(), String> {
+        let attempt = std::panic::catch_unwind(|| {
+            let t = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0, 3.0], &self.device());
+            t.sum().into_scalar::<f32>()
+        });
+        match attempt {
+            Ok(sum) if sum == 6.0 => Ok(()),
+            Ok(sum) => Err(format!("device {} computed 1 + 2 + 3 = {sum}", self.name())),
+            Err(panic) => {
+                let reason = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown error".into());
+                Err(format!(
+                    "device {} is not usable here ({reason}); without a GPU install a software \
+                     Vulkan driver (Debian: mesa-vulkan-drivers) or use device = \"flex\"",
+                    self.name()
+                ))
+            }
         }
     }
 
@@ -50,16 +95,22 @@ mod tests {
 
     #[test]
     fn config_names_parse_to_their_devices() {
-        for (name, kind) in [("flex", DeviceKind::Flex), ("ndarray", DeviceKind::Ndarray)] {
-            let w: Wrapper = toml::from_str(&format!("device = \"{name}\"")).unwrap();
+        for kind in [
+            DeviceKind::Flex,
+            DeviceKind::Ndarray,
+            DeviceKind::Wgpu,
+            DeviceKind::WgpuCpu,
+        ] {
+            let w: Wrapper = toml::from_str(&format!("device = \"{}\"", kind.name())).unwrap();
             assert_eq!(w.device, kind);
         }
-        assert!(toml::from_str::<Wrapper>("device = \"wgpu\"").is_err());
+        assert!(toml::from_str::<Wrapper>("device = \"cuda\"").is_err());
     }
 
     #[test]
     fn devices_compute_and_training_devices_differentiate() {
-        for kind in [DeviceKind::Flex, DeviceKind::Ndarray] {
+        for kind in [DeviceKind::Flex, DeviceKind::Ndarray, DeviceKind::WgpuCpu] {
+            kind.probe().unwrap();
             let device = kind.device();
             assert!(!device.is_autodiff(), "{kind:?}");
             assert!(kind.training_device().is_autodiff(), "{kind:?}");

@@ -6,7 +6,8 @@
 //!
 //! Map:
 //! - [`data`]: loaders (Fashion-MNIST IDX, synthetic), partitioners, the public set.
-//! - [`model`], [`device`], [`learner`]: burn students and their training.
+//! - [`model`], [`device`], [`learner`]: burn students and their training;
+//!   [`fastconv`]: the CPU convolution and pooling kernels of the CNN students.
 //! - [`aggregate`]: the ensemble teacher.
 //! - [`member`]: a round's learning steps on one member, no networking.
 //! - [`inbox`]: the validation gate between received shares and aggregation.
@@ -25,4 +26,5 @@ pub mod learner;
 pub mod member;
 pub mod model;
 pub mod net;
+pub mod round;
 pub mod runtime;

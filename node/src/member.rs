@@ -5,6 +5,7 @@
 //! simulator all drive a [`LocalMember`] through the same calls, so there is
 //! one implementation of what a round does to a student.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use fd_protocol::FederationManifest;
@@ -21,27 +22,32 @@ use crate::model::InputShape;
 pub struct StepTimes {
     pub train: f64,
     pub predict: f64,
+    pub aggregate: f64,
     pub distill: f64,
 }
 
-pub struct LocalMember {
-    pub name: String,
-    pub data: DataSplits,
+/// Where a member's samples come from: the data (shared, read-only, so a
+/// simulator holds one copy for hundreds of members), the public set and
+/// this member's private part.
+#[derive(Clone)]
+pub struct MemberData {
+    pub data: Arc<DataSplits>,
+    pub manifest: FederationManifest,
     /// Indices into `data.train` of the public set, in manifest order.
     pub public: Vec<usize>,
-    /// Indices into `data.train` of this member's private samples.
-    pub private: Vec<usize>,
-    pub learner: Learner,
-    pub manifest: FederationManifest,
-    pub aggregator: Aggregator,
-    pub times: StepTimes,
+    /// Indices into `data.train` of every member's private part, by partition index.
+    pub parts: Arc<Vec<Vec<usize>>>,
 }
 
-impl LocalMember {
-    /// Loads the data, derives the public set and this member's private
-    /// partition, and builds the student.
-    pub fn prepare(config: &NodeConfig) -> anyhow::Result<Self> {
-        let data = config.data.load()?;
+impl MemberData {
+    /// Loads the data, derives the public set and partitions the rest the
+    /// way `config` says; the result serves every member of the federation.
+    pub fn load(config: &NodeConfig) -> anyhow::Result<Self> {
+        Self::from_data(config, Arc::new(config.data.load()?))
+    }
+
+    /// As [`Self::load`], for data already in memory.
+    pub fn from_data(config: &NodeConfig, data: Arc<DataSplits>) -> anyhow::Result<Self> {
         let manifest = config.federation.manifest(&data)?;
         let split = split_public(
             data.train.len(),
@@ -56,35 +62,88 @@ impl LocalMember {
             config.federation.seed,
         )?;
         // Partition positions refer to the private pool; map them back to the training set.
-        let private = parts[config.partition.index]
-            .iter()
-            .map(|&p| split.private[p])
+        let parts = parts
+            .into_iter()
+            .map(|part| part.iter().map(|&p| split.private[p]).collect())
             .collect();
+        Ok(MemberData {
+            data,
+            manifest,
+            public: split.public,
+            parts: Arc::new(parts),
+        })
+    }
+}
+
+pub struct LocalMember {
+    pub name: String,
+    pub data: Arc<DataSplits>,
+    /// Indices into `data.train` of the public set, in manifest order.
+    pub public: Vec<usize>,
+    /// Indices into `data.train` of this member's private samples.
+    pub private: Vec<usize>,
+    pub learner: Learner,
+    pub manifest: FederationManifest,
+    pub aggregator: Aggregator,
+    pub times: StepTimes,
+}
+
+impl LocalMember {
+    /// Loads the data, derives the public set and this member's private
+    /// partition, and builds the student.
+    pub fn prepare(config: &NodeConfig) -> anyhow::Result<Self> {
+        Self::with_data(config, &MemberData::load(config)?, config.partition.index)
+    }
+
+    /// Builds the member holding part `index` of `shared`, with the student,
+    /// recipe and aggregator of `config`.
+    pub fn with_data(
+        config: &NodeConfig,
+        shared: &MemberData,
+        index: usize,
+    ) -> anyhow::Result<Self> {
+        let data = shared.data.clone();
+        let private = shared
+            .parts
+            .get(index)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "partition index {index} is out of range ({} parts)",
+                    shared.parts.len()
+                )
+            })?
+            .clone();
         let input = InputShape::new(data.train.shape);
         config.model.validate(input).map_err(|reason| {
             anyhow::anyhow!("[model] does not fit the data ({}): {reason}", data.source)
         })?;
         let summary = config.model.describe(input, data.train.classes);
-        tracing::info!(
+        tracing::debug!(
             node = %config.name,
             model = %summary.name,
             params = summary.params,
             weight_bytes = summary.weight_bytes,
             "student"
         );
+        if !matches!(config.device, crate::device::DeviceKind::Flex) {
+            config
+                .device
+                .probe()
+                .map_err(|reason| anyhow::anyhow!("field `device`: {reason}"))?;
+        }
         let learner = Learner::new(
             &config.model,
             config.training.clone(),
             config.device,
-            InputShape::new(data.train.shape),
+            input,
             data.train.classes,
         );
         Ok(LocalMember {
             name: config.name.clone(),
-            public: split.public,
+            public: shared.public.clone(),
             private,
             learner,
-            manifest,
+            manifest: shared.manifest.clone(),
             aggregator: config.aggregator,
             data,
             times: StepTimes::default(),
@@ -143,6 +202,18 @@ impl LocalMember {
         }));
         self.aggregator
             .aggregate(&all, self.manifest.subset_size as usize, self.classes())
+    }
+
+    /// [`Self::teacher`], recording its time in [`StepTimes::aggregate`].
+    pub fn teacher_timed(
+        &mut self,
+        own: &[f32],
+        peers: &[(Vec<f32>, u64)],
+    ) -> Result<EnsembleTeacher, AggregateError> {
+        let start = Instant::now();
+        let teacher = self.teacher(own, peers);
+        self.times.aggregate = start.elapsed().as_secs_f64();
+        teacher
     }
 
     /// Step 5: distil the teacher into the student on the round's subset.

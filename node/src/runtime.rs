@@ -1,13 +1,13 @@
 //! The networked member: joins through the coordinator, then runs each
-//! announced round — train, predict, sign and push the share to every other
-//! member, collect theirs until all arrived or the deadline passed, aggregate,
-//! distil, evaluate, report.
+//! announced round with the [`RoundEngine`] over a [`Libp2pTransport`], and
+//! reports.
 //!
-//! Two tasks share the [`ShareInbox`]: the *inbound* task answers every
-//! request at once (shares are validated as they arrive, announcements are
-//! queued), and the *round* task does the learning in `spawn_blocking` so
-//! slow training never stalls the network. The isolated baseline
-//! ([`run_isolated`]) runs the very same [`LocalMember`] steps without peers.
+//! Two tasks share the member's [`SharedInbox`]: the *inbound* task
+//! ([`serve_inbound`]) answers every request at once (shares are validated as
+//! they arrive, announcements are queued), and the *round* task runs the
+//! engine, whose learning steps run in `spawn_blocking` so slow training
+//! never stalls the network. The isolated baseline ([`run_isolated`]) runs
+//! the same engine without peers.
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
@@ -18,15 +18,14 @@ use fd_protocol::{
     JoinRequest, LogitShare, Member, Message, PublicKey, RejectReason, RoundAnnouncement,
     RoundMetrics, SigningKey,
 };
-use futures::future::join_all;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 
 use crate::config::NodeConfig;
-use crate::inbox::{ShareInbox, subset_for};
 use crate::member::LocalMember;
-use crate::net::{self, Client, InboundRequest};
+use crate::net::{self, Client, InboundRequest, Traffic};
+use crate::round::{RoundEngine, RoundPlan, ShareTransport, SharedInbox};
 
 /// Where a caller may watch rounds finish.
 pub type MetricsObserver = mpsc::UnboundedSender<RoundMetrics>;
@@ -76,30 +75,16 @@ fn report_line(m: &RoundMetrics) -> String {
 
 /// Runs `config.federation.rounds` rounds of local training only: the
 /// no-collaboration baseline, with the same data, seed and local steps.
-pub fn run_isolated(config: &NodeConfig, key: &SigningKey) -> anyhow::Result<Vec<RoundMetrics>> {
-    let mut member = LocalMember::prepare(config)?;
+pub async fn run_isolated(
+    config: &NodeConfig,
+    key: &SigningKey,
+) -> anyhow::Result<Vec<RoundMetrics>> {
+    let prepare_config = config.clone();
+    let member = blocking(move || LocalMember::prepare(&prepare_config)).await??;
+    let mut engine = RoundEngine::new(member, key.clone(), config.encoding.0);
     let mut out = Vec::new();
     for round in 1..=config.federation.rounds {
-        member.train();
-        let accuracy = member.evaluate();
-        let metrics = RoundMetrics {
-            federation_id: member.manifest.federation_id.clone(),
-            round,
-            node: key.public_key(),
-            name: member.name.clone(),
-            test_accuracy: accuracy,
-            local_accuracy: accuracy,
-            bytes_sent: 0,
-            bytes_received: 0,
-            share_bytes: 0,
-            shares_sent: 0,
-            shares_aggregated: 0,
-            shares_rejected: 0,
-            rejections: vec![],
-            train_seconds: member.times.train,
-            predict_seconds: 0.0,
-            distill_seconds: 0.0,
-        };
+        let metrics = engine.run_local_round(round).await?;
         tracing::info!("{}", report_line(&metrics));
         append_metrics(config.metrics_file.as_deref(), &metrics)?;
         out.push(metrics);
@@ -107,10 +92,49 @@ pub fn run_isolated(config: &NodeConfig, key: &SigningKey) -> anyhow::Result<Vec
     Ok(out)
 }
 
-/// State the inbound task shares with the round task.
-struct Shared {
-    inbox: Mutex<ShareInbox>,
-    arrived: Notify,
+/// Shares over libp2p: pushed with request-response to each target,
+/// received by [`serve_inbound`] into the member's inbox.
+pub struct Libp2pTransport {
+    client: Client,
+    /// Counters at the start of the current round.
+    round_start: Mutex<Traffic>,
+}
+
+impl Libp2pTransport {
+    pub fn new(client: Client) -> Self {
+        let start = client.traffic();
+        Libp2pTransport {
+            client,
+            round_start: Mutex::new(start),
+        }
+    }
+}
+
+impl ShareTransport for Libp2pTransport {
+    fn begin_round(&self, _plan: &RoundPlan) {
+        *self.round_start.lock().unwrap() = self.client.traffic();
+    }
+
+    async fn push(
+        &self,
+        _plan: &RoundPlan,
+        peer: &Member,
+        share: &LogitShare,
+    ) -> anyhow::Result<()> {
+        send_share(&self.client, peer, share.clone()).await
+    }
+
+    async fn wait_for_shares(&self, plan: &RoundPlan, inbox: &SharedInbox) {
+        inbox
+            .wait_for(plan.round, plan.expected, plan.deadline)
+            .await;
+    }
+
+    fn round_traffic(&self, _round: u64) -> Traffic {
+        self.client
+            .traffic()
+            .since(&self.round_start.lock().unwrap())
+    }
 }
 
 /// Joins the federation at `config.coordinator` and runs every round.
@@ -133,7 +157,7 @@ pub async fn run_federated(
     let (coordinator_peer, coordinator_addr) = split_peer_addr(&coordinator)?;
 
     let prepare_config = config.clone();
-    let mut member = blocking(move || LocalMember::prepare(&prepare_config)).await??;
+    let member = blocking(move || LocalMember::prepare(&prepare_config)).await??;
     tracing::info!(
         node = %config.name,
         private = member.private.len(),
@@ -177,125 +201,46 @@ pub async fn run_federated(
         other => bail!("unexpected answer to join: {other:?}"),
     };
 
-    let shared = Arc::new(Shared {
-        inbox: Mutex::new(ShareInbox::new(member.manifest.clone())),
-        arrived: Notify::new(),
-    });
-    shared.inbox.lock().unwrap().set_members(&members);
+    let last_round = member.manifest.rounds;
+    let mut engine = RoundEngine::new(member, key.clone(), config.encoding.0);
+    engine.inbox().set_members(&members);
     let (rounds_tx, mut rounds_rx) = mpsc::unbounded_channel::<RoundAnnouncement>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
     tokio::spawn(serve_inbound(
         client.clone(),
-        shared.clone(),
+        engine.inbox().clone(),
         requests,
-        rounds_tx,
-        done_tx,
+        Some(rounds_tx),
+        Some(done_tx),
     ));
+    let transport = Libp2pTransport::new(client.clone());
 
     let mut results = Vec::new();
-    let mut rejected_reported = 0u64;
-    let last_round = member.manifest.rounds;
     while let Some(announcement) = rounds_rx.recv().await {
         let round = announcement.round;
         if round <= results.last().map_or(0, |m: &RoundMetrics| m.round) || round > last_round {
             continue;
         }
-        let before = client.traffic();
-
-        // 1–2: train on private data, predict on the public subset.
-        let (m, own, local_accuracy) = blocking(move || {
-            member.train();
-            let accuracy = member.evaluate();
-            let logits = member.predict(round);
-            (member, logits, accuracy)
-        })
-        .await?;
-        member = m;
-
-        // 3: sign and push the share to every other member.
-        let share = LogitShare::new_signed(
-            &key,
-            &member.manifest.federation_id,
-            subset_for(&member.manifest, round),
-            member.manifest.classes,
-            member.private.len() as u64,
-            config.encoding.0,
-            &own,
-        )?;
-        let share_bytes = fd_protocol::encode(&Message::Share(share.clone()))?.len() as u64 + 4;
-        let peers: Vec<Member> = announcement
+        let targets: Vec<Member> = announcement
             .members
             .iter()
             .filter(|m| m.key != me.key)
             .cloned()
             .collect();
-        let sends = peers
-            .iter()
-            .map(|peer| send_share(&client, peer, share.clone()));
-        for (peer, result) in peers.iter().zip(join_all(sends).await) {
-            if let Err(e) = result {
-                tracing::warn!(node = %config.name, round, peer = %peer.name, "share not delivered: {e:#}");
-            }
-        }
-
-        // Wait for the others' shares: all of them, or until the deadline.
-        let deadline = tokio::time::Instant::now()
-            + Duration::from_millis(
-                announcement
-                    .deadline_unix_ms
-                    .saturating_sub(crate::fsutil::now_unix_ms()),
-            );
-        loop {
-            let notified = shared.arrived.notified();
-            if shared.inbox.lock().unwrap().accepted_count(round) >= peers.len() {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                tracing::warn!(node = %config.name, round, "deadline passed before every share arrived");
-                break;
-            }
-        }
-        let (peer_logits, rejections, rejected_total) = {
-            let mut inbox = shared.inbox.lock().unwrap();
-            let taken: Vec<(Vec<f32>, u64)> = inbox
-                .take_round(round)
-                .into_iter()
-                .map(|(_, logits, samples)| (logits, samples))
-                .collect();
-            (taken, inbox.rejections(), inbox.rejected_total())
-        };
-
-        // 4–5: aggregate and distil; then evaluate.
-        let aggregated = peer_logits.len() as u32;
-        let (m, accuracy) = blocking(move || -> anyhow::Result<_> {
-            let teacher = member.teacher(&own, &peer_logits)?;
-            member.distill(round, &teacher);
-            let accuracy = member.evaluate();
-            Ok((member, accuracy))
-        })
-        .await??;
-        member = m;
-
-        let traffic = client.traffic().since(&before);
-        let metrics = RoundMetrics {
-            federation_id: member.manifest.federation_id.clone(),
+        let plan = RoundPlan {
             round,
-            node: key.public_key(),
-            name: config.name.clone(),
-            test_accuracy: accuracy,
-            local_accuracy,
-            bytes_sent: traffic.share_bytes_sent,
-            bytes_received: traffic.share_bytes_received,
-            share_bytes,
-            shares_sent: traffic.shares_sent as u32,
-            shares_aggregated: aggregated,
-            shares_rejected: (rejected_total - rejected_reported) as u32,
-            rejections,
-            train_seconds: member.times.train,
-            predict_seconds: member.times.predict,
-            distill_seconds: member.times.distill,
+            expected: targets.len(),
+            targets,
+            deadline: Some(
+                tokio::time::Instant::now()
+                    + Duration::from_millis(
+                        announcement
+                            .deadline_unix_ms
+                            .saturating_sub(crate::fsutil::now_unix_ms()),
+                    ),
+            ),
         };
-        rejected_reported = rejected_total;
+        let metrics = engine.run_round(&plan, &transport).await?;
         tracing::info!("{}", report_line(&metrics));
         append_metrics(config.metrics_file.as_deref(), &metrics)?;
         if let Some(observer) = &observer {
@@ -328,13 +273,15 @@ pub async fn run_federated(
     Ok(results)
 }
 
-/// Answers every inbound request at once.
-async fn serve_inbound(
+/// Answers every inbound request at once: shares go through `inbox`'s gate,
+/// round announcements and the federation's end to `rounds` and `done`
+/// (when given; the simulator runs its own clock).
+pub async fn serve_inbound(
     client: Client,
-    shared: Arc<Shared>,
+    inbox: Arc<SharedInbox>,
     mut requests: mpsc::Receiver<InboundRequest>,
-    rounds: mpsc::UnboundedSender<RoundAnnouncement>,
-    done: mpsc::UnboundedSender<u64>,
+    rounds: Option<mpsc::UnboundedSender<RoundAnnouncement>>,
+    done: Option<mpsc::UnboundedSender<u64>>,
 ) {
     while let Some(InboundRequest {
         peer,
@@ -343,22 +290,17 @@ async fn serve_inbound(
     }) = requests.recv().await
     {
         let answer = match message {
-            Message::Round(announcement) => {
-                shared
-                    .inbox
-                    .lock()
-                    .unwrap()
-                    .set_members(&announcement.members);
-                let _ = rounds.send(announcement);
+            Message::Round(announcement) if rounds.is_some() => {
+                inbox.set_members(&announcement.members);
+                if let Some(rounds) = &rounds {
+                    let _ = rounds.send(announcement);
+                }
                 Message::Ack
             }
             Message::Share(share) => {
-                let verdict = shared.inbox.lock().unwrap().offer(&share);
+                let verdict = inbox.offer(&share);
                 match verdict {
-                    Ok(()) => {
-                        shared.arrived.notify_waiters();
-                        Message::ShareAccepted
-                    }
+                    Ok(()) => Message::ShareAccepted,
                     Err(e) => {
                         tracing::warn!(%peer, round = share.round, sender = %share.sender, reason = e.reason().as_str(), "share rejected: {e}");
                         Message::ShareRejected {
@@ -368,8 +310,10 @@ async fn serve_inbound(
                     }
                 }
             }
-            Message::Done { rounds } => {
-                let _ = done.send(rounds);
+            Message::Done { rounds } if done.is_some() => {
+                if let Some(done) = &done {
+                    let _ = done.send(rounds);
+                }
                 Message::Ack
             }
             other => {

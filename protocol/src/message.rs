@@ -92,8 +92,19 @@ pub struct RoundMetrics {
     pub shares_rejected: u32,
     /// Rejections since the node started, by [`crate::RejectReason`] code.
     pub rejections: Vec<(String, u64)>,
+    /// Mean cross-entropy of the last local epoch.
+    pub train_loss: f64,
+    /// Mean distillation loss of the last distillation epoch (0 when none ran).
+    pub distill_loss: f64,
     pub train_seconds: f64,
     pub predict_seconds: f64,
+    /// Encoding the payload and signing the share.
+    pub encode_seconds: f64,
+    /// From the first push until the round closed: sending, then waiting for peers.
+    pub network_seconds: f64,
+    /// Validating (signature, shape, values) and decoding the peers' shares.
+    pub verify_seconds: f64,
+    pub aggregate_seconds: f64,
     pub distill_seconds: f64,
 }
 

@@ -19,7 +19,9 @@ use fd_node::fsutil::write_atomic;
 use fd_node::learner::TrainingConfig;
 use fd_node::model::ModelConfig;
 use fd_node::runtime;
-use fd_protocol::{RoundMetrics, SigningKey, digest};
+use fd_protocol::RoundMetrics;
+
+use crate::runner::member_key;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 
@@ -62,10 +64,6 @@ pub struct QuickstartOptions {
     /// Skip the isolated (no-collaboration) baseline.
     #[arg(long)]
     pub no_baseline: bool,
-}
-
-fn member_key(seed: u64, index: usize) -> SigningKey {
-    SigningKey::from_seed(digest::sha256(format!("fd-sim member {seed} {index}").as_bytes()).0)
 }
 
 fn node_config(
@@ -246,8 +244,7 @@ pub async fn run(o: QuickstartOptions) -> anyhow::Result<Vec<RoundMetrics>> {
         for i in 0..o.nodes {
             let config = node_config(&o, &data, &federation, i, None);
             let key = member_key(o.seed, i);
-            let metrics =
-                tokio::task::spawn_blocking(move || runtime::run_isolated(&config, &key)).await??;
+            let metrics = runtime::run_isolated(&config, &key).await?;
             finals.push(metrics.last().map_or(0.0, |m| m.test_accuracy));
         }
         let mean = finals.iter().sum::<f64>() / finals.len() as f64;

@@ -192,8 +192,14 @@ async fn tampering_member(coordinator: &str) -> Vec<(String, Message)> {
                     shares_aggregated: 0,
                     shares_rejected: 0,
                     rejections: vec![],
+                    train_loss: 0.0,
+                    distill_loss: 0.0,
                     train_seconds: 0.0,
                     predict_seconds: 0.0,
+                    encode_seconds: 0.0,
+                    network_seconds: 0.0,
+                    verify_seconds: 0.0,
+                    aggregate_seconds: 0.0,
                     distill_seconds: 0.0,
                 };
                 request_with_retry(&client, coordinator_peer, Message::Metrics(metrics), 3)

@@ -64,12 +64,12 @@ fn main() -> anyhow::Result<()> {
                 config.name,
                 runtime::peer_id_string(&key.public_key())
             );
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             let metrics = if isolated {
-                runtime::run_isolated(&config, &key)?
+                rt.block_on(runtime::run_isolated(&config, &key))?
             } else {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()?;
                 rt.block_on(runtime::run_federated(config.clone(), key, None))?
             };
             for m in &metrics {

@@ -150,7 +150,7 @@ pub fn label_heatmap(
 /// filter 0 (none), IEND; each chunk closed by its CRC-32. That is the whole
 /// format a viewer needs, and flate2 (already a dependency, for gzip'd IDX
 /// files) supplies both zlib and the CRC, so no image crate is built.
-pub(crate) fn encode_png(rgb: &[u8], (w, h): (u32, u32)) -> std::io::Result<Vec<u8>> {
+pub fn encode_png(rgb: &[u8], (w, h): (u32, u32)) -> std::io::Result<Vec<u8>> {
     use std::io::Write;
     let row = w as usize * 3;
     assert_eq!(rgb.len(), row * h as usize, "buffer is not {w}×{h} RGB");

@@ -27,7 +27,7 @@ use libp2p::{PeerId, StreamProtocol, identity, noise, tcp, yamux};
 use tokio::sync::mpsc;
 
 pub use client::Client;
-pub use codec::{FdCodec, TrafficCounters};
+pub use codec::{FdCodec, Traffic, TrafficCounters};
 pub use event_loop::EventLoop;
 
 /// The application protocol name.
@@ -52,6 +52,12 @@ pub fn peer_id_of(key: &PublicKey) -> anyhow::Result<PeerId> {
     let pk = identity::ed25519::PublicKey::try_from_bytes(&key.0)
         .context("member key is not a valid Ed25519 key")?;
     Ok(identity::PublicKey::from(pk).to_peer_id())
+}
+
+/// Bytes `message` takes on the wire: its frame plus the 4-byte length prefix
+/// [`FdCodec`] writes (and counts in [`TrafficCounters`]).
+pub fn frame_len(message: &Message) -> anyhow::Result<u64> {
+    Ok(fd_protocol::encode(message)?.len() as u64 + 4)
 }
 
 /// How long one request may take, e.g. a large share on a slow link.

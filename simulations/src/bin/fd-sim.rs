@@ -1,7 +1,12 @@
 //! `fd-sim`: run fd federations on one machine.
 
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use fd_sim::bench::{self, BenchOptions};
+use fd_sim::experiment::EXAMPLE_EXPERIMENT;
 use fd_sim::quickstart::{self, QuickstartOptions};
+use fd_sim::sweep::{self, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +23,17 @@ struct Cli {
 enum Command {
     /// One coordinator and N members on 127.0.0.1 over real libp2p; prints a per-round table.
     Quickstart(QuickstartOptions),
+    /// Runs an experiment file (every cell of its [sweep]); `fd-sim example` prints an annotated one.
+    Run {
+        /// The experiment (TOML).
+        experiment: PathBuf,
+        #[command(flatten)]
+        options: RunOptions,
+    },
+    /// Prints an annotated experiment file with every field and its default.
+    Example,
+    /// Measures bytes, throughput, round breakdown, scale and codec speed; writes docs/performance.md.
+    Bench(BenchOptions),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,13 +43,23 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let rt = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
     match Cli::parse().command {
         Command::Quickstart(options) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(quickstart::run(options))?;
+            rt()?.block_on(quickstart::run(options))?;
         }
+        Command::Run {
+            experiment,
+            options,
+        } => {
+            rt()?.block_on(sweep::run_file(&experiment, &options))?;
+        }
+        Command::Example => print!("{EXAMPLE_EXPERIMENT}"),
+        Command::Bench(options) => bench::run(&options)?,
     }
     Ok(())
 }

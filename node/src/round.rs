@@ -1,0 +1,366 @@
+//! One round of a member, whatever carries the shares.
+//!
+//! [`RoundEngine::run_round`] is the only implementation of a federated
+//! round: train on private data, predict on the round's public subset, sign
+//! the share and push it to the round's targets, wait for the peers' shares
+//! (all expected ones, or until the round closes), aggregate them into the
+//! teacher, distil, evaluate. `fd-node` drives it over libp2p
+//! ([`crate::runtime`]); `fd-sim` drives it over libp2p on 127.0.0.1 or over
+//! an in-memory network. Only the [`ShareTransport`] differs, so a result
+//! from the simulator is a result of the code that runs in production.
+//!
+//! The learning steps run in `spawn_blocking` (optionally behind a semaphore
+//! that bounds how many members compute at once), so a slow student never
+//! stalls the network task that answers peers.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::Context as _;
+use fd_protocol::{
+    FederationManifest, LogitShare, Member, PayloadEncoding, ProtocolError, RoundMetrics,
+    SigningKey,
+};
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+
+use crate::inbox::{ShareInbox, subset_for};
+use crate::member::LocalMember;
+use crate::net::Traffic;
+
+/// A member's [`ShareInbox`], shared between whatever receives shares (a
+/// network task, or the in-memory network) and the round that consumes them.
+pub struct SharedInbox {
+    inbox: Mutex<ShareInbox>,
+    arrived: Notify,
+    /// Seconds spent validating and decoding offered shares, by round.
+    verify_seconds: Mutex<std::collections::BTreeMap<u64, f64>>,
+}
+
+impl SharedInbox {
+    pub fn new(manifest: FederationManifest) -> Arc<Self> {
+        Arc::new(SharedInbox {
+            inbox: Mutex::new(ShareInbox::new(manifest)),
+            arrived: Notify::new(),
+            verify_seconds: Mutex::new(Default::default()),
+        })
+    }
+
+    /// Validates and stores `share` (see [`ShareInbox::offer`]); wakes a waiting round.
+    pub fn offer(&self, share: &LogitShare) -> Result<(), ProtocolError> {
+        let start = std::time::Instant::now();
+        let verdict = self.lock().offer(share);
+        *self
+            .verify_seconds
+            .lock()
+            .expect("timing lock poisoned")
+            .entry(share.round)
+            .or_default() += start.elapsed().as_secs_f64();
+        if verdict.is_ok() {
+            self.arrived.notify_waiters();
+        }
+        verdict
+    }
+
+    /// Seconds spent in [`Self::offer`] on shares of `round` (and forgets them).
+    pub fn take_verify_seconds(&self, round: u64) -> f64 {
+        let mut times = self.verify_seconds.lock().expect("timing lock poisoned");
+        let seconds = times.remove(&round).unwrap_or(0.0);
+        times.retain(|r, _| *r > round);
+        seconds
+    }
+
+    pub fn set_members(&self, members: &[Member]) {
+        self.lock().set_members(members);
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, ShareInbox> {
+        self.inbox.lock().expect("inbox lock poisoned")
+    }
+
+    /// Waits until `expected` shares of `round` were accepted or `deadline`
+    /// passed; returns whether all arrived.
+    pub async fn wait_for(&self, round: u64, expected: usize, deadline: Option<Instant>) -> bool {
+        loop {
+            let notified = self.arrived.notified();
+            if self.lock().accepted_count(round) >= expected {
+                return true;
+            }
+            match deadline {
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        return false;
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+}
+
+/// What a member does in one round, decided by whoever runs the clock (the
+/// coordinator's announcement, or the simulator's scenario).
+#[derive(Debug, Clone)]
+pub struct RoundPlan {
+    pub round: u64,
+    /// Members this member pushes its share to.
+    pub targets: Vec<Member>,
+    /// Shares this member waits for before it aggregates.
+    pub expected: usize,
+    /// When the round closes for shares still missing (wall clock).
+    pub deadline: Option<Instant>,
+}
+
+/// How shares travel between members.
+pub trait ShareTransport: Send + Sync {
+    /// Marks the start of `plan.round` for this member (traffic is counted per round from here).
+    fn begin_round(&self, plan: &RoundPlan);
+    /// Delivers `share` to `peer`; `Ok` once the peer accepted it.
+    fn push(
+        &self,
+        plan: &RoundPlan,
+        peer: &Member,
+        share: &LogitShare,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Resolves when the round is closed for this member: its expected shares
+    /// are in `inbox` or no more will come in time.
+    fn wait_for_shares(
+        &self,
+        plan: &RoundPlan,
+        inbox: &SharedInbox,
+    ) -> impl Future<Output = ()> + Send;
+    /// Share traffic of this member in `round` so far.
+    fn round_traffic(&self, round: u64) -> Traffic;
+}
+
+/// Rewrites a member's own logits before they are shared: how the simulator
+/// plays a Byzantine member. Honest members have none.
+pub type ShareTamper = Box<dyn FnMut(u64, &mut [f32]) + Send>;
+
+/// A member with what it needs to take part in rounds.
+pub struct RoundEngine {
+    member: Option<LocalMember>,
+    key: SigningKey,
+    encoding: PayloadEncoding,
+    inbox: Arc<SharedInbox>,
+    tamper: Option<ShareTamper>,
+    slots: Option<Arc<Semaphore>>,
+    rejected_reported: u64,
+}
+
+impl RoundEngine {
+    pub fn new(member: LocalMember, key: SigningKey, encoding: PayloadEncoding) -> Self {
+        let inbox = SharedInbox::new(member.manifest.clone());
+        RoundEngine {
+            member: Some(member),
+            key,
+            encoding,
+            inbox,
+            tamper: None,
+            slots: None,
+            rejected_reported: 0,
+        }
+    }
+
+    /// Shares pass through `tamper` before they are signed.
+    pub fn with_tamper(mut self, tamper: ShareTamper) -> Self {
+        self.tamper = Some(tamper);
+        self
+    }
+
+    /// Learning steps wait for a permit of `slots`: at most that many members compute at once.
+    pub fn with_learning_slots(mut self, slots: Arc<Semaphore>) -> Self {
+        self.slots = Some(slots);
+        self
+    }
+
+    pub fn member(&self) -> &LocalMember {
+        self.member
+            .as_ref()
+            .expect("member is present between steps")
+    }
+
+    pub fn member_mut(&mut self) -> &mut LocalMember {
+        self.member
+            .as_mut()
+            .expect("member is present between steps")
+    }
+
+    pub fn inbox(&self) -> &Arc<SharedInbox> {
+        &self.inbox
+    }
+
+    pub fn key(&self) -> &SigningKey {
+        &self.key
+    }
+
+    /// Runs `step` on the member in the blocking pool.
+    pub async fn learn<T: Send + 'static>(
+        &mut self,
+        step: impl FnOnce(&mut LocalMember) -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let _permit = match &self.slots {
+            Some(slots) => Some(slots.clone().acquire_owned().await?),
+            None => None,
+        };
+        let mut member = self.member.take().expect("member is present between steps");
+        let (member, out) = tokio::task::spawn_blocking(move || {
+            let out = step(&mut member);
+            (member, out)
+        })
+        .await
+        .context("learning step panicked")?;
+        self.member = Some(member);
+        Ok(out)
+    }
+
+    fn metrics(&self, round: u64) -> RoundMetrics {
+        let member = self.member();
+        RoundMetrics {
+            federation_id: member.manifest.federation_id.clone(),
+            round,
+            node: self.key.public_key(),
+            name: member.name.clone(),
+            test_accuracy: 0.0,
+            local_accuracy: 0.0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            share_bytes: 0,
+            shares_sent: 0,
+            shares_aggregated: 0,
+            shares_rejected: 0,
+            rejections: vec![],
+            train_loss: 0.0,
+            distill_loss: 0.0,
+            train_seconds: member.times.train,
+            predict_seconds: 0.0,
+            encode_seconds: 0.0,
+            network_seconds: 0.0,
+            verify_seconds: 0.0,
+            aggregate_seconds: 0.0,
+            distill_seconds: 0.0,
+        }
+    }
+
+    /// A round without peers: local training, then evaluation (the isolated baseline).
+    pub async fn run_local_round(&mut self, round: u64) -> anyhow::Result<RoundMetrics> {
+        let (loss, accuracy) = self
+            .learn(|m| {
+                let loss = m.train();
+                (loss, m.evaluate())
+            })
+            .await?;
+        Ok(RoundMetrics {
+            test_accuracy: accuracy,
+            local_accuracy: accuracy,
+            train_loss: loss,
+            train_seconds: self.member().times.train,
+            ..self.metrics(round)
+        })
+    }
+
+    /// One federated round (see the module doc).
+    pub async fn run_round<T: ShareTransport>(
+        &mut self,
+        plan: &RoundPlan,
+        transport: &T,
+    ) -> anyhow::Result<RoundMetrics> {
+        let round = plan.round;
+        transport.begin_round(plan);
+
+        // 1–2: train on private data, predict on the public subset.
+        let (train_loss, local_accuracy, own) = self
+            .learn(move |m| {
+                let loss = m.train();
+                let accuracy = m.evaluate();
+                (loss, accuracy, m.predict(round))
+            })
+            .await?;
+
+        // 3: sign and push the share.
+        let mut shared = own.clone();
+        if let Some(tamper) = &mut self.tamper {
+            tamper(round, &mut shared);
+        }
+        let encode_start = std::time::Instant::now();
+        let manifest = &self.member().manifest;
+        let share = LogitShare::new_signed(
+            &self.key,
+            &manifest.federation_id,
+            subset_for(manifest, round),
+            manifest.classes,
+            self.member().private.len() as u64,
+            self.encoding,
+            &shared,
+        )?;
+        let share_bytes = crate::net::frame_len(&fd_protocol::Message::Share(share.clone()))?;
+        let encode_seconds = encode_start.elapsed().as_secs_f64();
+        let name = self.member().name.clone();
+        let network_start = std::time::Instant::now();
+        let pushes = plan
+            .targets
+            .iter()
+            .map(|peer| transport.push(plan, peer, &share));
+        for (peer, result) in plan
+            .targets
+            .iter()
+            .zip(futures::future::join_all(pushes).await)
+        {
+            if let Err(e) = result {
+                tracing::warn!(node = %name, round, peer = %peer.name, "share not delivered: {e:#}");
+            }
+        }
+
+        // Wait for the peers' shares, then close the round in the inbox.
+        transport.wait_for_shares(plan, &self.inbox).await;
+        let network_seconds = network_start.elapsed().as_secs_f64();
+        let (peers, rejections, rejected_total) = {
+            let mut inbox = self.inbox.lock();
+            let taken: Vec<(Vec<f32>, u64)> = inbox
+                .take_round(round)
+                .into_iter()
+                .map(|(_, logits, samples)| (logits, samples))
+                .collect();
+            (taken, inbox.rejections(), inbox.rejected_total())
+        };
+        if peers.len() < plan.expected {
+            tracing::warn!(node = %name, round, arrived = peers.len(), expected = plan.expected, "round closed before every share arrived");
+        }
+
+        // 4–5: aggregate and distil; then evaluate.
+        let aggregated = peers.len() as u32;
+        let (distill_loss, accuracy) = self
+            .learn(move |m| -> anyhow::Result<_> {
+                let teacher = m.teacher_timed(&own, &peers)?;
+                let loss = m.distill(round, &teacher);
+                Ok((loss, m.evaluate()))
+            })
+            .await??;
+
+        let traffic = transport.round_traffic(round);
+        let times = self.member().times;
+        let metrics = RoundMetrics {
+            test_accuracy: accuracy,
+            local_accuracy,
+            bytes_sent: traffic.share_bytes_sent,
+            bytes_received: traffic.share_bytes_received,
+            share_bytes,
+            shares_sent: traffic.shares_sent as u32,
+            shares_aggregated: aggregated,
+            shares_rejected: (rejected_total - self.rejected_reported) as u32,
+            rejections,
+            train_loss,
+            distill_loss,
+            train_seconds: times.train,
+            predict_seconds: times.predict,
+            encode_seconds,
+            network_seconds,
+            verify_seconds: self.inbox.take_verify_seconds(round),
+            aggregate_seconds: times.aggregate,
+            distill_seconds: times.distill,
+            ..self.metrics(round)
+        };
+        self.rejected_reported = rejected_total;
+        Ok(metrics)
+    }
+}

@@ -1,0 +1,659 @@
+//! `fd-sim bench`: where the time and the bytes go.
+//!
+//! Prints five tables and writes them between the markers
+//! `<!-- fd-sim bench: begin -->` / `<!-- fd-sim bench: end -->` of
+//! `docs/performance.md` (the rest of that file is left as it is):
+//!
+//! 1. bytes per member per round, FD with each payload encoding vs FedAvg
+//!    weights, per model of the zoo, at public subsets of 1,000 and 5,000;
+//!    sizes are of real encoded share frames, not formulas;
+//! 2. training and inference throughput per model, device and thread count;
+//! 3. the round breakdown of 10 `fd-node` processes and a coordinator on
+//!    127.0.0.1 (from the members' own per-round metrics);
+//! 4. simulation scale: `fd-sim run` in a child process per size, so each
+//!    peak-memory figure is that run's own;
+//! 5. codec throughput: encode+sign and verify+decode next to a memcpy.
+//!
+//! Every timing is the median of `--repeats` runs.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use fd_node::data::DataSource;
+use fd_node::device::DeviceKind;
+use fd_node::learner::{Learner, TrainingConfig};
+use fd_node::model::{InputShape, ModelConfig};
+use fd_node::net::frame_len;
+use fd_protocol::{
+    LogitShare, Message, PayloadEncoding, PublicSubset, RoundMetrics, ShareExpectation, SigningKey,
+    digest::Digest,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::runner::fedavg_frame_bytes;
+
+pub const BEGIN: &str = "<!-- fd-sim bench: begin -->";
+pub const END: &str = "<!-- fd-sim bench: end -->";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchOptions {
+    /// Repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Sections to run (1–5, comma separated); all by default.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<u8>,
+    /// Member counts of the simulation-scale table.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![10usize, 100, 1000])]
+    pub scale: Vec<usize>,
+    /// Also measure the wgpu device in the throughput table (needs an adapter).
+    #[arg(long)]
+    pub wgpu: bool,
+    /// File whose bench section is replaced with the tables.
+    #[arg(long, default_value = "docs/performance.md")]
+    pub write: PathBuf,
+    /// Only print; do not touch `--write`.
+    #[arg(long)]
+    pub no_write: bool,
+    /// Scratch folder for the process benchmarks.
+    #[arg(long, default_value = "results/bench")]
+    pub scratch: PathBuf,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let m = xs.len() / 2;
+    if xs.len() % 2 == 1 {
+        xs[m]
+    } else {
+        (xs[m - 1] + xs[m]) / 2.0
+    }
+}
+
+fn zoo() -> Vec<ModelConfig> {
+    vec![
+        ModelConfig::Mlp {
+            hidden: vec![200, 200],
+        },
+        ModelConfig::SmallCnn {
+            channels: vec![16, 32],
+            fc: 128,
+        },
+        ModelConfig::FedAvgCnn {},
+        ModelConfig::ResNet {
+            blocks: vec![1, 1, 1],
+        },
+    ]
+}
+
+const MNIST: [usize; 3] = [1, 28, 28];
+const CLASSES: usize = 10;
+
+fn encodings() -> Vec<PayloadEncoding> {
+    vec![
+        PayloadEncoding::F32Le,
+        PayloadEncoding::F16Le,
+        PayloadEncoding::Int8,
+        PayloadEncoding::TopK { k: 3 },
+    ]
+}
+
+fn random_logits(rows: usize, classes: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..rows * classes)
+        .map(|_| rng.random_range(-8.0f32..8.0))
+        .collect()
+}
+
+fn share(
+    key: &SigningKey,
+    rows: usize,
+    classes: usize,
+    encoding: PayloadEncoding,
+    logits: &[f32],
+) -> anyhow::Result<LogitShare> {
+    let subset = PublicSubset {
+        public_set_digest: Digest([7; 32]),
+        seed: 1,
+        round: 1,
+        size: rows as u32,
+    };
+    Ok(LogitShare::new_signed(
+        key,
+        "bench",
+        subset,
+        classes as u32,
+        1000,
+        encoding,
+        logits,
+    )?)
+}
+
+/// Table 1: bytes per member per round, 10 members in a full mesh.
+pub fn bytes_table() -> anyhow::Result<String> {
+    let members = 10u64;
+    let key = SigningKey::from_seed([1; 32]);
+    let input = InputShape::new(MNIST);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Bytes one member sends per round in a 10-member full mesh (FD: 9 share frames; FedAvg: one upload of its weights, and it downloads as many). Frames are real encoded `Message::Share`s plus the 4-byte length prefix; 10 classes.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| model | params | FedAvg up | subset | f32 | f16 | int8 | top-3 | FedAvg ÷ f32 | FedAvg ÷ int8 |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for model in zoo() {
+        let summary = model.describe(input, CLASSES);
+        let fedavg = fedavg_frame_bytes(summary.params);
+        for rows in [1000usize, 5000] {
+            let logits = random_logits(rows, CLASSES, 1);
+            let mut sizes = Vec::new();
+            for encoding in encodings() {
+                let s = share(&key, rows, CLASSES, encoding, &logits)?;
+                sizes.push((members - 1) * frame_len(&Message::Share(s))?);
+            }
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {rows} | {} | {} | {} | {} | {:.1}× | {:.1}× |",
+                summary.name,
+                summary.params,
+                fedavg,
+                sizes[0],
+                sizes[1],
+                sizes[2],
+                sizes[3],
+                fedavg as f64 / sizes[0] as f64,
+                fedavg as f64 / sizes[2] as f64,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Samples/s of `steps` training steps of batch 64 and of predicting 1,000 samples.
+fn throughput(
+    model: &ModelConfig,
+    device: DeviceKind,
+    threads: usize,
+    repeats: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let data = DataSource::Synthetic {
+        seed: 1,
+        train: 2048,
+        test: 1000,
+    }
+    .load()?;
+    let config = TrainingConfig {
+        threads,
+        batch_size: 64,
+        local_epochs: 1,
+        ..TrainingConfig::default()
+    };
+    let mut learner = Learner::new(
+        model,
+        config,
+        device,
+        InputShape::new(data.train.shape),
+        data.train.classes,
+    );
+    let batch: Vec<usize> = (0..64).collect();
+    let public: Vec<usize> = (0..1000).collect();
+    // Warm-up: first calls allocate and (on wgpu) compile kernels.
+    learner.train_local(&data.train, &batch);
+    let _ = learner.predict(&data.test, &public);
+    let mut train = Vec::new();
+    let mut predict = Vec::new();
+    for _ in 0..repeats.max(1) {
+        // Enough steps for at least half a second.
+        let (mut steps, start) = (0usize, Instant::now());
+        while steps < 2 || start.elapsed() < Duration::from_millis(500) {
+            learner.train_local(&data.train, &batch);
+            steps += 1;
+        }
+        train.push((steps * 64) as f64 / start.elapsed().as_secs_f64());
+        let start = Instant::now();
+        let _ = learner.predict(&data.test, &public);
+        predict.push(1000.0 / start.elapsed().as_secs_f64());
+    }
+    Ok((median(train), median(predict)))
+}
+
+/// Table 2: throughput per model, device and thread count.
+pub fn throughput_table(repeats: usize, wgpu: bool) -> anyhow::Result<String> {
+    let mut devices = vec![DeviceKind::Flex, DeviceKind::Ndarray];
+    if wgpu {
+        DeviceKind::Wgpu.probe().map_err(anyhow::Error::msg)?;
+        devices.push(DeviceKind::Wgpu);
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Training (Adam, batch 64, synthetic 1×28×28) and prediction (1,000 samples) in samples/s; median of {repeats} runs of ≥ 0.5 s after a warm-up step.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| model | device | threads | train samples/s | predict samples/s |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|");
+    for model in zoo() {
+        for &device in &devices {
+            let thread_counts: &[usize] = if matches!(device, DeviceKind::Wgpu) {
+                &[1]
+            } else {
+                &[1, 2]
+            };
+            for &threads in thread_counts {
+                let (train, predict) = throughput(&model, device, threads, repeats)?;
+                let line = format!(
+                    "| {} | {} | {threads} | {train:.0} | {predict:.0} |",
+                    model.name(),
+                    device.name()
+                );
+                eprintln!("{line}");
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The folder of the running executable, where cargo also put fd-node and fd-coordinator.
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().context("executable has no folder")?.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build the workspace first (cargo build --workspace)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn wait_for_file(path: &Path, timeout: Duration) -> anyhow::Result<String> {
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if !text.trim().is_empty() {
+                return Ok(text.trim().to_string());
+            }
+        }
+        if start.elapsed() > timeout {
+            bail!("{} did not appear within {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Table 3: 10 fd-node processes and a coordinator on 127.0.0.1.
+pub fn round_breakdown(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
+    let members = 10usize;
+    let dir = scratch.join("round-breakdown");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let federation = format!(
+        "[federation]\nid = \"bench\"\nrounds = {rounds}\npublic_size = 5000\nsubset_size = 2000\nseed = 42\n\n[data]\nkind = \"auto\"\n"
+    );
+    std::fs::write(
+        dir.join("coordinator.toml"),
+        format!(
+            "listen = \"/ip4/127.0.0.1/tcp/0\"\nkey_file = \"coordinator.key\"\nmin_members = {members}\nround_timeout_secs = 600\naddress_file = \"coordinator.addr\"\n\n{federation}"
+        ),
+    )?;
+    let spawn = |bin: &str, args: &[&str], log: &str| -> anyhow::Result<std::process::Child> {
+        Ok(Command::new(sibling(bin)?)
+            .args(args)
+            .current_dir(&dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(log))?)
+            .spawn()?)
+    };
+    let mut children = vec![spawn(
+        "fd-coordinator",
+        &["--config", "coordinator.toml"],
+        "coordinator.log",
+    )?];
+    let address = wait_for_file(&dir.join("coordinator.addr"), Duration::from_secs(120))?;
+    for i in 0..members {
+        std::fs::write(
+            dir.join(format!("node-{i}.toml")),
+            format!(
+                "name = \"node-{i}\"\nkey_file = \"node-{i}.key\"\ncoordinator = \"{address}\"\nmetrics_file = \"node-{i}.jsonl\"\n\n{federation}\n[partition]\nnodes = {members}\nindex = {i}\nscheme = {{ kind = \"dirichlet\", alpha = 0.5 }}\n\n[training]\nseed = {i}\n"
+            ),
+        )?;
+        children.push(spawn(
+            "fd-node",
+            &["run", "--config", &format!("node-{i}.toml")],
+            &format!("node-{i}.log"),
+        )?);
+    }
+    let start = Instant::now();
+    for child in children.iter_mut().skip(1) {
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("an fd-node exited with {status}; logs in {}", dir.display());
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let _ = children[0].wait();
+    let mut metrics: Vec<RoundMetrics> = Vec::new();
+    for i in 0..members {
+        let text = std::fs::read_to_string(dir.join(format!("node-{i}.jsonl")))?;
+        for line in text.lines() {
+            metrics.push(serde_json::from_str(line)?);
+        }
+    }
+    type Step = (&'static str, fn(&RoundMetrics) -> f64);
+    let steps: [Step; 8] = [
+        ("train (local epoch)", |m| m.train_seconds),
+        ("predict (public subset)", |m| m.predict_seconds),
+        ("encode + sign", |m| m.encode_seconds),
+        ("network: push, then wait for peers", |m| m.network_seconds),
+        ("verify + decode (peers' shares)", |m| m.verify_seconds),
+        ("aggregate", |m| m.aggregate_seconds),
+        ("distil", |m| m.distill_seconds),
+        ("checkpoint", |_| f64::NAN),
+    ];
+    let totals: Vec<f64> = metrics
+        .iter()
+        .map(|m| {
+            steps
+                .iter()
+                .map(|(_, f)| f(m))
+                .filter(|x| x.is_finite())
+                .sum()
+        })
+        .collect();
+    let round = median(totals.clone());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "10 `fd-node` processes and an `fd-coordinator` on 127.0.0.1 (TCP + Noise + Yamux), Fashion-MNIST (synthetic if absent), Dirichlet α = 0.5, MLP 784-200-200-10, 2,000 public samples per round (f32), {rounds} rounds; each member's per-round metrics, median over members × rounds. {:.0} s wall for the run.\n",
+        wall
+    );
+    let _ = writeln!(out, "| step | median seconds | share of the round |");
+    let _ = writeln!(out, "|---|---:|---:|");
+    for (name, f) in &steps {
+        let x = median(metrics.iter().map(|m| f(m)).collect());
+        if x.is_finite() {
+            let _ = writeln!(out, "| {name} | {x:.4} | {:.2} % |", 100.0 * x / round);
+        } else {
+            let _ = writeln!(out, "| {name} | not implemented yet | |");
+        }
+    }
+    let codec_aggregate: Vec<f64> = metrics
+        .iter()
+        .zip(&totals)
+        .map(|(m, t)| (m.encode_seconds + m.verify_seconds + m.aggregate_seconds) / t)
+        .collect();
+    let outside: Vec<f64> = metrics
+        .iter()
+        .zip(&totals)
+        .map(|(m, t)| {
+            (m.encode_seconds + m.verify_seconds + m.aggregate_seconds + m.network_seconds) / t
+        })
+        .collect();
+    let _ = writeln!(out, "| **round (sum of steps)** | {round:.4} | 100 % |\n");
+    let _ = writeln!(
+        out,
+        "Outside learning: codec + aggregation {:.2} % of a round (median); with the network wait {:.2} %. The network wait includes waiting for the slowest peer to finish training: 10 members share 2 cores here.",
+        100.0 * median(codec_aggregate),
+        100.0 * median(outside)
+    );
+    Ok(out)
+}
+
+/// Table 4: `fd-sim run` at each size, in a child process.
+pub fn scale_table(scratch: &Path, sizes: &[usize]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "`fd-sim run` in its own process per size: Fashion-MNIST (synthetic if absent), MLP 784-200-200-10 students, Dirichlet α = 0.5, 2 rounds, 500 public samples per round, 2 distillation epochs, evaluation on 1,000 test samples; full mesh up to 100 members, 10 random in-neighbours beyond (a full mesh of 1,000 would hold 999 shares per member per round). `jobs` = 2.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| members | topology | wall s / round (median) | peak RSS | RSS per member | bytes sent / member / round |"
+    );
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|");
+    for &n in sizes {
+        let topology = if n <= 100 {
+            "kind = \"full\"".to_string()
+        } else {
+            "kind = \"random\"\nk = 10".to_string()
+        };
+        let name = format!("scale-{n}");
+        let dir = scratch.join("scale");
+        std::fs::create_dir_all(&dir)?;
+        let _ = std::fs::remove_dir_all(dir.join(&name));
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"{name}\"\nseed = 42\nnodes = {n}\nrounds = 2\njobs = 2\n[data]\nkind = \"auto\"\n[public]\nsize = 5000\nsubset_size = 500\n[partition]\nkind = \"dirichlet\"\nalpha = 0.5\n[model]\nkind = \"mlp\"\nhidden = [200, 200]\n[training]\nlocal_epochs = 1\ndistill_epochs = 2\neval_samples = 1000\n[topology]\n{topology}\n"
+            ),
+        )?;
+        let status = Command::new(std::env::current_exe()?)
+            .args([
+                "run",
+                path.to_str().context("path is not UTF-8")?,
+                "--quiet",
+                "--out",
+            ])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            let _ = writeln!(out, "| {n} | | failed ({status}) | | | |");
+            continue;
+        }
+        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+            dir.join(&name).join("summary.json"),
+        )?)?;
+        let per_round: Vec<f64> = summary["wall_seconds_per_round"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default();
+        let rss = summary["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN);
+        let sent = summary["bytes_sent_per_node"].as_f64().unwrap_or(f64::NAN) / 2.0;
+        let line = format!(
+            "| {n} | {} | {:.1} | {:.2} GiB | {:.1} MiB | {sent:.0} |",
+            if n <= 100 { "full" } else { "random k = 10" },
+            median(per_round),
+            rss / (1u64 << 30) as f64,
+            rss / n as f64 / (1u64 << 20) as f64
+        );
+        eprintln!("{line}");
+        let _ = writeln!(out, "{line}");
+    }
+    Ok(out)
+}
+
+/// Table 5: codec throughput.
+pub fn codec_table(repeats: usize) -> anyhow::Result<String> {
+    let key = SigningKey::from_seed([2; 32]);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "One share of 2,000 × 10 and one of 5,000 × 100 logits; MB/s of f32 logits (rows × classes × 4 bytes) processed, median of {repeats} runs of ≥ 0.3 s. `memcpy` copies the same number of bytes.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| shape | encoding | encode + sign MB/s | verify + decode MB/s | memcpy MB/s |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|");
+    for (rows, classes) in [(2000usize, 10usize), (5000, 100)] {
+        let logits = random_logits(rows, classes, 3);
+        let mb = (rows * classes * 4) as f64 / 1e6;
+        let rate = |f: &mut dyn FnMut()| -> f64 {
+            let mut rates = Vec::new();
+            for _ in 0..repeats.max(1) {
+                let (mut n, start) = (0usize, Instant::now());
+                while n < 2 || start.elapsed() < Duration::from_millis(300) {
+                    f();
+                    n += 1;
+                }
+                rates.push(n as f64 * mb / start.elapsed().as_secs_f64());
+            }
+            median(rates)
+        };
+        let copy = {
+            let source = logits.clone();
+            let mut target = vec![0f32; source.len()];
+            rate(&mut || {
+                target.copy_from_slice(std::hint::black_box(&source));
+                std::hint::black_box(&target);
+            })
+        };
+        for encoding in encodings() {
+            let s = share(&key, rows, classes, encoding, &logits)?;
+            let expect = ShareExpectation {
+                federation_id: "bench".into(),
+                round: 1,
+                subset: s.subset,
+                classes: classes as u32,
+            };
+            let encode = rate(&mut || {
+                let s = share(&key, rows, classes, encoding, std::hint::black_box(&logits))
+                    .expect("encodes");
+                std::hint::black_box(fd_protocol::encode(&Message::Share(s)).expect("frames"));
+            });
+            let frame = fd_protocol::encode(&Message::Share(s))?;
+            let decode = rate(&mut || {
+                let Message::Share(s) =
+                    fd_protocol::decode(std::hint::black_box(&frame)).expect("decodes")
+                else {
+                    panic!("not a share")
+                };
+                std::hint::black_box(s.validate(&expect).expect("valid"));
+            });
+            let _ = writeln!(
+                out,
+                "| {rows} × {classes} | {} | {encode:.0} | {decode:.0} | {copy:.0} |",
+                encoding.name()
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Replaces the bench section of `path` (or appends one).
+pub fn write_section(path: &Path, body: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let section = format!("{BEGIN}\n{body}{END}");
+    let text = match (text.find(BEGIN), text.find(END)) {
+        (Some(b), Some(e)) if e > b => format!("{}{section}{}", &text[..b], &text[e + END.len()..]),
+        _ => format!("{}\n{section}\n", text.trim_end()),
+    };
+    fd_node::fsutil::write_atomic(path, text.as_bytes(), 0o644)?;
+    Ok(())
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map_or("unknown".to_string(), |kb| {
+            format!("{:.1} GiB", kb / (1u64 << 20) as f64)
+        });
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cores} cores ({cpu}), {memory} memory")
+}
+
+pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
+    let want = |n: u8| o.only.is_empty() || o.only.contains(&n);
+    let mut body = String::new();
+    let _ = writeln!(
+        body,
+        "## `fd-sim bench`\n\nGenerated by `cargo run --bin fd-sim -- bench` (dev profile: dependencies at opt-level 3) on {}. Sections run this time: {}.\n",
+        machine(),
+        if o.only.is_empty() {
+            "all".to_string()
+        } else {
+            format!("{:?}", o.only)
+        }
+    );
+    let mut section =
+        |n: u8, title: &str, f: &mut dyn FnMut() -> anyhow::Result<String>| -> anyhow::Result<()> {
+            if want(n) {
+                eprintln!("== {n}. {title}");
+                let table = f()?;
+                println!("## {n}. {title}\n\n{table}");
+                let _ = writeln!(body, "### {n}. {title}\n\n{table}");
+            }
+            Ok(())
+        };
+    section(1, "Bytes per member per round", &mut bytes_table)?;
+    section(2, "Training and inference throughput", &mut || {
+        throughput_table(o.repeats, o.wgpu)
+    })?;
+    section(3, "Round time breakdown, 10 fd-node processes", &mut || {
+        round_breakdown(&o.scratch, 3)
+    })?;
+    section(4, "Simulation scale", &mut || {
+        scale_table(&o.scratch, &o.scale)
+    })?;
+    section(5, "Codec throughput", &mut || codec_table(o.repeats))?;
+    if !o.no_write {
+        write_section(&o.write, &body)?;
+        eprintln!("written: {}", o.write.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_section_is_replaced_not_duplicated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.md");
+        std::fs::write(&path, "# P\n\nhand-written\n").unwrap();
+        write_section(&path, "first\n").unwrap();
+        write_section(&path, "second\n").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# P\n\nhand-written\n"));
+        assert!(text.contains("second") && !text.contains("first"));
+        assert_eq!(text.matches(BEGIN).count(), 1);
+    }
+
+    #[test]
+    fn bytes_table_counts_real_frames() {
+        let table = bytes_table().unwrap();
+        // fedavg-cnn has 1,663,370 parameters; f32 shares of 1,000 × 10 are ~40 kB each.
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("| fedavg-cnn |") && l.contains("| 1000 |"))
+            .unwrap();
+        assert!(row.contains("| 1663370 |"), "{row}");
+        let f32_bytes: u64 = row.split('|').nth(5).unwrap().trim().parse().unwrap();
+        assert!(
+            f32_bytes > 9 * 40_000 && f32_bytes < 9 * 40_400,
+            "{f32_bytes}"
+        );
+    }
+}
