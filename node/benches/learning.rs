@@ -82,6 +82,68 @@ fn training_and_prediction(c: &mut Criterion) {
     }
 }
 
+/// One FedAvg-CNN layer (conv2: 32 → 64 channels, 5×5, padding 2, on a
+/// 14×14 map, batch 64) forward and backward, on one thread:
+/// `fd_node::fastconv` against burn's own flex `conv2d`.
+fn conv_layer(c: &mut Criterion) {
+    use burn::prelude::*;
+    use burn::tensor::ops::ConvOptions;
+    let device = Device::flex().autodiff();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut random = |shape: [usize; 4]| {
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Tensor::<4>::from_data(TensorData::new(v, shape), &device)
+    };
+    let x = random([BATCH, 32, 14, 14]).require_grad();
+    let w = random([64, 32, 5, 5]).require_grad();
+    let mut group = c.benchmark_group("fedavg_conv2_batch64_threads1");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for (name, fast) in [("fastconv", true), ("burn", false)] {
+        group.bench_function(BenchmarkId::new("forward", name), |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    let out = if fast {
+                        fd_node::fastconv::conv2d(x.clone().inner(), w.clone().inner(), None, 1, 2)
+                    } else {
+                        burn::tensor::module::conv2d(
+                            x.clone().inner(),
+                            w.clone().inner(),
+                            None,
+                            ConvOptions::new([1, 1], [2, 2], [1, 1], 1),
+                        )
+                    };
+                    out.into_data()
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new("forward_backward", name), |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    let out = if fast {
+                        fd_node::fastconv::conv2d(x.clone(), w.clone(), None, 1, 2)
+                    } else {
+                        burn::tensor::module::conv2d(
+                            x.clone(),
+                            w.clone(),
+                            None,
+                            ConvOptions::new([1, 1], [2, 2], [1, 1], 1),
+                        )
+                    };
+                    let grads = out.sum().backward();
+                    (w.grad(&grads), x.grad(&grads))
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 fn random_logits(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-8.0..8.0)).collect()
 }
@@ -140,5 +202,11 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, training_and_prediction, aggregation, codec);
+criterion_group!(
+    benches,
+    training_and_prediction,
+    conv_layer,
+    aggregation,
+    codec
+);
 criterion_main!(benches);

@@ -19,6 +19,7 @@ pub mod aggregate;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod fastconv;
 pub mod fsutil;
 pub mod inbox;
 pub mod keyfile;

@@ -28,12 +28,12 @@
 use std::sync::Mutex;
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d, Relu};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, Relu};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
+
+use crate::fastconv::{FastConv2d, FastConv2dConfig, max_pool2x2};
 
 /// The shape of one input sample: channels × height × width (tabular data: 1 × 1 × features).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,7 +333,7 @@ impl ModelConfig {
 }
 
 /// Serialises seeding and initialisation across the process (see [`ModelConfig::init`]).
-static INIT_LOCK: Mutex<()> = Mutex::new(());
+pub(crate) static INIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// Touches every float parameter so lazy initialisers run now, in field order.
 struct Materialize;
@@ -373,10 +373,14 @@ fn unflatten(input: Tensor<2>, shape: InputShape) -> Tensor<4> {
 
 /// A plain CNN: (conv "same" → ReLU → 2×2 max-pool) per stage, then one hidden
 /// fully connected layer with ReLU and the output layer.
+///
+/// Convolutions and pools are [`crate::fastconv`]'s (fast on flex, burn's
+/// own ops elsewhere). ReLU is applied after the pool, on a quarter of the
+/// values: max-pooling commutes with ReLU, so values and gradients are those
+/// of conv → ReLU → pool.
 #[derive(Module, Debug)]
 pub struct ConvNet {
-    convs: Vec<Conv2d>,
-    pool: MaxPool2d,
+    convs: Vec<FastConv2d>,
     hidden: Linear,
     output: Linear,
     #[module(skip)]
@@ -390,8 +394,8 @@ impl ConvNet {
         let mut width = input.channels;
         for &c in spec.channels {
             convs.push(
-                Conv2dConfig::new([width, c], [spec.kernel, spec.kernel])
-                    .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+                FastConv2dConfig::new([width, c], spec.kernel)
+                    .with_padding(pad)
                     .init(device),
             );
             width = c;
@@ -401,7 +405,6 @@ impl ConvNet {
         let flat = width * (input.height >> n) * (input.width >> n);
         ConvNet {
             convs,
-            pool: MaxPool2dConfig::new([2, 2]).init(),
             hidden: LinearConfig::new(flat, spec.fc).init(device),
             output: LinearConfig::new(spec.fc, classes).init(device),
             input,
@@ -411,7 +414,7 @@ impl ConvNet {
     pub fn forward(&self, input: Tensor<2>) -> Tensor<2> {
         let mut x = unflatten(input, self.input);
         for conv in &self.convs {
-            x = self.pool.forward(relu(conv.forward(x)));
+            x = relu(max_pool2x2(conv.forward(x)));
         }
         let x: Tensor<2> = x.flatten(1, 3);
         self.output.forward(relu(self.hidden.forward(x)))
@@ -419,10 +422,10 @@ impl ConvNet {
 }
 
 /// 3×3 convolution without bias (a batch norm follows, whose shift replaces it).
-fn conv3x3(in_channels: usize, out_channels: usize, stride: usize, device: &Device) -> Conv2d {
-    Conv2dConfig::new([in_channels, out_channels], [3, 3])
-        .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+fn conv3x3(in_channels: usize, out_channels: usize, stride: usize, device: &Device) -> FastConv2d {
+    FastConv2dConfig::new([in_channels, out_channels], 3)
+        .with_stride(stride)
+        .with_padding(1)
         .with_bias(false)
         .init(device)
 }
@@ -431,16 +434,16 @@ fn conv3x3(in_channels: usize, out_channels: usize, stride: usize, device: &Devi
 /// a block that changes width or resolution.
 #[derive(Module, Debug)]
 pub struct Projection {
-    conv: Conv2d,
+    conv: FastConv2d,
     norm: BatchNorm,
 }
 
 /// A basic residual block: conv-BN-ReLU-conv-BN plus the (projected) input, ReLU.
 #[derive(Module, Debug)]
 pub struct BasicBlock {
-    conv1: Conv2d,
+    conv1: FastConv2d,
     norm1: BatchNorm,
-    conv2: Conv2d,
+    conv2: FastConv2d,
     norm2: BatchNorm,
     shortcut: Option<Projection>,
 }
@@ -448,8 +451,8 @@ pub struct BasicBlock {
 impl BasicBlock {
     fn new(in_channels: usize, out_channels: usize, stride: usize, device: &Device) -> Self {
         let shortcut = (stride != 1 || in_channels != out_channels).then(|| Projection {
-            conv: Conv2dConfig::new([in_channels, out_channels], [1, 1])
-                .with_stride([stride, stride])
+            conv: FastConv2dConfig::new([in_channels, out_channels], 1)
+                .with_stride(stride)
                 .with_bias(false)
                 .init(device),
             norm: BatchNormConfig::new(out_channels).init(device),
@@ -487,7 +490,7 @@ impl BasicBlock {
 /// switched the module to inference (as the learner's `predict` does).
 #[derive(Module, Debug)]
 pub struct ResNet {
-    stem: Conv2d,
+    stem: FastConv2d,
     stem_norm: BatchNorm,
     blocks: Vec<BasicBlock>,
     output: Linear,

@@ -1,0 +1,595 @@
+//! The CPU kernels behind [`super`]: 2-D convolution (forward, input
+//! gradient, weight and bias gradients) as im2col / col2im around one GEMM
+//! per chunk of samples, and 2×2 max-pooling, on contiguous NCHW `f32` slices.
+//!
+//! Work is split into chunks of whole samples whose size depends on the layer
+//! shape alone, never on the thread count. Chunks run in parallel on the
+//! current rayon pool (the learner's); a chunk's outputs are its own samples'
+//! rows, and the one cross-sample reduction (weight and bias gradients) adds
+//! per-chunk partial sums in chunk order. So results are bit-identical for
+//! any thread count and any scheduling.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+/// Target size of one chunk's im2col buffer, in `f32`s (2 MiB: a chunk's
+/// columns stay in this machine's 4 MiB L2 while the GEMM packs them).
+const COL_BUDGET: usize = 512 * 1024;
+/// Most chunks are at most 1/MIN_CHUNKS of the batch, so even a layer whose
+/// columns fit the budget many times over is spread over several threads.
+const MIN_CHUNKS: usize = 4;
+
+/// Shape of one 2-D convolution: NCHW input, OIHW weight, square stride and
+/// symmetric zero padding, no dilation, one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub batch: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl ConvGeom {
+    /// # Panics
+    /// If the channels disagree, the stride is 0 or the kernel does not fit
+    /// the padded input.
+    pub fn new(x: [usize; 4], weight: [usize; 4], stride: usize, pad: usize) -> Self {
+        let [batch, c_in, h, w] = x;
+        let [c_out, wc_in, kh, kw] = weight;
+        assert_eq!(
+            c_in, wc_in,
+            "conv2d: input has {c_in} channels, weight expects {wc_in}"
+        );
+        assert!(stride > 0, "conv2d: stride must be at least 1");
+        assert!(
+            h + 2 * pad >= kh && w + 2 * pad >= kw,
+            "conv2d: kernel {kh}×{kw} larger than padded input {h}×{w} + {pad}"
+        );
+        ConvGeom {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            stride,
+            pad,
+            oh: (h + 2 * pad - kh) / stride + 1,
+            ow: (w + 2 * pad - kw) / stride + 1,
+        }
+    }
+
+    /// Rows of the im2col matrix: values under one kernel placement.
+    pub fn k(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+
+    /// Output positions per sample and channel.
+    pub fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    pub fn in_len(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+
+    pub fn out_len(&self) -> usize {
+        self.c_out * self.p()
+    }
+
+    pub fn out_shape(&self) -> [usize; 4] {
+        [self.batch, self.c_out, self.oh, self.ow]
+    }
+
+    /// Samples per chunk: a function of the shape only.
+    pub fn chunk(&self) -> usize {
+        let per_sample = (self.k() * self.p()).max(1);
+        let by_budget = (COL_BUDGET / per_sample).max(1);
+        let spread = self.batch.div_ceil(MIN_CHUNKS).max(1);
+        by_budget.min(spread).min(self.batch.max(1))
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch (columns, gathered gradient), reused across calls
+    /// so large buffers are not mapped and faulted in on every chunk.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let (va, vb) = &mut *guard;
+        if va.len() < a {
+            va.resize(a, 0.0);
+        }
+        if vb.len() < b {
+            vb.resize(b, 0.0);
+        }
+        f(&mut va[..a], &mut vb[..b])
+    })
+}
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]` with explicit (row, column) strides,
+/// single-threaded (parallelism is over chunks).
+///
+/// # Safety
+/// Every index reachable through the dimensions and strides must be in bounds
+/// of its buffer, and `dst` must not overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    dst_cs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// For output column `o` and kernel offset `kx`, the input column is
+/// `o·stride + kx − pad`; the range of `o` that lands inside `0..w`.
+fn valid_range(out: usize, stride: usize, k: usize, pad: usize, len: usize) -> (usize, usize) {
+    // o·s + k ≥ pad  ⇔  o ≥ ceil((pad − k) / s)
+    let lo = if pad > k {
+        (pad - k).div_ceil(stride)
+    } else {
+        0
+    };
+    // o·s + k − pad ≤ len − 1  ⇔  o ≤ (len − 1 + pad − k) / s
+    let hi = if len + pad > k {
+        ((len - 1 + pad - k) / stride + 1).min(out)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
+/// Fills `col` (`[k × cs·p]`, row-major) with the patches of `cs` samples.
+fn im2col(g: &ConvGeom, x: &[f32], cs: usize, col: &mut [f32]) {
+    let (p, n) = (g.p(), cs * g.p());
+    let plane = g.h * g.w;
+    let mut row_index = 0;
+    for c in 0..g.c_in {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &mut col[row_index * n..(row_index + 1) * n];
+                row_index += 1;
+                let (xlo, xhi) = valid_range(g.ow, g.stride, kx, g.pad, g.w);
+                for b in 0..cs {
+                    let src = &x[(b * g.c_in + c) * plane..][..plane];
+                    for oy in 0..g.oh {
+                        let dst = &mut row[b * p + oy * g.ow..][..g.ow];
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src_row = &src[iy as usize * g.w..][..g.w];
+                        dst[..xlo].fill(0.0);
+                        dst[xhi..].fill(0.0);
+                        if xhi == xlo {
+                            continue;
+                        }
+                        if g.stride == 1 {
+                            let start = xlo + kx - g.pad;
+                            dst[xlo..xhi].copy_from_slice(&src_row[start..start + (xhi - xlo)]);
+                        } else {
+                            for (ox, d) in dst[xlo..xhi].iter_mut().enumerate() {
+                                *d = src_row[(ox + xlo) * g.stride + kx - g.pad];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds `col` (`[k × cs·p]`) into `dx` (`cs`
+/// samples, zeroed by the caller), in a fixed order.
+fn col2im(g: &ConvGeom, col: &[f32], cs: usize, dx: &mut [f32]) {
+    let (p, n) = (g.p(), cs * g.p());
+    let plane = g.h * g.w;
+    let mut row_index = 0;
+    for c in 0..g.c_in {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &col[row_index * n..(row_index + 1) * n];
+                row_index += 1;
+                let (xlo, xhi) = valid_range(g.ow, g.stride, kx, g.pad, g.w);
+                for b in 0..cs {
+                    let dst = &mut dx[(b * g.c_in + c) * plane..][..plane];
+                    for oy in 0..g.oh {
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize || xhi == xlo {
+                            continue;
+                        }
+                        let src = &row[b * p + oy * g.ow..][..g.ow];
+                        let dst_row = &mut dst[iy as usize * g.w..][..g.w];
+                        if g.stride == 1 {
+                            let start = xlo + kx - g.pad;
+                            for (d, s) in dst_row[start..start + (xhi - xlo)]
+                                .iter_mut()
+                                .zip(&src[xlo..xhi])
+                            {
+                                *d += *s;
+                            }
+                        } else {
+                            for (ox, s) in src[xlo..xhi].iter().enumerate() {
+                                dst_row[(ox + xlo) * g.stride + kx - g.pad] += *s;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Forward convolution: `x` NCHW, `weight` OIHW, optional bias; returns the
+/// NCHW output.
+pub fn conv2d_forward(g: &ConvGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    assert_eq!(x.len(), g.batch * g.in_len());
+    assert_eq!(weight.len(), g.c_out * g.k());
+    let mut out = vec![0.0f32; g.batch * g.out_len()];
+    if out.is_empty() {
+        return out;
+    }
+    let (k, p, cs) = (g.k(), g.p(), g.chunk());
+    out.par_chunks_mut(cs * g.out_len())
+        .zip(x.par_chunks(cs * g.in_len()))
+        .for_each(|(out, x)| {
+            let cs = x.len() / g.in_len();
+            let n = cs * p;
+            with_scratch(k * n, g.c_out * n, |col, res| {
+                im2col(g, x, cs, col);
+                // res[c_out × n] = W[c_out × k] · col[k × n]
+                // SAFETY: all three are dense row-major buffers of exactly these sizes.
+                unsafe {
+                    gemm(
+                        g.c_out,
+                        n,
+                        k,
+                        res.as_mut_ptr(),
+                        n,
+                        1,
+                        false,
+                        weight.as_ptr(),
+                        k,
+                        1,
+                        col.as_ptr(),
+                        n,
+                        1,
+                    );
+                }
+                // [c_out × (cs·p)] → NCHW, adding the bias.
+                for b in 0..cs {
+                    for co in 0..g.c_out {
+                        let src = &res[co * n + b * p..][..p];
+                        let dst = &mut out[(b * g.c_out + co) * p..][..p];
+                        match bias {
+                            Some(bias) => {
+                                let v = bias[co];
+                                for (d, s) in dst.iter_mut().zip(src) {
+                                    *d = *s + v;
+                                }
+                            }
+                            None => dst.copy_from_slice(src),
+                        }
+                    }
+                }
+            });
+        });
+    out
+}
+
+/// Gradients of [`conv2d_forward`] with respect to the requested inputs.
+#[derive(Debug, Default)]
+pub struct ConvGrads {
+    pub x: Option<Vec<f32>>,
+    pub weight: Option<Vec<f32>>,
+    pub bias: Option<Vec<f32>>,
+}
+
+/// Backward convolution: from the output gradient `grad` (NCHW, the forward
+/// output's shape) computes the gradients asked for.
+pub fn conv2d_backward(
+    g: &ConvGeom,
+    x: &[f32],
+    weight: &[f32],
+    grad: &[f32],
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> ConvGrads {
+    assert_eq!(x.len(), g.batch * g.in_len());
+    assert_eq!(weight.len(), g.c_out * g.k());
+    assert_eq!(grad.len(), g.batch * g.out_len());
+    let (k, p, cs) = (g.k(), g.p(), g.chunk());
+    let chunks = g.batch.div_ceil(cs.max(1));
+    let mut dx = need_x.then(|| vec![0.0f32; g.batch * g.in_len()]);
+    // Per-chunk partial sums, added in chunk order below.
+    let mut dw_parts = vec![0.0f32; if need_weight { chunks * g.c_out * k } else { 0 }];
+    let mut db_parts = vec![0.0f32; if need_bias { chunks * g.c_out } else { 0 }];
+    if chunks > 0 && (need_x || need_weight || need_bias) {
+        let dw_len = if need_weight { g.c_out * k } else { 0 };
+        let db_len = if need_bias { g.c_out } else { 0 };
+        let mut dx_chunks: Vec<Option<&mut [f32]>> = match dx.as_mut() {
+            Some(dx) => dx.chunks_mut(cs * g.in_len()).map(Some).collect(),
+            None => (0..chunks).map(|_| None).collect(),
+        };
+        let mut dw_chunks: Vec<&mut [f32]> = if need_weight {
+            dw_parts.chunks_mut(dw_len).collect()
+        } else {
+            (0..chunks).map(|_| <&mut [f32]>::default()).collect()
+        };
+        let mut db_chunks: Vec<&mut [f32]> = if need_bias {
+            db_parts.chunks_mut(db_len).collect()
+        } else {
+            (0..chunks).map(|_| <&mut [f32]>::default()).collect()
+        };
+        dx_chunks
+            .par_iter_mut()
+            .zip(dw_chunks.par_iter_mut())
+            .zip(db_chunks.par_iter_mut())
+            .enumerate()
+            .for_each(|(ci, ((dx, dw), db))| {
+                let b0 = ci * cs;
+                let cs = cs.min(g.batch - b0);
+                let n = cs * p;
+                let x = &x[b0 * g.in_len()..(b0 + cs) * g.in_len()];
+                let grad = &grad[b0 * g.out_len()..(b0 + cs) * g.out_len()];
+                with_scratch(k * n, g.c_out * n, |col, gc| {
+                    // gc[c_out × n]: this chunk's output gradient, samples side by side.
+                    for b in 0..cs {
+                        for co in 0..g.c_out {
+                            gc[co * n + b * p..][..p]
+                                .copy_from_slice(&grad[(b * g.c_out + co) * p..][..p]);
+                        }
+                    }
+                    if need_bias {
+                        for (co, d) in db.iter_mut().enumerate() {
+                            *d = gc[co * n..(co + 1) * n].iter().sum();
+                        }
+                    }
+                    if need_weight {
+                        im2col(g, x, cs, col);
+                        // dw[c_out × k] = gc[c_out × n] · colᵀ[n × k]
+                        // SAFETY: dense buffers; colᵀ is col read with swapped strides.
+                        unsafe {
+                            gemm(
+                                g.c_out,
+                                k,
+                                n,
+                                dw.as_mut_ptr(),
+                                k,
+                                1,
+                                false,
+                                gc.as_ptr(),
+                                n,
+                                1,
+                                col.as_ptr(),
+                                1,
+                                n,
+                            );
+                        }
+                    }
+                    if let Some(dx) = dx.as_deref_mut() {
+                        // col[k × n] = Wᵀ[k × c_out] · gc[c_out × n]
+                        // SAFETY: dense buffers; Wᵀ is W read with swapped strides.
+                        unsafe {
+                            gemm(
+                                k,
+                                n,
+                                g.c_out,
+                                col.as_mut_ptr(),
+                                n,
+                                1,
+                                false,
+                                weight.as_ptr(),
+                                1,
+                                k,
+                                gc.as_ptr(),
+                                n,
+                                1,
+                            );
+                        }
+                        col2im(g, col, cs, dx);
+                    }
+                });
+            });
+    }
+    let reduce = |parts: Vec<f32>, len: usize| -> Vec<f32> {
+        if len == 0 {
+            return Vec::new();
+        }
+        let mut total = vec![0.0f32; len];
+        // Parallel over elements; each element adds its chunks in chunk order.
+        const SPAN: usize = 4096;
+        total.par_chunks_mut(SPAN).enumerate().for_each(|(i, t)| {
+            for part in parts.chunks(len) {
+                for (d, s) in t.iter_mut().zip(&part[i * SPAN..]) {
+                    *d += *s;
+                }
+            }
+        });
+        total
+    };
+    ConvGrads {
+        x: dx,
+        weight: need_weight.then(|| reduce(dw_parts, g.c_out * k)),
+        bias: need_bias.then(|| reduce(db_parts, g.c_out)),
+    }
+}
+
+/// Output side of a 2×2, stride-2 max-pool (floor).
+pub fn pool_out(h: usize, w: usize) -> (usize, usize) {
+    (h / 2, w / 2)
+}
+
+/// Index (into the plane) of the maximum of the 2×2 window whose top-left
+/// corner is `i0`: the first maximum in row-major order, or the last NaN, as
+/// burn's flex `max_pool2d` picks it. Plain code, no closures: fd-node's own
+/// code is built at opt-level 1, where closures are not inlined.
+#[inline(always)]
+fn window_argmax(x: &[f32], i0: usize, w: usize) -> usize {
+    let mut best = i0;
+    let mut m = x[i0];
+    let b = x[i0 + 1];
+    if b > m || b.is_nan() {
+        best = i0 + 1;
+        m = b;
+    }
+    let c = x[i0 + w];
+    if c > m || c.is_nan() {
+        best = i0 + w;
+        m = c;
+    }
+    let d = x[i0 + w + 1];
+    if d > m || d.is_nan() {
+        best = i0 + w + 1;
+    }
+    best
+}
+
+/// 2×2 stride-2 max-pool of NCHW `x` of shape `[planes, h, w]` (planes = n·c).
+pub fn max_pool2x2_forward(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+    assert_eq!(x.len(), planes * h * w);
+    let (oh, ow) = pool_out(h, w);
+    let mut out = vec![0.0f32; planes * oh * ow];
+    if out.is_empty() {
+        return out;
+    }
+    // Several planes per task: one plane is too little work to schedule.
+    let per = (4096 / (h * w).max(1)).max(1);
+    out.par_chunks_mut(per * oh * ow)
+        .zip(x.par_chunks(per * h * w))
+        .for_each(|(out, x)| {
+            for (out, x) in out.chunks_mut(oh * ow).zip(x.chunks(h * w)) {
+                for oy in 0..oh {
+                    let row = &mut out[oy * ow..(oy + 1) * ow];
+                    let mut i0 = 2 * oy * w;
+                    for o in row.iter_mut() {
+                        *o = x[window_argmax(x, i0, w)];
+                        i0 += 2;
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// Gradient of [`max_pool2x2_forward`]: each output gradient goes to its
+/// window's maximum (recomputed from `x`); everything else is zero.
+pub fn max_pool2x2_backward(
+    x: &[f32],
+    grad: &[f32],
+    planes: usize,
+    h: usize,
+    w: usize,
+) -> Vec<f32> {
+    let (oh, ow) = pool_out(h, w);
+    assert_eq!(x.len(), planes * h * w);
+    assert_eq!(grad.len(), planes * oh * ow);
+    let mut dx = vec![0.0f32; planes * h * w];
+    if grad.is_empty() {
+        return dx;
+    }
+    let per = (4096 / (h * w).max(1)).max(1);
+    dx.par_chunks_mut(per * h * w)
+        .zip(x.par_chunks(per * h * w))
+        .zip(grad.par_chunks(per * oh * ow))
+        .for_each(|((dx, x), grad)| {
+            for ((dx, x), grad) in dx
+                .chunks_mut(h * w)
+                .zip(x.chunks(h * w))
+                .zip(grad.chunks(oh * ow))
+            {
+                for oy in 0..oh {
+                    let row = &grad[oy * ow..(oy + 1) * ow];
+                    let mut i0 = 2 * oy * w;
+                    for g in row {
+                        dx[window_argmax(x, i0, w)] = *g;
+                        i0 += 2;
+                    }
+                }
+            }
+        });
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_range_matches_a_brute_force_scan() {
+        for len in 1..7 {
+            for k in 0..5 {
+                for pad in 0..3 {
+                    for stride in 1..4 {
+                        if len + 2 * pad < k + 1 {
+                            continue;
+                        }
+                        let out = (len + 2 * pad - (k + 1)) / stride + 1;
+                        for kx in 0..=k {
+                            let inside: Vec<usize> = (0..out)
+                                .filter(|o| {
+                                    let i = (o * stride + kx) as isize - pad as isize;
+                                    i >= 0 && i < len as isize
+                                })
+                                .collect();
+                            let (lo, hi) = valid_range(out, stride, kx, pad, len);
+                            assert_eq!(
+                                (lo..hi).collect::<Vec<_>>(),
+                                inside,
+                                "len {len} k {kx} pad {pad} stride {stride}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
