@@ -179,9 +179,18 @@ fn members(e: &Experiment) -> Vec<Member> {
         .collect()
 }
 
-fn build_members(e: &Experiment, shared: &MemberData) -> anyhow::Result<Vec<LocalMember>> {
+/// Every member's round engine, learning behind one semaphore of `jobs`
+/// permits; `None` marks an engine lent to a round task.
+fn build_engines(e: &Experiment, shared: &MemberData) -> anyhow::Result<Vec<Option<RoundEngine>>> {
+    let slots = Arc::new(Semaphore::new(e.jobs));
     (0..e.nodes)
-        .map(|i| LocalMember::with_data(&e.node_config(i), shared, i))
+        .map(|i| {
+            let member = LocalMember::with_data(&e.node_config(i), shared, i)?;
+            Ok(Some(
+                RoundEngine::new(member, member_key(e.seed, i), e.encoding.0)
+                    .with_learning_slots(slots.clone()),
+            ))
+        })
         .collect()
 }
 
@@ -297,24 +306,20 @@ async fn run_fd(
     progress: &Progress,
 ) -> anyhow::Result<RunResult> {
     let n = e.nodes;
-    let slots = Arc::new(Semaphore::new(e.jobs));
     let byzantine = e.scenario.byzantine_members(n, e.seed);
     let classes = shared.data.train.classes;
-    let mut engines: Vec<Option<RoundEngine>> = Vec::with_capacity(n);
-    for (i, member) in build_members(e, shared)?.into_iter().enumerate() {
-        let mut engine = RoundEngine::new(member, member_key(e.seed, i), e.encoding.0)
-            .with_learning_slots(slots.clone());
-        if byzantine.contains(&i) {
-            let (attack, seed) = (e.scenario.attack, e.seed);
-            engine = engine.with_tamper(Box::new(move |round, logits| {
+    let mut engines = build_engines(e, shared)?;
+    for &i in &byzantine {
+        let (attack, seed) = (e.scenario.attack, e.seed);
+        engines[i] = engines[i].take().map(|engine| {
+            engine.with_tamper(Box::new(move |round, logits| {
                 attack.apply(
                     logits,
                     classes,
                     &mut stream(seed, "attack", round, i as u64),
                 );
-            }));
-        }
-        engines.push(Some(engine));
+            }))
+        });
     }
 
     // The carrier: one in-memory network, or one swarm per member on 127.0.0.1.
@@ -462,17 +467,7 @@ async fn run_isolated(
     shared: &MemberData,
     progress: &Progress,
 ) -> anyhow::Result<RunResult> {
-    let slots = Arc::new(Semaphore::new(e.jobs));
-    let mut engines: Vec<Option<RoundEngine>> = build_members(e, shared)?
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| {
-            Some(
-                RoundEngine::new(m, member_key(e.seed, i), e.encoding.0)
-                    .with_learning_slots(slots.clone()),
-            )
-        })
-        .collect();
+    let mut engines = build_engines(e, shared)?;
     let mut result = RunResult::default();
     for round in 1..=e.rounds {
         let round_start = Instant::now();
@@ -518,17 +513,7 @@ async fn run_fedavg(
     shared: &MemberData,
     progress: &Progress,
 ) -> anyhow::Result<RunResult> {
-    let slots = Arc::new(Semaphore::new(e.jobs));
-    let mut engines: Vec<Option<RoundEngine>> = build_members(e, shared)?
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| {
-            Some(
-                RoundEngine::new(m, member_key(e.seed, i), e.encoding.0)
-                    .with_learning_slots(slots.clone()),
-            )
-        })
-        .collect();
+    let mut engines = build_engines(e, shared)?;
     // Every member starts from member 0's initial weights, as FedAvg prescribes.
     let mut global: Vec<f32> = engines[0].as_ref().unwrap().member().learner.weights();
     let frame = fedavg_frame_bytes(global.len());
