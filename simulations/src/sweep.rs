@@ -69,12 +69,12 @@ pub async fn run_file(path: &Path, options: &RunOptions) -> anyhow::Result<Vec<C
     let experiments = cells
         .iter()
         .map(|c| {
-            experiment::parse(c.table.clone(), path).with_context(|| {
-                format!(
-                    "sweep cell {}",
-                    if c.name.is_empty() { "(only)" } else { &c.name }
-                )
-            })
+            let e = experiment::parse(c.table.clone(), path);
+            if cells.len() > 1 {
+                e.with_context(|| format!("sweep cell {}", c.name))
+            } else {
+                e
+            }
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let base = options.out.join(&experiments[0].name);
