@@ -180,12 +180,6 @@ impl RoundEngine {
             .expect("member is present between steps")
     }
 
-    pub fn member_mut(&mut self) -> &mut LocalMember {
-        self.member
-            .as_mut()
-            .expect("member is present between steps")
-    }
-
     pub fn inbox(&self) -> &Arc<SharedInbox> {
         &self.inbox
     }

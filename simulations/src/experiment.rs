@@ -350,8 +350,6 @@ pub fn parse(table: toml::Table, path: &Path) -> anyhow::Result<Experiment> {
 pub struct Cell {
     /// `key=value` pairs joined by `,` (empty for an experiment without a sweep).
     pub name: String,
-    /// The swept keys and their values in this cell.
-    pub values: Vec<(String, toml::Value)>,
     pub table: toml::Table,
 }
 
@@ -430,7 +428,6 @@ pub fn expand_sweep(mut table: toml::Table) -> anyhow::Result<Vec<Cell>> {
     }
     let mut cells = vec![Cell {
         name: String::new(),
-        values: vec![],
         table,
     }];
     for (key, values) in &axes {
@@ -447,7 +444,7 @@ pub fn expand_sweep(mut table: toml::Table) -> anyhow::Result<Vec<Cell>> {
                         set_dotted(&mut c.table, k, v.clone())?;
                     }
                 } else {
-                    set_dotted(&mut c.table, key, value.clone())?;
+                    set_dotted(&mut c.table, key, value)?;
                 }
                 let label = format!("{}={label}", key.rsplit('.').next().unwrap_or(key));
                 c.name = if c.name.is_empty() {
@@ -455,7 +452,6 @@ pub fn expand_sweep(mut table: toml::Table) -> anyhow::Result<Vec<Cell>> {
                 } else {
                     format!("{},{label}", c.name)
                 };
-                c.values.push((key.clone(), value));
                 next.push(c);
             }
         }

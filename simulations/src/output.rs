@@ -25,7 +25,7 @@ use fd_node::data::heatmap::encode_png;
 use fd_node::fsutil::write_atomic;
 use fd_node::member::MemberData;
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::experiment::Experiment;
 use crate::runner::{NodeRow, RunResult, peak_rss_bytes};
@@ -60,14 +60,14 @@ pub fn metrics_csv(rows: &[NodeRow]) -> String {
 }
 
 /// Per-model results of the last round.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ModelResult {
     pub members: usize,
     pub final_mean_accuracy: f64,
 }
 
 /// `summary.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub name: String,
     pub cell: String,

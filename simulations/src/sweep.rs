@@ -89,13 +89,12 @@ pub async fn run_file(path: &Path, options: &RunOptions) -> anyhow::Result<Vec<C
         let summary_path = dir.join("summary.json");
         if summary_path.exists() {
             let text = std::fs::read_to_string(&summary_path)?;
-            let value: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+            let summary: Summary = serde_json::from_str(&text).with_context(|| {
                 format!(
-                    "{} is not valid JSON; delete it to rerun the cell",
+                    "{} is not a summary this fd-sim can read; delete it to rerun the cell",
                     summary_path.display()
                 )
             })?;
-            let summary = summary_from_json(&value, e)?;
             println!(
                 "{:<40} finished earlier, skipped ({})",
                 label(&e.name, &cell.name),
@@ -181,50 +180,4 @@ fn label(name: &str, cell: &str) -> String {
     } else {
         format!("{name}/{cell}")
     }
-}
-
-/// The parts of a finished cell's `summary.json` a sweep table needs.
-fn summary_from_json(v: &serde_json::Value, e: &experiment::Experiment) -> anyhow::Result<Summary> {
-    let f = |k: &str| {
-        v.get(k)
-            .and_then(serde_json::Value::as_f64)
-            .unwrap_or(f64::NAN)
-    };
-    let list = |k: &str| -> Vec<f64> {
-        v.get(k)
-            .and_then(serde_json::Value::as_array)
-            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
-            .unwrap_or_default()
-    };
-    Ok(Summary {
-        name: e.name.clone(),
-        cell: v
-            .get("cell")
-            .and_then(|c| c.as_str())
-            .unwrap_or_default()
-            .to_string(),
-        algorithm: e.algorithm.name().to_string(),
-        network: v
-            .get("network")
-            .and_then(|c| c.as_str())
-            .unwrap_or_default()
-            .to_string(),
-        nodes: e.nodes,
-        rounds: e.rounds,
-        seed: e.seed,
-        mean_accuracy_per_round: list("mean_accuracy_per_round"),
-        final_mean_accuracy: f("final_mean_accuracy"),
-        final_min_accuracy: f("final_min_accuracy"),
-        final_max_accuracy: f("final_max_accuracy"),
-        per_model: Default::default(),
-        bytes_sent_per_node: f("bytes_sent_per_node"),
-        bytes_received_per_node: f("bytes_received_per_node"),
-        byzantine_members: vec![],
-        private_samples: vec![],
-        wall_seconds: f("wall_seconds"),
-        wall_seconds_per_round: list("wall_seconds_per_round"),
-        sim_seconds: f("sim_seconds"),
-        peak_rss_bytes: v.get("peak_rss_bytes").and_then(serde_json::Value::as_u64),
-        experiment: e.clone(),
-    })
 }
