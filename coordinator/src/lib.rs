@@ -7,28 +7,33 @@
 //! data and never needs the logits: shares travel member to member.
 //!
 //! Like `fd-node`'s runtime, two tasks share the state: one answers requests
-//! (joins, metrics) at once, the other is the round clock.
+//! (joins, metrics) at once, the other is the round clock. The state
+//! ([`state::CoordinatorState`]) is saved after every change, so a restarted
+//! coordinator resumes where it was instead of restarting the federation.
+
+pub mod state;
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use fd_node::config::{ConfigError, FederationConfig, resolve};
 use fd_node::data::DataSource;
 use fd_node::fsutil::{now_unix_ms, write_atomic};
-use fd_node::net::{self, Client, InboundRequest};
+use fd_node::net::{self, Client, InboundRequest, Traffic};
 use fd_node::runtime::request_with_retry;
-use fd_protocol::{
-    FederationManifest, Member, Message, PublicKey, RoundAnnouncement, RoundMetrics, SigningKey,
-};
+use fd_node::telemetry::{self, Telemetry};
+use fd_protocol::{FederationManifest, Member, Message, PublicKey, RoundMetrics, SigningKey};
 use futures::future::join_all;
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
+
+use crate::state::{CoordinatorState, NextRound, StateError};
 
 /// An annotated coordinator config.
 pub const EXAMPLE_CONFIG: &str = r#"# fd-coordinator configuration file (TOML): every field and its meaning.
@@ -40,6 +45,9 @@ min_members = 3                      # round 1 starts once this many members joi
 round_timeout_secs = 600             # each round's deadline, from its announcement
 metrics_file = "metrics.csv"         # optional: per-round, per-member metrics (CSV)
 address_file = "coordinator.addr"    # optional: the full address members dial is written here
+state_file = "coordinator-state.json"  # members, round, metrics; a restart resumes from it (this is the default)
+# metrics_listen = "127.0.0.1:9101"  # optional: Prometheus text format at http://<this>/metrics
+# psk_file = "swarm.key"             # closed network: the members' pre-shared key (libp2p pnet)
 
 [federation]                         # members' [federation] must be identical
 id = "demo"
@@ -47,10 +55,14 @@ rounds = 3
 public_size = 5000
 subset_size = 2000
 seed = 42
+# members = ["12D3KooW..."]          # optional: only these PeerIds may join (empty = anyone)
 
 [data]                               # to compute the public-set digest
 kind = "auto"
 "#;
+
+/// The state file's name beside the config when `state_file` is not given.
+pub const DEFAULT_STATE_FILE: &str = "coordinator-state.json";
 
 /// The coordinator's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +78,17 @@ pub struct CoordinatorConfig {
     pub metrics_file: Option<PathBuf>,
     #[serde(default)]
     pub address_file: Option<PathBuf>,
+    /// Where the coordinator saves its state; [`CoordinatorConfig::parse`]
+    /// fills in [`DEFAULT_STATE_FILE`] beside the config. None (only when
+    /// built in code): nothing persisted, a restart starts over.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// Serve the Prometheus text format at `GET /metrics` on this address.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Pre-shared key of a closed network (libp2p pnet), the members' `psk_file`.
+    #[serde(default)]
+    pub psk_file: Option<PathBuf>,
     pub federation: FederationConfig,
     #[serde(default)]
     pub data: DataSource,
@@ -89,6 +112,13 @@ impl CoordinatorConfig {
         c.key_file = resolve(base, &c.key_file);
         c.metrics_file = c.metrics_file.map(|p| resolve(base, &p));
         c.address_file = c.address_file.map(|p| resolve(base, &p));
+        c.psk_file = c.psk_file.map(|p| resolve(base, &p));
+        c.state_file = Some(resolve(
+            base,
+            c.state_file
+                .as_deref()
+                .unwrap_or(Path::new(DEFAULT_STATE_FILE)),
+        ));
         c.data.rebase(base);
         let invalid = |field, reason: String| ConfigError::Invalid {
             path: path.to_owned(),
@@ -109,6 +139,14 @@ impl CoordinatorConfig {
         }
         if c.federation.rounds == 0 {
             return Err(invalid("federation.rounds", "must be at least 1".into()));
+        }
+        for (i, member) in c.federation.members.iter().enumerate() {
+            if let Err(e) = fd_node::membership::member_key(member) {
+                return Err(invalid(
+                    "federation.members",
+                    format!("entry {i} (`{member}`) is not an Ed25519 PeerId: {e}"),
+                ));
+            }
         }
         Ok(c)
     }
@@ -136,16 +174,43 @@ pub enum CoordinatorEvent {
     },
 }
 
-#[derive(Default)]
-struct State {
-    members: Vec<Member>,
-    metrics: BTreeMap<u64, BTreeMap<PublicKey, RoundMetrics>>,
-}
-
+/// What the request server and the round clock share.
 struct Shared {
     manifest: FederationManifest,
-    state: Mutex<State>,
+    /// `federation.members` as keys; empty = anyone holding the public set may join.
+    allowed: Vec<PublicKey>,
+    state: Mutex<CoordinatorState>,
+    state_file: Option<PathBuf>,
     changed: Notify,
+    telemetry: Arc<Telemetry>,
+    /// Traffic already added to `telemetry`.
+    counted: Mutex<Traffic>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, CoordinatorState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Saves `state` while its lock is held, so saves land in the order of changes.
+    fn persist(&self, state: &CoordinatorState) -> Result<(), StateError> {
+        match &self.state_file {
+            Some(path) => state.save(path),
+            None => Ok(()),
+        }
+    }
+
+    /// Adds the bytes moved since the last call to the telemetry.
+    fn count_traffic(&self, client: &Client) {
+        let now = client.traffic();
+        let mut counted = self.counted.lock().unwrap_or_else(|e| e.into_inner());
+        let d = now.since(&counted);
+        self.telemetry.bytes(
+            d.share_bytes_sent + d.other_bytes_sent,
+            d.share_bytes_received + d.other_bytes_received,
+        );
+        *counted = now;
+    }
 }
 
 pub const CSV_HEADER: &str = "round,node,name,test_accuracy,local_accuracy,bytes_sent,bytes_received,share_bytes,shares_sent,shares_aggregated,shares_rejected,train_loss,distill_loss,train_seconds,predict_seconds,encode_seconds,network_seconds,verify_seconds,aggregate_seconds,distill_seconds";
@@ -177,7 +242,33 @@ pub fn csv_row(m: &RoundMetrics) -> String {
     )
 }
 
+/// Rewrites the metrics CSV from the closed rounds: derived from the state,
+/// it neither loses nor repeats rows when the coordinator restarts.
+fn write_csv(path: &Path, closed: &BTreeMap<u64, Vec<RoundMetrics>>) -> anyhow::Result<()> {
+    let mut text = format!("{CSV_HEADER}\n");
+    for m in closed.values().flatten() {
+        text.push_str(&csv_row(m));
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes(), 0o644)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Aborts the task when dropped: the metrics endpoint lives as long as [`run`].
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs the federation to its last round. Returns every round's metrics.
+///
+/// With a state file from an earlier run of the same federation it resumes:
+/// members are kept (`min_members` is not awaited again once a round has
+/// opened), a round left open is announced again to every member with a
+/// fresh deadline, otherwise the round after the last closed one opens.
 pub async fn run(
     config: CoordinatorConfig,
     key: SigningKey,
@@ -197,10 +288,62 @@ pub async fn run(
     .await??;
     tracing::info!(federation = %manifest.federation_id, digest = %manifest.public_set.digest, source = %manifest.public_set.source, "manifest ready");
 
-    let (client, requests, event_loop) = net::new(&key)?;
+    let resumed = match &config.state_file {
+        Some(path) => CoordinatorState::load(path, &manifest)?,
+        None => None,
+    };
+    let resuming = resumed.is_some();
+    let state = resumed.unwrap_or_else(|| CoordinatorState::new(manifest.clone()));
+    if resuming {
+        tracing::info!(
+            state_file = %config.state_file.as_deref().unwrap_or(Path::new("")).display(),
+            members = state.members.len(),
+            last_closed = state.last_closed,
+            open = ?state.open.as_ref().map(|a| a.round),
+            "resuming from the saved state"
+        );
+    }
+
+    let telemetry = Arc::new(Telemetry::new("coordinator", &manifest.federation_id));
+    telemetry.set_members(state.members.len());
+    let _metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let (bound, task) = telemetry::serve(addr, telemetry.clone()).await?;
+            tracing::info!(%bound, "metrics at http://{bound}/metrics");
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
+
+    // With a member list, only members may even connect (libp2p allow-list).
+    let allowed = config
+        .federation
+        .member_keys()
+        .iter()
+        .map(net::peer_id_of)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let net_config = net::NetConfig {
+        allowed: (!allowed.is_empty()).then_some(allowed),
+        psk: config
+            .psk_file
+            .as_deref()
+            .map(fd_node::runtime::load_psk)
+            .transpose()?,
+        ..net::NetConfig::open()
+    };
+    let net::Network {
+        client,
+        requests,
+        event_loop,
+        ..
+    } = net::new_with(&key, &net_config)?;
     tokio::spawn(event_loop.run());
     let mut address = client.listen(config.listen.parse()?).await?;
     address.push(Protocol::P2p(client.local_peer_id()));
+    // Restored members are dialled at the addresses they joined with.
+    for member in &state.members {
+        add_addresses(&client, member).await;
+    }
     if let Some(path) = &config.address_file {
         write_atomic(path, format!("{address}\n").as_bytes(), 0o644)
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -208,94 +351,95 @@ pub async fn run(
     tracing::info!(%address, "coordinator listening");
     emit(CoordinatorEvent::Listening(address.clone()));
 
+    if let Some(path) = &config.metrics_file {
+        write_csv(path, &state.closed_metrics())?;
+    }
+    let started = state.open.is_some() || state.last_closed > 0;
+    for member in &state.members {
+        emit(CoordinatorEvent::Joined(member.clone()));
+    }
     let shared = Arc::new(Shared {
         manifest: manifest.clone(),
-        state: Mutex::new(State::default()),
+        allowed: config.federation.member_keys(),
+        state: Mutex::new(state),
+        state_file: config.state_file.clone(),
         changed: Notify::new(),
+        telemetry: telemetry.clone(),
+        counted: Mutex::new(Traffic::default()),
     });
     let (joined_tx, mut joined_rx) = mpsc::unbounded_channel();
-    tokio::spawn(serve(client.clone(), shared.clone(), requests, joined_tx));
+    let mut server = tokio::spawn(serve(client.clone(), shared.clone(), requests, joined_tx));
 
-    if let Some(path) = &config.metrics_file {
-        write_atomic(path, format!("{CSV_HEADER}\n").as_bytes(), 0o644)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-
-    // Wait for enough members.
-    loop {
-        let count = shared.state.lock().unwrap().members.len();
-        if count >= config.min_members {
+    // Wait for enough members, unless a run before a restart already started rounds.
+    while !started {
+        let notified = shared.changed.notified();
+        while let Ok(member) = joined_rx.try_recv() {
+            emit(CoordinatorEvent::Joined(member));
+        }
+        if shared.state().members.len() >= config.min_members {
             break;
         }
-        match joined_rx.recv().await {
-            Some(member) => emit(CoordinatorEvent::Joined(member)),
-            None => bail!("the network stopped before enough members joined"),
+        tokio::select! {
+            _ = notified => {}
+            _ = &mut server => bail!("the network stopped before enough members joined"),
         }
     }
-    while let Ok(member) = joined_rx.try_recv() {
-        emit(CoordinatorEvent::Joined(member));
-    }
 
-    let mut all = BTreeMap::new();
-    for round in 1..=manifest.rounds {
-        let timeout = Duration::from_secs(config.round_timeout_secs);
-        let members = shared.state.lock().unwrap().members.clone();
-        let announcement = RoundAnnouncement {
-            federation_id: manifest.federation_id.clone(),
-            round,
-            deadline_unix_ms: now_unix_ms() + timeout.as_millis() as u64,
-            members: members.clone(),
+    let timeout = Duration::from_secs(config.round_timeout_secs);
+    loop {
+        while let Ok(member) = joined_rx.try_recv() {
+            emit(CoordinatorEvent::Joined(member));
+        }
+        let next = {
+            let mut state = shared.state();
+            let next = state.next_round(now_unix_ms() + timeout.as_millis() as u64);
+            shared.persist(&state)?;
+            next
         };
+        let NextRound::Announce(announcement) = next else {
+            break;
+        };
+        let round = announcement.round;
         emit(CoordinatorEvent::RoundStarted(round));
-        tracing::info!(round, members = members.len(), "announcing round");
+        tracing::info!(
+            round,
+            members = announcement.members.len(),
+            "announcing round"
+        );
+        let members = announcement.members.clone();
         broadcast(&client, &members, Message::Round(announcement)).await;
+        shared.count_traffic(&client);
 
         // Members report after their deadline at the latest; allow a grace period.
         let deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(30);
         loop {
             let notified = shared.changed.notified();
-            let reported = shared
-                .state
-                .lock()
-                .unwrap()
-                .metrics
-                .get(&round)
-                .map_or(0, |m| m.len());
-            if reported >= members.len() {
+            let (reported, expected) = shared.state().reports();
+            if reported >= expected {
                 break;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                tracing::warn!(
-                    round,
-                    reported,
-                    expected = members.len(),
-                    "round closed by deadline"
-                );
+                tracing::warn!(round, reported, expected, "round closed by deadline");
                 break;
             }
         }
-        let metrics: Vec<RoundMetrics> = shared
-            .state
-            .lock()
-            .unwrap()
-            .metrics
-            .get(&round)
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
+        let (round, metrics, closed) = {
+            let mut state = shared.state();
+            let (round, metrics) = state.close_round().expect("the round is open");
+            shared.persist(&state)?;
+            (round, metrics, state.closed_metrics())
+        };
         if let Some(path) = &config.metrics_file {
-            let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
-            for m in &metrics {
-                writeln!(file, "{}", csv_row(m))?;
-            }
-            file.sync_data()?;
+            write_csv(path, &closed)?;
         }
-        emit(CoordinatorEvent::RoundClosed {
-            round,
-            metrics: metrics.clone(),
-        });
-        all.insert(round, metrics);
+        let mean = metrics.iter().map(|m| m.test_accuracy).sum::<f64>() / metrics.len() as f64;
+        telemetry.round_completed(round, mean);
+        while let Ok(member) = joined_rx.try_recv() {
+            emit(CoordinatorEvent::Joined(member));
+        }
+        emit(CoordinatorEvent::RoundClosed { round, metrics });
     }
-    let members = shared.state.lock().unwrap().members.clone();
+    let members = shared.state().members.clone();
     broadcast(
         &client,
         &members,
@@ -304,7 +448,20 @@ pub async fn run(
         },
     )
     .await;
+    shared.count_traffic(&client);
+    let all = shared.state().closed_metrics();
     Ok(all)
+}
+
+async fn add_addresses(client: &Client, member: &Member) {
+    let Ok(peer) = net::peer_id_of(&member.key) else {
+        return;
+    };
+    for addr in &member.addrs {
+        if let Ok(addr) = addr.parse() {
+            let _ = client.add_address(peer, addr).await;
+        }
+    }
 }
 
 async fn broadcast(client: &Client, members: &[Member], message: Message) {
@@ -334,17 +491,20 @@ async fn serve(
         channel,
     }) = requests.recv().await
     {
+        // The open round's announcement, for a member that joins while it runs.
+        let mut catch_up = None;
         let answer = match message {
-            Message::Join(join) => match check_join(&shared.manifest, &join, peer) {
+            Message::Join(join) => match check_join(&shared.manifest, &shared.allowed, &join, peer)
+            {
                 Ok(()) => {
-                    for addr in &join.member.addrs {
-                        if let Ok(addr) = addr.parse() {
-                            let _ = client.add_address(peer, addr).await;
-                        }
+                    add_addresses(&client, &join.member).await;
+                    let mut state = shared.state();
+                    state.join(join.member.clone());
+                    if let Err(e) = shared.persist(&state) {
+                        tracing::error!("{e}");
                     }
-                    let mut state = shared.state.lock().unwrap();
-                    state.members.retain(|m| m.key != join.member.key);
-                    state.members.push(join.member.clone());
+                    shared.telemetry.set_members(state.members.len());
+                    catch_up = state.open.clone();
                     tracing::info!(member = %join.member.name, %peer, total = state.members.len(), "member joined");
                     let _ = joined.send(join.member.clone());
                     Message::Welcome {
@@ -358,36 +518,45 @@ async fn serve(
                 }
             },
             Message::Metrics(m) => {
-                let known = shared
-                    .state
-                    .lock()
-                    .unwrap()
-                    .members
-                    .iter()
-                    .any(|x| x.key == m.node);
-                if known && m.federation_id == shared.manifest.federation_id {
-                    shared
-                        .state
-                        .lock()
-                        .unwrap()
-                        .metrics
-                        .entry(m.round)
-                        .or_default()
-                        .insert(m.node, m);
-                    shared.changed.notify_waiters();
+                let (node, round) = (m.node, m.round);
+                let mut state = shared.state();
+                if state.record_metrics(m) {
+                    if let Err(e) = shared.persist(&state) {
+                        tracing::error!("{e}");
+                    }
+                    shared.telemetry.metrics_received();
+                } else {
+                    tracing::debug!(%peer, node = %node.to_hex(), round, "metrics ignored: not a member or not the open round");
                 }
                 Message::Ack
             }
             _ => Message::Ack,
         };
+        // Also wakes the clock waiting for `min_members`.
+        shared.changed.notify_waiters();
         if client.respond(channel, answer).await.is_err() {
             return;
         }
+        if let Some(announcement) = catch_up {
+            // After the Welcome, so the member knows the federation first; in
+            // a task, so a slow member does not hold up other requests.
+            let client = client.clone();
+            tokio::spawn(async move {
+                let round = announcement.round;
+                if let Err(e) =
+                    request_with_retry(&client, peer, Message::Round(announcement), 3).await
+                {
+                    tracing::warn!(%peer, round, "round announcement not delivered: {e:#}");
+                }
+            });
+        }
+        shared.count_traffic(&client);
     }
 }
 
 fn check_join(
     manifest: &FederationManifest,
+    allowed: &[PublicKey],
     join: &fd_protocol::JoinRequest,
     peer: libp2p::PeerId,
 ) -> Result<(), String> {
@@ -404,7 +573,391 @@ fn check_join(
         ));
     }
     match net::peer_id_of(&join.member.key) {
-        Ok(id) if id == peer => Ok(()),
-        _ => Err("the member key in the join request is not the key of the connection".into()),
+        Ok(id) if id == peer => {}
+        _ => {
+            return Err(
+                "the member key in the join request is not the key of the connection".into(),
+            );
+        }
+    }
+    if !allowed.is_empty() && !allowed.contains(&join.member.key) {
+        return Err(format!(
+            "{peer} is not in federation `{}`'s member list (federation.members)",
+            manifest.federation_id
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fd_protocol::{JoinRequest, RoundAnnouncement};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    const WAIT: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn the_example_config_parses_and_the_state_file_defaults_beside_it() {
+        let path = Path::new("/etc/fd/coordinator.toml");
+        let c = CoordinatorConfig::parse(EXAMPLE_CONFIG, path).unwrap();
+        assert_eq!(
+            c.state_file.as_deref(),
+            Some(Path::new("/etc/fd/coordinator-state.json"))
+        );
+        assert_eq!(c.metrics_listen, None);
+        let text = "key_file = \"k\"\nmin_members = 1\nstate_file = \"s/state.json\"\nmetrics_listen = \"127.0.0.1:9101\"\n[federation]\nid = \"f\"\nrounds = 1\n";
+        let c = CoordinatorConfig::parse(text, path).unwrap();
+        assert_eq!(
+            c.state_file.as_deref(),
+            Some(Path::new("/etc/fd/s/state.json"))
+        );
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9101".parse().unwrap()));
+        let bad = text.replace("rounds = 1\n", "rounds = 1\nmembers = [\"nope\"]\n");
+        let err = CoordinatorConfig::parse(&bad, path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("federation.members"), "{err}");
+    }
+
+    fn config(dir: &Path, id: &str, min_members: usize, members: Vec<String>) -> CoordinatorConfig {
+        CoordinatorConfig {
+            listen: "/ip4/127.0.0.1/tcp/0".into(),
+            key_file: dir.join("coordinator.key"),
+            min_members,
+            round_timeout_secs: 60,
+            metrics_file: Some(dir.join("metrics.csv")),
+            address_file: None,
+            state_file: Some(dir.join("state.json")),
+            metrics_listen: None,
+            psk_file: None,
+            federation: FederationConfig {
+                id: id.into(),
+                rounds: 3,
+                public_size: 100,
+                subset_size: 20,
+                seed: 1,
+                members,
+                quorum: 0.0,
+                schedule: None,
+            },
+            data: DataSource::Synthetic {
+                seed: 3,
+                train: 300,
+                test: 50,
+            },
+        }
+    }
+
+    fn manifest_of(config: &CoordinatorConfig) -> FederationManifest {
+        config
+            .federation
+            .manifest(&config.data.load().unwrap())
+            .unwrap()
+    }
+
+    /// A member speaking the protocol in-process, on 127.0.0.1.
+    struct TestMember {
+        key: SigningKey,
+        client: Client,
+        requests: mpsc::Receiver<InboundRequest>,
+        member: Member,
+    }
+
+    impl TestMember {
+        async fn new(seed: u8) -> Self {
+            let key = SigningKey::from_seed([seed; 32]);
+            let (client, requests, event_loop) = net::new(&key).unwrap();
+            tokio::spawn(event_loop.run());
+            let listen = client
+                .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+                .await
+                .unwrap();
+            let member = Member {
+                key: key.public_key(),
+                name: format!("m{seed}"),
+                addrs: vec![listen.to_string()],
+            };
+            TestMember {
+                key,
+                client,
+                requests,
+                member,
+            }
+        }
+
+        async fn join(&self, coordinator: &Multiaddr, manifest: &FederationManifest) -> Message {
+            let (peer, addr) = fd_node::runtime::split_peer_addr(coordinator).unwrap();
+            self.client.add_address(peer, addr).await.unwrap();
+            let join = Message::Join(JoinRequest {
+                federation_id: manifest.federation_id.clone(),
+                member: self.member.clone(),
+                public_set_digest: manifest.public_set.digest,
+                train_samples: 10,
+            });
+            request_with_retry(&self.client, peer, join, 5)
+                .await
+                .unwrap()
+        }
+
+        /// The next request from the coordinator, answered with Ack.
+        async fn next(&mut self) -> Message {
+            let request = tokio::time::timeout(WAIT, self.requests.recv())
+                .await
+                .expect("a request from the coordinator in time")
+                .expect("the network is up");
+            self.client
+                .respond(request.channel, Message::Ack)
+                .await
+                .unwrap();
+            request.message
+        }
+
+        async fn next_round(&mut self) -> RoundAnnouncement {
+            match self.next().await {
+                Message::Round(a) => a,
+                other => panic!("expected a round announcement, got {other:?}"),
+            }
+        }
+
+        async fn report(&self, coordinator: &Multiaddr, manifest: &FederationManifest, round: u64) {
+            let (peer, _) = fd_node::runtime::split_peer_addr(coordinator).unwrap();
+            let m = metrics(manifest, &self.member, round);
+            let answer = request_with_retry(&self.client, peer, Message::Metrics(m), 5)
+                .await
+                .unwrap();
+            assert_eq!(answer, Message::Ack);
+        }
+    }
+
+    fn metrics(manifest: &FederationManifest, member: &Member, round: u64) -> RoundMetrics {
+        RoundMetrics {
+            federation_id: manifest.federation_id.clone(),
+            round,
+            node: member.key,
+            name: member.name.clone(),
+            test_accuracy: 0.1 * round as f64,
+            local_accuracy: 0.0,
+            bytes_sent: 1,
+            bytes_received: 2,
+            share_bytes: 3,
+            shares_sent: 1,
+            shares_aggregated: 1,
+            shares_rejected: 0,
+            rejections: Vec::new(),
+            train_loss: 0.0,
+            distill_loss: 0.0,
+            train_seconds: 0.0,
+            predict_seconds: 0.0,
+            encode_seconds: 0.0,
+            network_seconds: 0.0,
+            verify_seconds: 0.0,
+            aggregate_seconds: 0.0,
+            distill_seconds: 0.0,
+            checkpoint_seconds: 0.0,
+            distilled: true,
+        }
+    }
+
+    type Running = tokio::task::JoinHandle<anyhow::Result<BTreeMap<u64, Vec<RoundMetrics>>>>;
+
+    /// Starts the coordinator; returns its task and the address members dial.
+    async fn start(config: CoordinatorConfig) -> (Running, Multiaddr) {
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let key = SigningKey::from_seed([200; 32]);
+        let task = tokio::spawn(run(config, key, Some(tx)));
+        loop {
+            match tokio::time::timeout(WAIT, events.recv()).await.unwrap() {
+                Some(CoordinatorEvent::Listening(a)) => return (task, a),
+                Some(_) => {}
+                None => panic!("coordinator stopped: {:?}", task.await),
+            }
+        }
+    }
+
+    async fn scrape(addr: SocketAddr) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_coordinator_announces_the_open_round_again_and_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        // min_members 5 of which only one ever existed: a resumed federation must not wait.
+        let mut config = config(dir, "resume", 5, Vec::new());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        config.metrics_listen = Some(metrics_addr);
+        let manifest = manifest_of(&config);
+        let mut a = TestMember::new(1).await;
+
+        // What a coordinator that stopped during round 2 of 3 left behind.
+        let mut saved = CoordinatorState::new(manifest.clone());
+        saved.join(a.member.clone());
+        saved.next_round(1);
+        assert!(saved.record_metrics(metrics(&manifest, &a.member, 1)));
+        saved.close_round();
+        let NextRound::Announce(stale) = saved.next_round(1) else {
+            panic!("round 2 opens")
+        };
+        assert_eq!(stale.round, 2);
+        saved.save(config.state_file.as_ref().unwrap()).unwrap();
+        let csv = dir.join("metrics.csv");
+        write_csv(&csv, &saved.closed_metrics()).unwrap();
+
+        let before = now_unix_ms();
+        let (coordinator, address) = start(config.clone()).await;
+        let round = a.next_round().await;
+        assert_eq!(round.round, 2, "the open round is announced again");
+        assert!(
+            round.deadline_unix_ms >= before + 59_000,
+            "with a fresh deadline"
+        );
+        assert_eq!(round.members, vec![a.member.clone()]);
+
+        // A member joining mid-round is welcomed, then told the current round.
+        let mut b = TestMember::new(2).await;
+        assert!(matches!(
+            b.join(&address, &manifest).await,
+            Message::Welcome { .. }
+        ));
+        let round = b.next_round().await;
+        assert_eq!(round.round, 2);
+        assert_eq!(round.members, vec![a.member.clone(), b.member.clone()]);
+
+        // One report of two: round 2 stays open, and the report is saved.
+        a.report(&address, &manifest, 2).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let state = CoordinatorState::load(config.state_file.as_ref().unwrap(), &manifest)
+            .unwrap()
+            .unwrap();
+        assert_eq!(state.open.as_ref().map(|o| o.round), Some(2));
+        assert_eq!(state.metrics[&2].len(), 1);
+        assert_eq!(state.members.len(), 2);
+
+        b.report(&address, &manifest, 2).await;
+        assert_eq!(a.next_round().await.round, 3);
+        assert_eq!(b.next_round().await.round, 3);
+        let scraped = scrape(metrics_addr).await;
+        for line in [
+            "fd_members 2\n",
+            "fd_last_round 2\n",
+            "fd_rounds_completed_total 1\n",
+            "fd_metrics_received_total 2\n",
+        ] {
+            assert!(scraped.contains(line), "{line} missing from\n{scraped}");
+        }
+        a.report(&address, &manifest, 3).await;
+        b.report(&address, &manifest, 3).await;
+        assert_eq!(a.next().await, Message::Done { rounds: 3 });
+        assert_eq!(b.next().await, Message::Done { rounds: 3 });
+
+        let all = tokio::time::timeout(WAIT, coordinator)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let counts: Vec<(u64, usize)> = all.iter().map(|(r, m)| (*r, m.len())).collect();
+        assert_eq!(counts, vec![(1, 1), (2, 2), (3, 2)]);
+        // Every row once, the header once.
+        let text = std::fs::read_to_string(&csv).unwrap();
+        let rounds: Vec<&str> = text.lines().map(|l| l.split(',').next().unwrap()).collect();
+        assert_eq!(rounds, vec!["round", "1", "2", "2", "3", "3"]);
+        let state = CoordinatorState::load(config.state_file.as_ref().unwrap(), &manifest)
+            .unwrap()
+            .unwrap();
+        assert_eq!((state.last_closed, state.open), (3, None));
+
+        // Restarting a finished federation announces nothing and returns its metrics.
+        let (again, _) = start(config).await;
+        assert_eq!(a.next().await, Message::Done { rounds: 3 });
+        assert_eq!(b.next().await, Message::Done { rounds: 3 });
+        let all_again = tokio::time::timeout(WAIT, again)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(all_again, all);
+        assert_eq!(std::fs::read_to_string(&csv).unwrap(), text);
+    }
+
+    #[tokio::test]
+    async fn a_state_file_of_another_federation_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), "mine", 1, Vec::new());
+        let mut other = config.clone();
+        other.federation.id = "theirs".into();
+        let path = config.state_file.clone().unwrap();
+        CoordinatorState::new(manifest_of(&other))
+            .save(&path)
+            .unwrap();
+        let err = run(config, SigningKey::from_seed([200; 32]), None)
+            .await
+            .unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("`theirs`"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_outside_the_member_list_cannot_connect_or_join() {
+        let dir = tempfile::tempdir().unwrap();
+        let insider = TestMember::new(1).await;
+        let mut outsider = TestMember::new(2).await;
+        let listed = net::peer_id_of(&insider.key.public_key())
+            .unwrap()
+            .to_string();
+        let config = config(dir.path(), "closed", 1, vec![listed]);
+        let manifest = manifest_of(&config);
+        let (coordinator, address) = start(config).await;
+
+        // The allow-list closes the outsider's connection before it can ask.
+        let (peer, addr) = fd_node::runtime::split_peer_addr(&address).unwrap();
+        outsider.client.add_address(peer, addr).await.unwrap();
+        let join = Message::Join(JoinRequest {
+            federation_id: manifest.federation_id.clone(),
+            member: outsider.member.clone(),
+            public_set_digest: manifest.public_set.digest,
+            train_samples: 10,
+        });
+        let answer = request_with_retry(&outsider.client, peer, join, 2).await;
+        assert!(answer.is_err(), "an outsider was answered {answer:?}");
+        // Behind the allow-list, the join check refuses the key too.
+        let outsider_id = net::peer_id_of(&outsider.key.public_key()).unwrap();
+        let refusal = check_join(
+            &manifest,
+            &[insider.key.public_key()],
+            &JoinRequest {
+                federation_id: manifest.federation_id.clone(),
+                member: outsider.member.clone(),
+                public_set_digest: manifest.public_set.digest,
+                train_samples: 10,
+            },
+            outsider_id,
+        )
+        .unwrap_err();
+        assert!(refusal.contains(&outsider_id.to_string()), "{refusal}");
+        assert!(matches!(
+            insider.join(&address, &manifest).await,
+            Message::Welcome { .. }
+        ));
+        // The outsider is never announced a round.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), outsider.requests.recv())
+                .await
+                .is_err()
+        );
+        coordinator.abort();
     }
 }

@@ -34,6 +34,13 @@ aggregator = "mean-probabilities"     # teacher from own + peers' logits: mean-p
                                       # | { trimmed-mean = { beta = 0.2 } }
 encoding = "f32"                      # payload of shared logits: f32 | f16 | int8 | top-k:K
 metrics_file = "node-0-metrics.jsonl" # optional: one JSON line per round
+checkpoint_file = "node-0.checkpoint"  # learning state saved after every round (default: <name>.checkpoint);
+                                      # a restarted node resumes after the round it holds
+# psk_file = "swarm.key"              # closed network: libp2p pre-shared key over TCP (`fd-node gen-psk`)
+# bootstrap = ["/ip4/192.0.2.7/tcp/7001/p2p/12D3KooW..."]  # without a coordinator: peers to dial first;
+                                      # Kademlia finds the other members
+mdns = false                          # also find members on the local network with mDNS
+# metrics_listen = "127.0.0.1:9100"   # Prometheus text metrics at http://<addr>/metrics
 
 [federation]                          # must equal the coordinator's, or joining fails
 id = "demo"                           # federation name
@@ -41,6 +48,14 @@ rounds = 3                            # number of rounds
 public_size = 5000                    # public samples, drawn from the training split
 subset_size = 2000                    # public samples predicted and shared per round
 seed = 42                             # seed of the public split, subsets and partition
+members = []                          # PeerIds of the members (`fd-node peer-id`); when given, only they
+                                      # (and the coordinator, bootstrap peers) may connect, join and share;
+                                      # empty = an open federation
+quorum = 0.5                          # fraction of the expected peer shares needed when the deadline passes
+                                      # to distil; below it the node keeps its locally trained student
+# schedule = { start_unix = 1767225600, round_secs = 300, share_deadline_secs = 200 }
+                                      # round clock without a coordinator: round r opens at
+                                      # start_unix + (r-1)*round_secs and waits for shares share_deadline_secs
 
 [data]                                # where samples come from (same on every member)
 kind = "auto"                         # auto (Fashion-MNIST if installed, else synthetic)
@@ -111,6 +126,60 @@ pub struct FederationConfig {
     pub subset_size: usize,
     #[serde(default)]
     pub seed: u64,
+    /// PeerIds of the members. When given, only they (and the coordinator and
+    /// bootstrap peers) may connect, join and send shares; empty = an open
+    /// federation where anyone holding the public set may join.
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// Fraction of the round's expected peer shares that must have arrived
+    /// when the deadline passes for the round to distil; below it the member
+    /// keeps its locally trained student for that round.
+    #[serde(default = "default_quorum")]
+    pub quorum: f64,
+    /// Round clock without a coordinator: round r opens at
+    /// `start_unix + (r − 1) · round_secs`.
+    #[serde(default)]
+    pub schedule: Option<Schedule>,
+}
+
+/// A deterministic round schedule, known to every member from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// When round 1 opens (Unix seconds).
+    pub start_unix: u64,
+    /// Seconds between the openings of consecutive rounds.
+    pub round_secs: u64,
+    /// Seconds after its opening at which a round stops waiting for shares.
+    pub share_deadline_secs: u64,
+}
+
+impl Schedule {
+    /// When `round` opens and when it stops waiting for shares (Unix ms).
+    pub fn window_ms(&self, round: u64) -> (u64, u64) {
+        let open = (self.start_unix + (round.max(1) - 1) * self.round_secs) * 1000;
+        (open, open + self.share_deadline_secs * 1000)
+    }
+
+    /// The round whose share window is open at `now_ms`, or the next one to
+    /// open; rounds whose window has closed are over for a member that missed them.
+    pub fn current_round(&self, now_ms: u64) -> u64 {
+        let start = self.start_unix * 1000;
+        if now_ms < start {
+            return 1;
+        }
+        let elapsed = now_ms - start;
+        let round = elapsed / (self.round_secs * 1000) + 1;
+        if elapsed % (self.round_secs * 1000) < self.share_deadline_secs * 1000 {
+            round
+        } else {
+            round + 1
+        }
+    }
+}
+
+fn default_quorum() -> f64 {
+    0.5
 }
 
 fn default_public_size() -> usize {
@@ -129,6 +198,31 @@ impl FederationConfig {
         if self.rounds == 0 {
             return Err(("federation.rounds", "must be at least 1".into()));
         }
+        if !(0.0..=1.0).contains(&self.quorum) {
+            return Err((
+                "federation.quorum",
+                format!("must be a fraction in [0, 1], got {}", self.quorum),
+            ));
+        }
+        for (i, member) in self.members.iter().enumerate() {
+            if let Err(e) = crate::membership::member_key(member) {
+                return Err((
+                    "federation.members",
+                    format!("entry {i} (`{member}`) is not an Ed25519 PeerId: {e}"),
+                ));
+            }
+        }
+        if let Some(s) = &self.schedule {
+            if s.round_secs == 0 || s.share_deadline_secs == 0 || s.share_deadline_secs >= s.round_secs {
+                return Err((
+                    "federation.schedule",
+                    format!(
+                        "needs 0 < share_deadline_secs ({}) < round_secs ({})",
+                        s.share_deadline_secs, s.round_secs
+                    ),
+                ));
+            }
+        }
         if self.subset_size == 0 || self.subset_size > self.public_size {
             return Err((
                 "federation.subset_size",
@@ -139,6 +233,14 @@ impl FederationConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The member keys of `members` (an empty list: an open federation).
+    pub fn member_keys(&self) -> Vec<fd_protocol::PublicKey> {
+        self.members
+            .iter()
+            .filter_map(|m| crate::membership::member_key(m).ok())
+            .collect()
     }
 
     /// The manifest this federation implies for the given data: the digest
@@ -191,6 +293,22 @@ pub struct NodeConfig {
     pub encoding: PayloadEncodingName,
     #[serde(default)]
     pub metrics_file: Option<PathBuf>,
+    /// Where the learning state is saved after every round; defaults to
+    /// `<name>.checkpoint` beside the config.
+    #[serde(default)]
+    pub checkpoint_file: Option<PathBuf>,
+    /// Pre-shared key of a closed network (libp2p pnet, TCP only).
+    #[serde(default)]
+    pub psk_file: Option<PathBuf>,
+    /// Peers to dial first without a coordinator (`/ip4/../tcp/../p2p/<id>`); Kademlia finds the rest.
+    #[serde(default)]
+    pub bootstrap: Vec<String>,
+    /// Discover members on the local network with mDNS.
+    #[serde(default)]
+    pub mdns: bool,
+    /// Serve Prometheus text metrics over HTTP here (e.g. "127.0.0.1:9100").
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     pub federation: FederationConfig,
     #[serde(default)]
     pub data: DataSource,
@@ -224,6 +342,13 @@ impl NodeConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         config.key_file = resolve(base, &config.key_file);
         config.metrics_file = config.metrics_file.map(|p| resolve(base, &p));
+        config.checkpoint_file = Some(resolve(
+            base,
+            &config
+                .checkpoint_file
+                .unwrap_or_else(|| PathBuf::from(format!("{}.checkpoint", config.name))),
+        ));
+        config.psk_file = config.psk_file.map(|p| resolve(base, &p));
         config.data.rebase(base);
         config.validate(path)?;
         Ok(config)
@@ -270,6 +395,39 @@ impl NodeConfig {
                     format!("is not a multiaddress: {c}"),
                 ));
             }
+        }
+        for (i, b) in self.bootstrap.iter().enumerate() {
+            let parsed = b
+                .parse::<libp2p::Multiaddr>()
+                .map_err(|e| e.to_string())
+                .and_then(|a| {
+                    crate::runtime::split_peer_addr(&a)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(e) = parsed {
+                return Err(invalid(
+                    "bootstrap",
+                    format!("entry {i} (`{b}`) is not /ip4/../tcp/../p2p/<peer id>: {e}"),
+                ));
+            }
+        }
+        if let Some(m) = &self.metrics_listen {
+            if m.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "metrics_listen",
+                    format!("is not an address like 127.0.0.1:9100: {m}"),
+                ));
+            }
+        }
+        if self.coordinator.is_none()
+            && (!self.bootstrap.is_empty() || self.mdns)
+            && self.federation.schedule.is_none()
+        {
+            return Err(invalid(
+                "federation.schedule",
+                "is needed without a coordinator: peers are listed (bootstrap/mdns) but nothing sets the round clock".into(),
+            ));
         }
         self.model
             .validate_fields()

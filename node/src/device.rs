@@ -30,6 +30,14 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
+    /// Every device kind, in config-name order of the docs.
+    pub const ALL: [DeviceKind; 4] = [
+        DeviceKind::Flex,
+        DeviceKind::Ndarray,
+        DeviceKind::Wgpu,
+        DeviceKind::WgpuCpu,
+    ];
+
     /// The inference device (no autodiff).
     pub fn device(self) -> Device {
         match self {

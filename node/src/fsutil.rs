@@ -1,8 +1,9 @@
 //! Writing files so that a crash never leaves half of one.
 //!
 //! One implementation for every file fd persists (keys, metrics, results,
-//! plots): write a temporary file beside the target, fsync it, rename it over
-//! the target, and remove the temporary file if anything failed.
+//! plots, checkpoints): write a temporary file beside the target, fsync it,
+//! rename it over the target, fsync the folder so the rename itself survives
+//! a power loss, and remove the temporary file if anything failed.
 
 use std::fs;
 use std::io::{self, Write};
@@ -43,7 +44,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result
+    result?;
+    sync_parent(path)
+}
+
+/// Fsyncs the folder holding `path`: a rename is durable only once its folder is.
+fn sync_parent(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        fs::File::open(parent)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch (round deadlines travel in this unit).

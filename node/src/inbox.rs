@@ -80,32 +80,42 @@ impl ShareInbox {
         if !self.members.contains_key(&share.sender) {
             return Err(ProtocolError::UnknownSender(share.sender));
         }
-        if share.round < self.open_round || share.round > self.manifest.rounds {
-            return Err(ProtocolError::WrongRound {
-                expected: self.open_round,
-                got: share.round,
-            });
-        }
-        if self
-            .accepted
-            .get(&share.round)
-            .is_some_and(|r| r.contains_key(&share.sender))
-        {
-            return Err(ProtocolError::InvalidField {
-                field: "sender",
-                reason: format!(
-                    "a share from {} for round {} was already accepted",
-                    share.sender, share.round
-                ),
-            });
-        }
+        self.check_round(share.round)?;
         let expect = ShareExpectation {
             federation_id: self.manifest.federation_id.clone(),
             round: share.round,
             subset: self.subset(share.round),
             classes: self.manifest.classes,
         };
-        share.validate(&expect)
+        let logits = share.validate(&expect)?;
+        // After the signature: a share forged in the name of a member that
+        // already sent one is reported as forged, not as a duplicate.
+        self.check_first(&share.sender, share.round)?;
+        Ok(logits)
+    }
+
+    fn check_round(&self, round: u64) -> Result<(), ProtocolError> {
+        if round < self.open_round || round > self.manifest.rounds {
+            return Err(ProtocolError::WrongRound {
+                expected: self.open_round,
+                got: round,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_first(&self, sender: &PublicKey, round: u64) -> Result<(), ProtocolError> {
+        if self
+            .accepted
+            .get(&round)
+            .is_some_and(|r| r.contains_key(sender))
+        {
+            return Err(ProtocolError::InvalidField {
+                field: "sender",
+                reason: format!("a share from {sender} for round {round} was already accepted"),
+            });
+        }
+        Ok(())
     }
 
     /// Accepted shares for `round` so far.
@@ -123,6 +133,24 @@ impl ShareInbox {
             .into_iter()
             .map(|(sender, (logits, samples))| (sender, logits, samples))
             .collect()
+    }
+
+    /// Counts a share refused before it could be offered (an oversize frame,
+    /// an announcement that fails its checks, a pulled share that does not
+    /// decode), so every rejection shows in the metrics by reason.
+    pub fn count_rejection(&mut self, reason: RejectReason) {
+        *self.rejected.entry(reason).or_default() += 1;
+        self.rejected_total += 1;
+    }
+
+    /// Whether a share from `sender` for `round` could still be accepted:
+    /// checked before pulling a large share, so nothing is fetched in vain.
+    pub fn precheck(&self, sender: &PublicKey, round: u64) -> Result<(), ProtocolError> {
+        if !self.members.contains_key(sender) {
+            return Err(ProtocolError::UnknownSender(*sender));
+        }
+        self.check_round(round)?;
+        self.check_first(sender, round)
     }
 
     /// Rejections so far, by reason.

@@ -8,10 +8,12 @@
 
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{
-    AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig, decay::WeightDecayConfig,
-    momentum::MomentumConfig,
+    AdamConfig, GradientsParams, ModuleOptimizer, OptimizerRecord, SgdConfig,
+    decay::WeightDecayConfig, momentum::MomentumConfig,
 };
 use burn::prelude::*;
+use burn::store::ModuleRecord;
+use burn::tensor::Bytes;
 use burn::tensor::activation::{log_softmax, softmax};
 use std::sync::Arc;
 
@@ -160,6 +162,72 @@ impl TrainingConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// Why [`Learner::restore_state`] refused a state; the learner is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnerStateError {
+    #[error("learner state is truncated ({0})")]
+    Truncated(&'static str),
+    #[error("not a learner state (bad magic)")]
+    BadMagic,
+    #[error("learner state version {0} is not supported (expected {LEARNER_STATE_VERSION})")]
+    UnsupportedVersion(u32),
+    #[error("learner state has {0} bytes after its end")]
+    TrailingBytes(usize),
+    #[error("the state was saved with the {saved} optimizer, this learner uses {here}")]
+    OptimizerMismatch { saved: String, here: String },
+    #[error("the saved student does not fit this learner's: {0}")]
+    Student(String),
+    #[error("the saved optimizer state does not fit this learner: {0}")]
+    Optimizer(String),
+}
+
+const LEARNER_STATE_MAGIC: &[u8; 4] = b"FDLS";
+/// Bump when the layout of [`Learner::state_bytes`] changes.
+pub const LEARNER_STATE_VERSION: u32 = 1;
+
+fn optimizer_code(kind: OptimizerKind) -> u8 {
+    match kind {
+        OptimizerKind::Adam => 0,
+        OptimizerKind::Sgd => 1,
+    }
+}
+
+fn optimizer_name(code: u8) -> String {
+    match code {
+        0 => "adam".into(),
+        1 => "sgd".into(),
+        other => format!("unknown ({other})"),
+    }
+}
+
+/// Reads the fixed-size pieces of a learner state front to back.
+struct StateReader<'a>(&'a [u8]);
+
+impl<'a> StateReader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], LearnerStateError> {
+        if self.0.len() < n {
+            return Err(LearnerStateError::Truncated(what));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], LearnerStateError> {
+        Ok(self
+            .take(N, what)?
+            .try_into()
+            .expect("take returns N bytes"))
+    }
+
+    /// A `u64` little-endian length, then that many bytes.
+    fn section(&mut self, what: &'static str) -> Result<&'a [u8], LearnerStateError> {
+        let len = u64::from_le_bytes(self.array(what)?);
+        let len = usize::try_from(len).map_err(|_| LearnerStateError::Truncated(what))?;
+        self.take(len, what)
     }
 }
 
@@ -403,6 +471,118 @@ impl Learner {
             .filter(|(row, label)| argmax(row) == *label as usize)
             .count();
         correct as f64 / n as f64
+    }
+
+    /// Everything that determines this learner's future training, as bytes:
+    /// the student's whole record (parameters and running statistics, each
+    /// with its `ParamId`), the optimizer's per-parameter state (keyed by
+    /// those ids) and the position of the shuffling RNG. The config, device
+    /// and thread count are not in it: they come from the node's config.
+    ///
+    /// Layout (integers little-endian): `"FDLS"`, version `u32`, optimizer
+    /// code `u8`, RNG seed `[u8; 32]`, stream `u64`, word position `u128`,
+    /// then the student and the optimizer record (burnpack), each as a
+    /// `u64` length and its bytes.
+    pub fn state_bytes(&self) -> Vec<u8> {
+        // Batch norm keeps its latest running statistics per thread until a
+        // sync; `valid()` syncs them (as every predict does), so the record
+        // holds the values the next forward pass would use.
+        let _ = self.student().valid();
+        let student = self
+            .student()
+            .clone()
+            .into_record()
+            .into_bytes()
+            .expect("a student record serializes in memory");
+        let optimizer = self
+            .optimizer
+            .to_record()
+            .into_bytes()
+            .expect("an optimizer record serializes in memory");
+        let mut out =
+            Vec::with_capacity(4 + 4 + 1 + 32 + 8 + 16 + 16 + student.len() + optimizer.len());
+        out.extend_from_slice(LEARNER_STATE_MAGIC);
+        out.extend_from_slice(&LEARNER_STATE_VERSION.to_le_bytes());
+        out.push(optimizer_code(self.config.optimizer));
+        out.extend_from_slice(&self.rng.get_seed());
+        out.extend_from_slice(&self.rng.get_stream().to_le_bytes());
+        out.extend_from_slice(&self.rng.get_word_pos().to_le_bytes());
+        for section in [&student[..], &optimizer[..]] {
+            out.extend_from_slice(&(section.len() as u64).to_le_bytes());
+            out.extend_from_slice(section);
+        }
+        out
+    }
+
+    /// Puts this learner in the state [`Self::state_bytes`] captured, so that
+    /// it trains on exactly as the saved one would have. The learner may have
+    /// been built with another seed; it must have the same architecture and
+    /// optimizer. On error nothing is changed.
+    pub fn restore_state(&mut self, bytes: &[u8]) -> Result<(), LearnerStateError> {
+        let mut r = StateReader(bytes);
+        if r.take(4, "magic")? != LEARNER_STATE_MAGIC {
+            return Err(LearnerStateError::BadMagic);
+        }
+        let version = u32::from_le_bytes(r.array("version")?);
+        if version != LEARNER_STATE_VERSION {
+            return Err(LearnerStateError::UnsupportedVersion(version));
+        }
+        let [code] = r.array::<1>("optimizer")?;
+        let here = optimizer_code(self.config.optimizer);
+        if code != here {
+            return Err(LearnerStateError::OptimizerMismatch {
+                saved: optimizer_name(code),
+                here: optimizer_name(here),
+            });
+        }
+        let seed: [u8; 32] = r.array("rng seed")?;
+        let stream = u64::from_le_bytes(r.array("rng stream")?);
+        let word_pos = u128::from_le_bytes(r.array("rng position")?);
+        let student = r.section("student record")?;
+        let optimizer = r.section("optimizer record")?;
+        if !r.0.is_empty() {
+            return Err(LearnerStateError::TrailingBytes(r.0.len()));
+        }
+
+        let student = ModuleRecord::from_bytes(Bytes::from_bytes_vec(student.to_vec()))
+            .map_err(|e| LearnerStateError::Student(e.to_string()))?;
+        // The record carries the saved ParamIds and load_record gives them to
+        // the parameters; the optimizer state below is keyed by those ids.
+        let student = self
+            .student()
+            .clone()
+            .try_load_record(student)
+            .map_err(|e| LearnerStateError::Student(e.to_string()))?;
+        let record = OptimizerRecord::from_bytes(Bytes::from_bytes_vec(optimizer.to_vec()))
+            .map_err(|e| LearnerStateError::Optimizer(e.to_string()))?;
+        let saved_tensors = record.len();
+        let optimizer = self.optimizer.clone().load_record(record);
+        // load_record silently drops states it cannot rebuild; a loss of any means a misfit.
+        let loaded_tensors = optimizer.to_record().len();
+        if loaded_tensors != saved_tensors {
+            return Err(LearnerStateError::Optimizer(format!(
+                "{loaded_tensors} of {saved_tensors} state tensors could be loaded"
+            )));
+        }
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        rng.set_stream(stream);
+        rng.set_word_pos(word_pos);
+
+        self.student = Some(student);
+        self.optimizer = optimizer;
+        self.rng = rng;
+        Ok(())
+    }
+
+    /// SHA-256 over the little-endian bytes of [`Self::weights`]: a short
+    /// proof in logs and tests that two students hold the same weights.
+    pub fn weights_digest(&self) -> fd_protocol::Digest {
+        let bytes: Vec<u8> = self
+            .weights()
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        fd_protocol::digest::sha256(&bytes)
     }
 
     /// The student's trainable parameters, flattened in module order: what
@@ -701,6 +881,145 @@ mod tests {
             run(1.0, &teacher_b, &private),
             run(1.0, &teacher_b, &other_private)
         );
+    }
+
+    /// Checkpoint of A after two steps, restored into C built with another
+    /// seed: one more step on each gives bit-identical logits. Any piece of
+    /// state left out (a moment, a step count, a running statistic, the RNG
+    /// position, a ParamId mapping) changes that step.
+    fn restore_continues_bit_identically(model: ModelConfig, optimizer: OptimizerKind) {
+        let data = data();
+        let train: Vec<usize> = (0..256).collect();
+        let probe: Vec<usize> = (0..200).collect();
+        let config = TrainingConfig {
+            optimizer,
+            batch_size: 64,
+            learning_rate: 0.01,
+            ..TrainingConfig::default()
+        };
+        let make = |seed| {
+            Learner::new(
+                &model,
+                TrainingConfig {
+                    seed,
+                    ..config.clone()
+                },
+                DeviceKind::Flex,
+                InputShape::new(data.train.shape),
+                data.train.classes,
+            )
+        };
+        let name = model.name();
+        let mut a = make(1);
+        a.train_local(&data.train, &train);
+        a.train_local(&data.train, &train);
+        let state = a.state_bytes();
+        let snapshot = a.weights();
+        a.train_local(&data.train, &train);
+        let la = a.predict(&data.test, &probe);
+
+        let mut c = make(2);
+        assert_ne!(c.weights(), snapshot, "{name}: another seed, other weights");
+        c.restore_state(&state).unwrap();
+        assert_eq!(c.weights(), snapshot, "{name}: restored weights");
+        c.train_local(&data.train, &train);
+        let lc = c.predict(&data.test, &probe);
+        assert!(
+            la.iter().zip(&lc).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name}: logits after one more step differ by up to {:.2e}",
+            max_abs_diff(&la, &lc)
+        );
+
+        // The restored learner shares no state with the fresh one it was built as.
+        let mut fresh = make(1);
+        fresh.set_weights(&snapshot).unwrap();
+        fresh.train_local(&data.train, &train);
+        assert_ne!(
+            fresh.predict(&data.test, &probe),
+            la,
+            "{name}: weights alone must not reproduce the step, or the test proves nothing"
+        );
+    }
+
+    #[test]
+    fn restored_state_trains_on_bit_identically_mlp_adam() {
+        restore_continues_bit_identically(ModelConfig::default(), OptimizerKind::Adam);
+    }
+
+    #[test]
+    fn restored_state_trains_on_bit_identically_cnn_sgd() {
+        restore_continues_bit_identically(
+            ModelConfig::SmallCnn {
+                channels: vec![4, 8],
+                fc: 16,
+            },
+            OptimizerKind::Sgd,
+        );
+    }
+
+    /// Batch norm's running statistics are module state but not parameters.
+    #[test]
+    fn restored_state_trains_on_bit_identically_resnet_adam() {
+        restore_continues_bit_identically(
+            ModelConfig::ResNet { blocks: vec![1] },
+            OptimizerKind::Adam,
+        );
+    }
+
+    #[test]
+    fn a_state_of_another_architecture_or_optimizer_is_refused_unchanged() {
+        let data = data();
+        let input = InputShape::new(data.train.shape);
+        let make = |model: &ModelConfig, optimizer| {
+            let config = TrainingConfig {
+                optimizer,
+                ..TrainingConfig::default()
+            };
+            Learner::new(model, config, DeviceKind::Flex, input, data.train.classes)
+        };
+        let cnn = ModelConfig::SmallCnn {
+            channels: vec![4, 8],
+            fc: 16,
+        };
+        let mut mlp = make(&ModelConfig::default(), OptimizerKind::Adam);
+        mlp.train_local(&data.train, &(0..64).collect::<Vec<_>>());
+        let state = mlp.state_bytes();
+
+        let mut target = make(&cnn, OptimizerKind::Adam);
+        let before = target.weights();
+        let err = target.restore_state(&state).unwrap_err();
+        assert!(matches!(err, LearnerStateError::Student(_)), "{err}");
+        assert_eq!(target.weights(), before);
+
+        let narrower = ModelConfig::Mlp {
+            hidden: vec![100, 200],
+        };
+        let err = make(&narrower, OptimizerKind::Adam)
+            .restore_state(&state)
+            .unwrap_err();
+        assert!(err.to_string().contains("shape mismatch"), "{err}");
+
+        let err = make(&ModelConfig::default(), OptimizerKind::Sgd)
+            .restore_state(&state)
+            .unwrap_err();
+        assert!(
+            matches!(err, LearnerStateError::OptimizerMismatch { .. }),
+            "{err}"
+        );
+
+        let mut same = make(&ModelConfig::default(), OptimizerKind::Adam);
+        for bad in [&state[..state.len() - 1], &state[..30], b"nope"] {
+            assert!(same.restore_state(bad).is_err());
+        }
+        let mut longer = state.clone();
+        longer.push(0);
+        assert!(matches!(
+            same.restore_state(&longer),
+            Err(LearnerStateError::TrailingBytes(1))
+        ));
+        same.restore_state(&state).unwrap();
+        assert_eq!(same.weights(), mlp.weights());
+        assert_eq!(same.weights_digest(), mlp.weights_digest());
     }
 
     #[test]

@@ -10,12 +10,14 @@
 //!   [`fastconv`]: the CPU convolution and pooling kernels of the CNN students.
 //! - [`aggregate`]: the ensemble teacher.
 //! - [`member`]: a round's learning steps on one member, no networking.
-//! - [`inbox`]: the validation gate between received shares and aggregation.
+//! - [`inbox`]: the validation gate between received shares and aggregation;
+//!   [`membership`]: member keys from the PeerIds in configs.
 //! - [`net`]: the libp2p swarm, its event loop and client.
 //! - [`runtime`]: the networked member and the isolated baseline.
 //! - [`config`], [`keyfile`]: configuration and identity on disk; [`fsutil`]: atomic writes.
 
 pub mod aggregate;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
@@ -25,7 +27,9 @@ pub mod inbox;
 pub mod keyfile;
 pub mod learner;
 pub mod member;
+pub mod membership;
 pub mod model;
 pub mod net;
 pub mod round;
 pub mod runtime;
+pub mod telemetry;

@@ -8,13 +8,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fd_protocol::FederationManifest;
+use fd_protocol::{Digest, FederationManifest, PublicKey};
 
 use crate::aggregate::{AggregateError, Aggregator, Contribution, EnsembleTeacher};
+use crate::checkpoint::Checkpoint;
 use crate::config::NodeConfig;
 use crate::data::DataSplits;
 use crate::data::public::{round_subset, split_public};
-use crate::learner::Learner;
+use crate::learner::{Learner, LearnerStateError};
 use crate::model::InputShape;
 
 /// Seconds spent in each step of a round.
@@ -73,6 +74,19 @@ impl MemberData {
             parts: Arc::new(parts),
         })
     }
+}
+
+/// Why [`LocalMember::restore`] refused a checkpoint; the member is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the checkpoint is of federation {saved:?}, this member is in {here:?}")]
+    Federation { saved: String, here: String },
+    #[error("the checkpoint belongs to member {saved}, this member is {here}")]
+    Member { saved: String, here: String },
+    #[error("the checkpoint's learner state does not fit this member: {0}")]
+    Learner(#[from] LearnerStateError),
+    #[error("restored weights have digest {restored}, the checkpoint says {saved}")]
+    WeightsDigest { saved: Digest, restored: Digest },
 }
 
 pub struct LocalMember {
@@ -235,6 +249,60 @@ impl LocalMember {
     pub fn evaluate(&self) -> f64 {
         self.learner.evaluate(&self.data.test)
     }
+
+    /// [`Learner::weights_digest`] of the student.
+    pub fn weights_digest(&self) -> Digest {
+        self.learner.weights_digest()
+    }
+
+    /// This member's learning state after completing `round`, as `member`
+    /// (the member's public key, which the learning side does not hold).
+    pub fn checkpoint(&self, round: u64, member: PublicKey) -> Checkpoint {
+        Checkpoint {
+            federation_id: self.manifest.federation_id.clone(),
+            member,
+            round,
+            learner: self.learner.state_bytes(),
+            weights_digest: self.weights_digest(),
+        }
+    }
+
+    /// Puts the student, optimizer and shuffling back as `checkpoint` saved
+    /// them; the next round to run is `checkpoint.round + 1`. Refuses a
+    /// checkpoint of another federation or member, or of another
+    /// architecture or optimizer.
+    pub fn restore(
+        &mut self,
+        checkpoint: &Checkpoint,
+        member: &PublicKey,
+    ) -> Result<(), RestoreError> {
+        if checkpoint.federation_id != self.manifest.federation_id {
+            return Err(RestoreError::Federation {
+                saved: checkpoint.federation_id.clone(),
+                here: self.manifest.federation_id.clone(),
+            });
+        }
+        if checkpoint.member != *member {
+            return Err(RestoreError::Member {
+                saved: checkpoint.member.to_hex(),
+                here: member.to_hex(),
+            });
+        }
+        // Kept to undo the restore if the digest disagrees; restores are rare, one copy is cheap.
+        let previous = self.learner.state_bytes();
+        self.learner.restore_state(&checkpoint.learner)?;
+        let restored = self.weights_digest();
+        if restored != checkpoint.weights_digest {
+            self.learner
+                .restore_state(&previous)
+                .expect("a state this learner just saved fits it");
+            return Err(RestoreError::WeightsDigest {
+                saved: checkpoint.weights_digest,
+                restored,
+            });
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -269,6 +337,96 @@ local_epochs = 2
         );
         LocalMember::prepare(&NodeConfig::parse(&text, std::path::Path::new("m.toml")).unwrap())
             .unwrap()
+    }
+
+    /// One round with no peers: train, predict, teacher of own logits alone,
+    /// distil, evaluate. Uses every learning step and both RNG consumers.
+    fn solo_round(m: &mut LocalMember, round: u64) -> f64 {
+        m.train();
+        let own = m.predict(round);
+        let teacher = m.teacher(&own, &[]).unwrap();
+        m.distill(round, &teacher);
+        m.evaluate()
+    }
+
+    /// Rounds 1–2, checkpoint through a file, round 3; versus a member that
+    /// had trained on its own and is then restored from that file: round 3
+    /// gives the same accuracy and bit-identical weights.
+    #[test]
+    fn a_restored_member_continues_exactly_where_the_checkpoint_was_taken() {
+        let key = fd_protocol::SigningKey::from_seed([1; 32]).public_key();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m0.ckpt");
+
+        let mut a = member(0);
+        solo_round(&mut a, 1);
+        solo_round(&mut a, 2);
+        a.checkpoint(2, key).save(&path).unwrap();
+        let digest_at_2 = a.weights_digest();
+        let accuracy_a = solo_round(&mut a, 3);
+
+        let mut b = member(0);
+        solo_round(&mut b, 1); // state of its own, which the restore must replace
+        let checkpoint = Checkpoint::load(&path).unwrap().unwrap();
+        assert_eq!(
+            (checkpoint.round, checkpoint.weights_digest),
+            (2, digest_at_2)
+        );
+        b.restore(&checkpoint, &key).unwrap();
+        assert_eq!(b.weights_digest(), digest_at_2);
+        let accuracy_b = solo_round(&mut b, checkpoint.round + 1);
+        assert_eq!(accuracy_a, accuracy_b);
+        assert_eq!(a.weights_digest(), b.weights_digest());
+        assert_ne!(
+            a.weights_digest(),
+            digest_at_2,
+            "round 3 changed the weights"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_federation_member_or_student_is_refused() {
+        let key = fd_protocol::SigningKey::from_seed([1; 32]).public_key();
+        let other = fd_protocol::SigningKey::from_seed([2; 32]).public_key();
+        let mut m = member(0);
+        let before = m.weights_digest();
+        let good = member(1).checkpoint(0, key);
+
+        let foreign = Checkpoint {
+            federation_id: "other".into(),
+            ..good.clone()
+        };
+        assert!(matches!(
+            m.restore(&foreign, &key),
+            Err(RestoreError::Federation { .. })
+        ));
+        assert!(matches!(
+            m.restore(&good, &other),
+            Err(RestoreError::Member { .. })
+        ));
+        let lying = Checkpoint {
+            weights_digest: fd_protocol::digest::sha256(b"not these weights"),
+            ..good.clone()
+        };
+        assert!(matches!(
+            m.restore(&lying, &key),
+            Err(RestoreError::WeightsDigest { .. })
+        ));
+        let garbage = Checkpoint {
+            learner: b"FDLS".to_vec(),
+            ..good.clone()
+        };
+        assert!(matches!(
+            m.restore(&garbage, &key),
+            Err(RestoreError::Learner(_))
+        ));
+        assert_eq!(
+            m.weights_digest(),
+            before,
+            "refusals leave the member unchanged"
+        );
+        m.restore(&good, &key).unwrap();
+        assert_eq!(m.weights_digest(), good.weights_digest);
     }
 
     /// The teacher's accuracy on the round's public subset when every share

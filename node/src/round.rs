@@ -107,6 +107,9 @@ pub struct RoundPlan {
     pub targets: Vec<Member>,
     /// Shares this member waits for before it aggregates.
     pub expected: usize,
+    /// Peer shares that must have been accepted when the round closes for it
+    /// to distil; with fewer, the member keeps its locally trained student.
+    pub quorum: usize,
     /// When the round closes for shares still missing (wall clock).
     pub deadline: Option<Instant>,
 }
@@ -233,6 +236,8 @@ impl RoundEngine {
             verify_seconds: 0.0,
             aggregate_seconds: 0.0,
             distill_seconds: 0.0,
+            checkpoint_seconds: 0.0,
+            distilled: false,
         }
     }
 
@@ -320,16 +325,23 @@ impl RoundEngine {
         if peers.len() < plan.expected {
             tracing::warn!(node = %name, round, arrived = peers.len(), expected = plan.expected, "round closed before every share arrived");
         }
+        let distilled = peers.len() >= plan.quorum;
+        if !distilled {
+            tracing::warn!(node = %name, round, arrived = peers.len(), quorum = plan.quorum, "quorum not met: keeping the locally trained student this round");
+        }
 
         // 4–5: aggregate and distil; then evaluate.
-        let aggregated = peers.len() as u32;
-        let (distill_loss, accuracy) = self
-            .learn(move |m| -> anyhow::Result<_> {
+        let aggregated = if distilled { peers.len() as u32 } else { 0 };
+        let (distill_loss, accuracy) = if distilled {
+            self.learn(move |m| -> anyhow::Result<_> {
                 let teacher = m.teacher_timed(&own, &peers)?;
                 let loss = m.distill(round, &teacher);
                 Ok((loss, m.evaluate()))
             })
-            .await??;
+            .await??
+        } else {
+            (0.0, local_accuracy)
+        };
 
         let traffic = transport.round_traffic(round);
         let times = self.member().times;
@@ -350,8 +362,9 @@ impl RoundEngine {
             encode_seconds,
             network_seconds,
             verify_seconds: self.inbox.take_verify_seconds(round),
-            aggregate_seconds: times.aggregate,
-            distill_seconds: times.distill,
+            distill_seconds: if distilled { times.distill } else { 0.0 },
+            aggregate_seconds: if distilled { times.aggregate } else { 0.0 },
+            distilled,
             ..self.metrics(round)
         };
         self.rejected_reported = rejected_total;

@@ -6,19 +6,36 @@
 //! The same [`MAX_MESSAGE_BYTES`] bounds encoding and decoding, so a frame one
 //! side can send is one the other side accepts; bincode's own limit keeps a
 //! forged length prefix inside the frame from allocating more than that.
+//!
+//! Frames are small ([`MAX_MESSAGE_BYTES`]): a share larger than
+//! [`INLINE_SHARE_BYTES`](crate::transfer::INLINE_SHARE_BYTES) is encoded on
+//! its own with [`encode_share`] (bounded by [`MAX_SHARE_BYTES`]) and pulled
+//! in chunks, see [`crate::transfer`].
 
 use crate::error::ProtocolError;
 use crate::message::Message;
+use crate::share::LogitShare;
+use crate::transfer::MAX_SHARE_BYTES;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
 
-/// Largest frame accepted or produced: 64 MiB, enough for a share of
-/// 1.6 M f32 logits (e.g. 160,000 public samples × 10 classes).
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest frame accepted or produced: 4 MiB. Room for one chunk
+/// ([`CHUNK_BYTES`](crate::transfer::CHUNK_BYTES)) or one inline share
+/// ([`INLINE_SHARE_BYTES`](crate::transfer::INLINE_SHARE_BYTES)) plus
+/// overhead, and for a share pushed whole by a peer that predates chunking
+/// (e.g. 100,000 f32 logits = 400 KB; anything up to about 1 M f32 logits).
+/// Larger shares go through [`crate::transfer`].
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_MESSAGE_BYTES>()
+}
+
+/// The same encoding, bounded by [`MAX_SHARE_BYTES`]: for a share on its own
+/// and for what gets signed (bincode's limit only applies when decoding).
+fn share_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_SHARE_BYTES>()
 }
 
 /// Encodes a message into one frame.
@@ -65,10 +82,70 @@ pub fn decode(frame: &[u8]) -> Result<Message, ProtocolError> {
     Ok(message)
 }
 
+/// Encodes a share on its own, for announce-and-pull transfer
+/// ([`crate::transfer`]): `version: u16 (little endian) || bincode(share)`,
+/// at most [`MAX_SHARE_BYTES`] long. Its SHA-256 is the announcement's digest.
+pub fn encode_share(share: &LogitShare) -> Result<Vec<u8>, ProtocolError> {
+    let mut out = PROTOCOL_VERSION.to_le_bytes().to_vec();
+    bincode::serde::encode_into_std_write(share, &mut out, share_config())
+        .map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    if out.len() > MAX_SHARE_BYTES {
+        return Err(ProtocolError::TooLarge {
+            size: out.len(),
+            max: MAX_SHARE_BYTES,
+        });
+    }
+    Ok(out)
+}
+
+/// Decodes what [`encode_share`] produced. Rejects more than
+/// [`MAX_SHARE_BYTES`], other versions and trailing bytes. The share still
+/// has to pass [`LogitShare::validate`].
+pub fn decode_share(bytes: &[u8]) -> Result<LogitShare, ProtocolError> {
+    if bytes.len() > MAX_SHARE_BYTES {
+        return Err(ProtocolError::TooLarge {
+            size: bytes.len(),
+            max: MAX_SHARE_BYTES,
+        });
+    }
+    let (head, body) = bytes.split_first_chunk::<2>().ok_or_else(|| {
+        ProtocolError::Malformed(format!("share of {} bytes has no version", bytes.len()))
+    })?;
+    let version = u16::from_le_bytes(*head);
+    if version != PROTOCOL_VERSION {
+        return Err(ProtocolError::UnsupportedVersion {
+            got: version,
+            expected: PROTOCOL_VERSION,
+        });
+    }
+    let (share, used): (LogitShare, usize) =
+        bincode::serde::decode_from_slice(body, share_config())
+            .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(ProtocolError::Malformed(format!(
+            "{} trailing bytes after the share",
+            body.len() - used
+        )));
+    }
+    Ok(share)
+}
+
+/// Length of `message`'s frame as [`encode`] would produce it, without the
+/// frame limit (e.g. to report what a large share would cost pushed whole).
+/// Fails only if the message cannot be encoded at all.
+pub fn encoded_len(message: &Message) -> Result<usize, ProtocolError> {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(message, &mut size, share_config())
+        .map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    Ok(PROTOCOL_VERSION.to_le_bytes().len() + size.bytes_written)
+}
+
 /// Canonical bytes of any serializable value, for signing. Uses the same
-/// bincode configuration as the wire so there is one encoding to reason about.
+/// bincode encoding as the wire so there is one encoding to reason about
+/// (with the share limit, since a signed share may exceed one frame).
 pub(crate) fn canonical_bytes<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, ProtocolError> {
-    bincode::serde::encode_to_vec(value, config()).map_err(|e| ProtocolError::Encode(e.to_string()))
+    bincode::serde::encode_to_vec(value, share_config())
+        .map_err(|e| ProtocolError::Encode(e.to_string()))
 }
 
 #[cfg(test)]
@@ -100,5 +177,60 @@ mod tests {
         assert!(matches!(decode(&[1]), Err(ProtocolError::Malformed(_))));
         let huge = vec![0u8; MAX_MESSAGE_BYTES + 1];
         assert!(matches!(decode(&huge), Err(ProtocolError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn a_share_larger_than_a_frame_encodes_on_its_own() {
+        use crate::digest::Digest;
+        use crate::identity::SigningKey;
+        use crate::share::{PayloadEncoding, PublicSubset};
+        let key = SigningKey::from_seed([3; 32]);
+        // 2 M f32 logits = 8 MB: too large for a frame, fine for encode_share.
+        let (rows, classes) = (200_000u32, 10u32);
+        let logits = vec![0.25f32; (rows * classes) as usize];
+        let subset = PublicSubset {
+            public_set_digest: Digest([1; 32]),
+            seed: 9,
+            round: 1,
+            size: rows,
+        };
+        let share = LogitShare::new_signed(
+            &key,
+            "fed",
+            subset,
+            classes,
+            10,
+            PayloadEncoding::F32Le,
+            &logits,
+        )
+        .unwrap();
+        let message = Message::Share(share.clone());
+        assert!(matches!(
+            encode(&message),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        let bytes = encode_share(&share).unwrap();
+        assert!(bytes.len() > MAX_MESSAGE_BYTES);
+        assert_eq!(encoded_len(&message).unwrap(), bytes.len() + 1);
+        let back = decode_share(&bytes).unwrap();
+        assert_eq!(back, share);
+        back.verify_signature().unwrap();
+
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(matches!(
+            decode_share(&trailing),
+            Err(ProtocolError::Malformed(_))
+        ));
+        let mut version = bytes.clone();
+        version[0] = 9;
+        assert!(matches!(
+            decode_share(&version),
+            Err(ProtocolError::UnsupportedVersion { .. })
+        ));
+        assert!(matches!(
+            decode_share(&bytes[..bytes.len() / 2]),
+            Err(ProtocolError::Malformed(_))
+        ));
     }
 }

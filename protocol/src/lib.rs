@@ -18,13 +18,16 @@
 pub mod codec;
 pub mod digest;
 pub mod error;
+pub mod fuzzing;
 pub mod identity;
 pub mod message;
 pub mod share;
+pub mod transfer;
 
-pub use codec::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode};
+pub use codec::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, decode_share, encode, encode_share};
 pub use digest::Digest;
 pub use error::{ProtocolError, RejectReason};
 pub use identity::{PublicKey, Signature, SigningKey};
 pub use message::*;
 pub use share::{LogitShare, PayloadEncoding, PayloadEncodingName, PublicSubset, ShareExpectation};
+pub use transfer::{CHUNK_BYTES, INLINE_SHARE_BYTES, MAX_SHARE_BYTES, ShareAnnouncement};

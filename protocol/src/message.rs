@@ -106,6 +106,13 @@ pub struct RoundMetrics {
     pub verify_seconds: f64,
     pub aggregate_seconds: f64,
     pub distill_seconds: f64,
+    /// Saving the member's learning state after the round.
+    #[serde(default)]
+    pub checkpoint_seconds: f64,
+    /// Whether the round met its quorum and distilled (false: the member
+    /// kept its locally trained student for this round).
+    #[serde(default)]
+    pub distilled: bool,
 }
 
 /// Everything that travels.
@@ -133,4 +140,23 @@ pub enum Message {
         rounds: u64,
     },
     Ack,
+    /// A share too large to push whole can be pulled from its sender (the
+    /// gossip payload on `/fd/<federation>/shares`; see [`crate::transfer`]).
+    ShareAvailable(crate::transfer::ShareAnnouncement),
+    /// Asks a share's sender for chunk `index` of the share it announced
+    /// with `digest` for `round`. Answered with `Chunk` or `ChunkUnavailable`.
+    FetchChunk {
+        round: u64,
+        digest: Digest,
+        index: u32,
+    },
+    /// Bytes `index × CHUNK_BYTES ..` of an announced share.
+    Chunk {
+        index: u32,
+        data: Vec<u8>,
+    },
+    /// The sender no longer holds (or never held) the requested chunk.
+    ChunkUnavailable {
+        reason: String,
+    },
 }

@@ -613,6 +613,14 @@ impl LogitShare {
         }
         self.encoding.check_shape(self.classes)?;
         let expected_len = self.encoding.payload_len(self.rows, self.classes);
+        // Longer than the round's shape allows: oversize, refused before the
+        // signature is checked so a flood of big payloads costs no hashing.
+        if self.payload.len() > expected_len {
+            return Err(ProtocolError::TooLarge {
+                size: self.payload.len(),
+                max: expected_len,
+            });
+        }
         if self.payload.len() != expected_len {
             return Err(ProtocolError::ShapeMismatch {
                 field: "payload",
@@ -727,6 +735,12 @@ mod tests {
         assert_eq!(
             t.validate(&expectation(2)).unwrap_err().reason(),
             RejectReason::Shape
+        );
+        let mut t = s.clone();
+        t.payload.extend_from_slice(&[0; 4]);
+        assert_eq!(
+            t.validate(&expectation(2)).unwrap_err().reason(),
+            RejectReason::TooLarge
         );
         assert!(matches!(
             LogitShare::new_signed(&key, "fed", subset(2), 3, 0, PayloadEncoding::F32Le, &[1.0]),

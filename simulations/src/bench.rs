@@ -50,9 +50,16 @@ pub struct BenchOptions {
     /// Member counts of the simulation-scale table.
     #[arg(long, value_delimiter = ',', default_values_t = vec![10usize, 100, 1000])]
     pub scale: Vec<usize>,
-    /// Also measure the wgpu device in the throughput table (needs an adapter).
+    /// Also measure the wgpu device in the throughput table (needs an adapter);
+    /// same as adding `wgpu` to `--devices`.
     #[arg(long)]
     pub wgpu: bool,
+    /// Devices of the throughput table (flex, ndarray, wgpu, wgpu-cpu).
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["flex".to_string(), "ndarray".to_string()])]
+    pub devices: Vec<String>,
+    /// Training batch of the throughput table.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
     /// File whose bench section is replaced with the tables.
     #[arg(long, default_value = "docs/performance.md")]
     pub write: PathBuf,
@@ -179,12 +186,13 @@ pub fn bytes_table() -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// Samples/s of `steps` training steps of batch 64 and of predicting 1,000 samples.
+/// Samples/s of training steps of `batch` samples and of predicting 1,000 samples.
 fn throughput(
     model: &ModelConfig,
     device: DeviceKind,
     threads: usize,
     repeats: usize,
+    batch: usize,
 ) -> anyhow::Result<(f64, f64)> {
     let data = DataSource::Synthetic {
         seed: 1,
@@ -194,7 +202,7 @@ fn throughput(
     .load()?;
     let config = TrainingConfig {
         threads,
-        batch_size: 64,
+        batch_size: batch,
         local_epochs: 1,
         ..TrainingConfig::default()
     };
@@ -205,7 +213,8 @@ fn throughput(
         InputShape::new(data.train.shape),
         data.train.classes,
     );
-    let batch: Vec<usize> = (0..64).collect();
+    let batch_size = batch;
+    let batch: Vec<usize> = (0..batch_size).collect();
     let public: Vec<usize> = (0..1000).collect();
     // Warm-up: first calls allocate and (on wgpu) compile kernels.
     learner.train_local(&data.train, &batch);
@@ -219,7 +228,7 @@ fn throughput(
             learner.train_local(&data.train, &batch);
             steps += 1;
         }
-        train.push((steps * 64) as f64 / start.elapsed().as_secs_f64());
+        train.push((steps * batch_size) as f64 / start.elapsed().as_secs_f64());
         let start = Instant::now();
         let _ = learner.predict(&data.test, &public);
         predict.push(1000.0 / start.elapsed().as_secs_f64());
@@ -228,16 +237,22 @@ fn throughput(
 }
 
 /// Table 2: throughput per model, device and thread count.
-pub fn throughput_table(repeats: usize, wgpu: bool) -> anyhow::Result<String> {
-    let mut devices = vec![DeviceKind::Flex, DeviceKind::Ndarray];
-    if wgpu {
-        DeviceKind::Wgpu.probe().map_err(anyhow::Error::msg)?;
-        devices.push(DeviceKind::Wgpu);
+pub fn throughput_table(
+    repeats: usize,
+    devices: &[DeviceKind],
+    batch: usize,
+) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        (1..=2048).contains(&batch),
+        "--batch must be between 1 and 2048, got {batch}"
+    );
+    for device in devices {
+        device.probe().map_err(anyhow::Error::msg)?;
     }
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Training (Adam, batch 64, synthetic 1×28×28) and prediction (1,000 samples) in samples/s; median of {repeats} runs of ≥ 0.5 s after a warm-up step.\n"
+        "Training (Adam, batch {batch}, synthetic 1×28×28) and prediction (1,000 samples) in samples/s; median of {repeats} runs of ≥ 0.5 s after a warm-up step.\n"
     );
     let _ = writeln!(
         out,
@@ -245,14 +260,14 @@ pub fn throughput_table(repeats: usize, wgpu: bool) -> anyhow::Result<String> {
     );
     let _ = writeln!(out, "|---|---|---:|---:|---:|");
     for model in zoo() {
-        for &device in &devices {
-            let thread_counts: &[usize] = if matches!(device, DeviceKind::Wgpu) {
+        for &device in devices {
+            let thread_counts: &[usize] = if matches!(device, DeviceKind::Wgpu | DeviceKind::WgpuCpu) {
                 &[1]
             } else {
                 &[1, 2]
             };
             for &threads in thread_counts {
-                let (train, predict) = throughput(&model, device, threads, repeats)?;
+                let (train, predict) = throughput(&model, device, threads, repeats, batch)?;
                 let line = format!(
                     "| {} | {} | {threads} | {train:.0} | {predict:.0} |",
                     model.name(),
@@ -363,7 +378,7 @@ pub fn round_breakdown(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
         ("verify + decode (peers' shares)", |m| m.verify_seconds),
         ("aggregate", |m| m.aggregate_seconds),
         ("distil", |m| m.distill_seconds),
-        ("checkpoint", |_| f64::NAN),
+        ("checkpoint (save, fsync, rename)", |m| m.checkpoint_seconds),
     ];
     let totals: Vec<f64> = metrics
         .iter()
@@ -371,7 +386,6 @@ pub fn round_breakdown(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
             steps
                 .iter()
                 .map(|(_, f)| f(m))
-                .filter(|x| x.is_finite())
                 .sum()
         })
         .collect();
@@ -386,11 +400,7 @@ pub fn round_breakdown(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
     let _ = writeln!(out, "|---|---:|---:|");
     for (name, f) in &steps {
         let x = median(metrics.iter().map(|m| f(m)).collect());
-        if x.is_finite() {
-            let _ = writeln!(out, "| {name} | {x:.4} | {:.2} % |", 100.0 * x / round);
-        } else {
-            let _ = writeln!(out, "| {name} | not implemented yet | |");
-        }
+        let _ = writeln!(out, "| {name} | {x:.4} | {:.2} % |", 100.0 * x / round);
     }
     let codec_aggregate: Vec<f64> = metrics
         .iter()
@@ -583,7 +593,27 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), {memory} memory")
 }
 
+/// The throughput table's devices: `--devices`, plus wgpu with `--wgpu`.
+fn bench_devices(o: &BenchOptions) -> anyhow::Result<Vec<DeviceKind>> {
+    let mut names = o.devices.clone();
+    if o.wgpu && !names.iter().any(|n| n == "wgpu") {
+        names.push("wgpu".into());
+    }
+    names
+        .iter()
+        .map(|name| {
+            DeviceKind::ALL
+                .into_iter()
+                .find(|d| d.name() == name)
+                .with_context(|| {
+                    format!("--devices: unknown device `{name}` (flex, ndarray, wgpu, wgpu-cpu)")
+                })
+        })
+        .collect()
+}
+
 pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
+    let devices = bench_devices(o)?;
     let want = |n: u8| o.only.is_empty() || o.only.contains(&n);
     let mut body = String::new();
     let _ = writeln!(
@@ -608,7 +638,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
         };
     section(1, "Bytes per member per round", &mut bytes_table)?;
     section(2, "Training and inference throughput", &mut || {
-        throughput_table(o.repeats, o.wgpu)
+        throughput_table(o.repeats, &devices, o.batch)
     })?;
     section(3, "Round time breakdown, 10 fd-node processes", &mut || {
         round_breakdown(&o.scratch, 3)

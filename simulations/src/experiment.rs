@@ -224,6 +224,9 @@ impl Experiment {
             public_size: self.public.size,
             subset_size: self.public.subset_size,
             seed: self.seed,
+            members: Vec::new(),
+            quorum: 0.0,
+            schedule: None,
         }
     }
 
@@ -238,6 +241,11 @@ impl Experiment {
             aggregator: self.aggregator,
             encoding: self.encoding,
             metrics_file: None,
+            checkpoint_file: None,
+            psk_file: None,
+            bootstrap: Vec::new(),
+            mdns: false,
+            metrics_listen: None,
             federation: self.federation(),
             data: self.data.clone(),
             partition: PartitionConfig {

@@ -82,6 +82,11 @@ fn node_config(
         aggregator: Aggregator::MeanProbabilities,
         encoding: Default::default(),
         metrics_file: None,
+        checkpoint_file: None,
+        psk_file: None,
+        bootstrap: Vec::new(),
+        mdns: false,
+        metrics_listen: None,
         federation: federation.clone(),
         data: data.clone(),
         partition: PartitionConfig {
@@ -150,6 +155,9 @@ pub async fn run(o: QuickstartOptions) -> anyhow::Result<Vec<RoundMetrics>> {
         public_size: o.public_size,
         subset_size: o.subset_size,
         seed: o.seed,
+        members: Vec::new(),
+        quorum: 0.0,
+        schedule: None,
     };
     println!(
         "federation: {} members, {} rounds, Dirichlet alpha {}, public set {}, {} shared per round, MLP students",
@@ -164,6 +172,9 @@ pub async fn run(o: QuickstartOptions) -> anyhow::Result<Vec<RoundMetrics>> {
         round_timeout_secs: 600,
         metrics_file: None,
         address_file: None,
+        state_file: None,
+        psk_file: None,
+        metrics_listen: None,
         federation: federation.clone(),
         data: data.clone(),
     };

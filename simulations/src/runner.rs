@@ -19,7 +19,7 @@ use anyhow::{Context as _, bail};
 use fd_node::member::{LocalMember, MemberData};
 use fd_node::net::{self, Traffic};
 use fd_node::round::{RoundEngine, RoundPlan, ShareTransport, SharedInbox};
-use fd_node::runtime::{Libp2pTransport, serve_inbound};
+use fd_node::runtime::{Libp2pTransport, pull_announced_shares, serve_inbound};
 use fd_protocol::{LogitShare, Member, RoundMetrics, SigningKey, digest};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::Semaphore;
@@ -341,16 +341,30 @@ async fn run_fd(
             let mut transports = Vec::with_capacity(n);
             for (i, engine) in engines.iter().enumerate() {
                 let engine = engine.as_ref().unwrap();
-                let (client, requests, event_loop) = net::new(engine.key())?;
-                tokio::spawn(event_loop.run());
+                let config = fd_node::net::NetConfig {
+                    federation_id: e.name.clone(),
+                    ..fd_node::net::NetConfig::open()
+                };
+                let network = net::new_with(engine.key(), &config)?;
+                let client = network.client;
+                tokio::spawn(network.event_loop.run());
                 let addr = client.listen("/ip4/127.0.0.1/tcp/0".parse()?).await?;
                 members[i].addrs = vec![addr.to_string()];
+                let telemetry = Arc::new(fd_node::telemetry::Telemetry::default());
                 tokio::spawn(serve_inbound(
                     client.clone(),
                     engine.inbox().clone(),
-                    requests,
+                    network.requests,
                     None,
                     None,
+                    telemetry.clone(),
+                ));
+                tokio::spawn(pull_announced_shares(
+                    client.clone(),
+                    engine.inbox().clone(),
+                    network.announcements,
+                    e.name.clone(),
+                    telemetry,
                 ));
                 transports.push(Arc::new(SimTransport::Libp2p(Libp2pTransport::new(client))));
             }
@@ -402,6 +416,8 @@ async fn run_fd(
                 round,
                 targets,
                 expected,
+                // The simulator's rounds always distil what arrived.
+                quorum: 0,
                 deadline,
             };
             let mut engine = engines[i].take().expect("engine is home between rounds");

@@ -32,6 +32,12 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// SIGKILL: no chance to clean up, as after a crash or `kill -9`.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
     pub fn start(name: &str, bin: &str, args: &[&str], dir: &Path) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let stderr = std::fs::File::create(&log).expect("log file");
@@ -39,6 +45,7 @@ impl Proc {
         let child = Command::new(binary(bin))
             .args(args)
             .env("RUST_LOG", "info,libp2p=warn")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -131,6 +138,12 @@ pub fn read_metrics(path: &Path) -> Vec<RoundMetrics> {
 /// The `[federation]`, `[data]` tables shared by the test federations:
 /// synthetic data, so the tests need nothing installed.
 pub fn federation_toml(id: &str, rounds: u64) -> String {
+    federation_toml_with(id, rounds, "")
+}
+
+/// [`federation_toml`] with more lines in the `[federation]` table
+/// (e.g. [`members_line`], `quorum`, `schedule`).
+pub fn federation_toml_with(id: &str, rounds: u64, extra: &str) -> String {
     format!(
         r#"[federation]
 id = "{id}"
@@ -138,6 +151,7 @@ rounds = {rounds}
 public_size = 3000
 subset_size = 1000
 seed = 11
+{extra}
 
 [data]
 kind = "synthetic"
@@ -146,6 +160,110 @@ train = 12000
 test = 2000
 "#
     )
+}
+
+/// `members = [...]` for a `[federation]` table.
+pub fn members_line(peer_ids: &[String]) -> String {
+    let quoted: Vec<String> = peer_ids.iter().map(|p| format!("\"{p}\"")).collect();
+    format!("members = [{}]\n", quoted.join(", "))
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for processes that
+/// must come back on the same address after a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port on 127.0.0.1")
+        .port()
+}
+
+/// Writes a seeded key file and returns the PeerId it gives.
+pub fn seeded_key(path: &Path, seed: u8) -> String {
+    let key = fd_protocol::SigningKey::from_seed([seed; 32]);
+    fd_node::keyfile::write(path, &key).expect("key file");
+    fd_node::net::peer_id_of(&key.public_key())
+        .expect("ed25519 key")
+        .to_string()
+}
+
+/// Inserts `lines` at the top level of a config file written by the helpers
+/// (before its first table), e.g. to set `listen` or `checkpoint_file`.
+pub fn add_top_level(path: &Path, lines: &str) {
+    let text = std::fs::read_to_string(path).expect("config");
+    let at = text.find("\n[").map_or(text.len(), |i| i + 1);
+    let (head, tail) = text.split_at(at);
+    // A later key wins over an earlier one? Not in TOML: drop the replaced keys.
+    let keys: Vec<&str> = lines
+        .lines()
+        .filter_map(|l| l.split('=').next())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .collect();
+    let head: String = head
+        .lines()
+        .filter(|l| !keys.contains(&l.split('=').next().unwrap_or("").trim()))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(path, format!("{head}{lines}\n{tail}")).expect("config");
+}
+
+/// Lines of a process log (stderr) that contain `needle`.
+pub fn log_lines(proc: &Proc, needle: &str) -> Vec<String> {
+    std::fs::read_to_string(&proc.log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The value of `field=` in a tracing log line (ANSI colours stripped).
+pub fn log_field(line: &str, field: &str) -> Option<String> {
+    let plain: String = strip_ansi(line);
+    plain
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{field}=")))
+        .map(|v| v.trim_matches('"').to_string())
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Waits until `path` (a metrics file) has at least `lines` lines.
+pub fn wait_for_lines(path: &Path, lines: usize, timeout: Duration, proc: &mut Proc) {
+    let start = Instant::now();
+    loop {
+        let n = std::fs::read_to_string(path)
+            .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+            .unwrap_or(0);
+        if n >= lines {
+            return;
+        }
+        if let Some(status) = proc.child.try_wait().expect("wait") {
+            panic!("{} exited with {status} early; log:\n{}", proc.name, proc.log_tail());
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{} did not reach {lines} lines; log:\n{}",
+            path.display(),
+            proc.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A coordinator config in `dir`.

@@ -42,6 +42,21 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show the federation's membership, this node's checkpoint and its last rounds.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How many of the last rounds to show.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Write a new pre-shared key (libp2p pnet `swarm.key` format, mode 0600)
+    /// for a closed federation; give every member a copy and set `psk_file`.
+    GenPsk {
+        /// File to create; refused if it exists.
+        #[arg(long, default_value = "swarm.key")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -106,6 +121,18 @@ fn main() -> anyhow::Result<()> {
             println!("peer id {}", runtime::peer_id_string(&key.public_key()));
             Ok(())
         }
+        Command::Status { config, rounds } => status(&config, rounds),
+        Command::GenPsk { out } => {
+            anyhow::ensure!(
+                !out.exists(),
+                "{} already exists; not overwriting a key members may hold",
+                out.display()
+            );
+            fd_node::fsutil::write_atomic(&out, runtime::new_psk_text().as_bytes(), 0o600)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!("wrote {} (mode 0600): copy it to every member and set psk_file", out.display());
+            Ok(())
+        }
         Command::PeerId { config } => {
             let config = NodeConfig::from_file(&config)?;
             let (key, _) = keyfile::load_or_create(&config.key_file)?;
@@ -113,4 +140,98 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `fd-node status`: what this node knows without asking the network.
+fn status(path: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
+    let config = NodeConfig::from_file(path)?;
+    let me = match keyfile::load(&config.key_file) {
+        Ok(key) => runtime::peer_id_string(&key.public_key()),
+        Err(e) => format!("(no key: {e})"),
+    };
+    println!("node        {} ({me})", config.name);
+    println!(
+        "federation  {}, {} rounds, public set {} samples, {} per round",
+        config.federation.id,
+        config.federation.rounds,
+        config.federation.public_size,
+        config.federation.subset_size
+    );
+    match (&config.coordinator, &config.federation.schedule) {
+        (Some(c), _) => println!("clock       coordinator {c}"),
+        (None, Some(s)) => println!(
+            "clock       schedule: round 1 opens at {} (Unix s), every {} s, shares until +{} s; now round {}",
+            s.start_unix,
+            s.round_secs,
+            s.share_deadline_secs,
+            s.current_round(fd_node::fsutil::now_unix_ms())
+        ),
+        (None, None) => println!("clock       none (isolated)"),
+    }
+    if config.federation.members.is_empty() {
+        println!("members     open federation (no member list: anyone with the public set may join)");
+    } else {
+        println!(
+            "members     {} listed; connections from others are refused",
+            config.federation.members.len()
+        );
+        for m in &config.federation.members {
+            let mark = if *m == me { "  (this node)" } else { "" };
+            println!("            {m}{mark}");
+        }
+    }
+    println!(
+        "network     {}{}",
+        if config.psk_file.is_some() {
+            "closed (pre-shared key)"
+        } else {
+            "no pre-shared key"
+        },
+        if config.bootstrap.is_empty() {
+            String::new()
+        } else {
+            format!(", {} bootstrap peers", config.bootstrap.len())
+        }
+    );
+    match config.checkpoint_file.as_deref() {
+        Some(path) => match fd_node::checkpoint::Checkpoint::load(path) {
+            Ok(Some(c)) => println!(
+                "checkpoint  round {} done, weights {} ({})",
+                c.round,
+                c.weights_digest,
+                path.display()
+            ),
+            Ok(None) => println!("checkpoint  none yet ({})", path.display()),
+            Err(e) => println!("checkpoint  unreadable: {e}"),
+        },
+        None => println!("checkpoint  off"),
+    }
+    let Some(metrics) = config.metrics_file.as_deref() else {
+        println!("rounds      no metrics_file configured");
+        return Ok(());
+    };
+    let text = match std::fs::read_to_string(metrics) {
+        Ok(text) => text,
+        Err(_) => {
+            println!("rounds      none yet ({})", metrics.display());
+            return Ok(());
+        }
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    println!("rounds      {} recorded in {}", lines.len(), metrics.display());
+    for line in &lines[lines.len().saturating_sub(rounds)..] {
+        match serde_json::from_str::<fd_protocol::RoundMetrics>(line) {
+            Ok(m) => println!(
+                "  round {:>3}  accuracy {:.4} (local {:.4})  aggregated {}  rejected {}  {}",
+                m.round,
+                m.test_accuracy,
+                m.local_accuracy,
+                m.shares_aggregated,
+                m.shares_rejected,
+                if m.distilled { "distilled" } else { "quorum not met" }
+            ),
+            Err(e) => println!("  unreadable line: {e}"),
+        }
+    }
+    Ok(())
 }

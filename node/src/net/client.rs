@@ -1,14 +1,18 @@
 //! The handle through which the program drives the swarm.
 
+use std::borrow::Borrow;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context as _, anyhow};
+use anyhow::{Context as _, anyhow, bail};
 use fd_protocol::Message;
+use fd_protocol::transfer::{MAX_SHARE_BYTES, ShareAnnouncement};
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{Traffic, TrafficCounters};
+use super::transfer;
 
 /// Commands the [`super::EventLoop`] executes on the swarm.
 #[derive(Debug)]
@@ -29,6 +33,40 @@ pub(crate) enum Command {
     Respond {
         channel: ResponseChannel<Message>,
         message: Message,
+    },
+    Dial {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
+    ConnectedPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Bootstrap {
+        addrs: Vec<(PeerId, Multiaddr)>,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
+    FindPeer {
+        peer: PeerId,
+        reply: oneshot::Sender<anyhow::Result<Vec<Multiaddr>>>,
+    },
+    OfferShare {
+        announcement: ShareAnnouncement,
+        bytes: Arc<Vec<u8>>,
+    },
+    Announce {
+        announcement: ShareAnnouncement,
+        wait_for: Vec<PeerId>,
+        timeout: Duration,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
+    SetFederation {
+        federation_id: String,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
+    AllowPeer {
+        peer: PeerId,
+        allow: bool,
     },
 }
 
@@ -102,5 +140,158 @@ impl Client {
         message: Message,
     ) -> anyhow::Result<()> {
         self.send(Command::Respond { channel, message }).await
+    }
+
+    /// Dials `peer` at `addrs` (plus any address already known for it) and
+    /// waits until a connection is established. Ok at once if connected.
+    pub async fn dial(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> anyhow::Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Dial { peer, addrs, reply }).await?;
+        rx.await
+            .context("the network event loop dropped a dial reply")?
+    }
+
+    /// Peers with at least one open connection.
+    pub async fn connected_peers(&self) -> anyhow::Result<Vec<PeerId>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::ConnectedPeers { reply }).await?;
+        rx.await
+            .context("the network event loop dropped a connected-peers reply")
+    }
+
+    /// Joins the Kademlia network through `addrs` (each ending in
+    /// `/p2p/<peer id>`): adds them to the routing table, dials them and runs
+    /// a Kademlia bootstrap; returns when the bootstrap finished. With
+    /// Kademlia off it only dials.
+    pub async fn bootstrap(&self, addrs: Vec<Multiaddr>) -> anyhow::Result<()> {
+        let addrs = addrs
+            .into_iter()
+            .map(|a| super::split_peer_addr(&a))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Bootstrap { addrs, reply }).await?;
+        rx.await
+            .context("the network event loop dropped a bootstrap reply")?
+    }
+
+    /// Addresses of `peer` found through Kademlia (routing table, else a
+    /// closest-peers query). They are also handed to the swarm, so a later
+    /// [`Client::request`] to `peer` can dial it by id.
+    pub async fn find_peer(&self, peer: PeerId) -> anyhow::Result<Vec<Multiaddr>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::FindPeer { peer, reply }).await?;
+        rx.await
+            .context("the network event loop dropped a find-peer reply")?
+    }
+
+    /// Keeps `bytes` (an encoded share, [`fd_protocol::encode_share`]) in
+    /// the event loop so that peers can fetch it in chunks; the event loop
+    /// answers their `FetchChunk` requests itself. Fails if `bytes` do not
+    /// match `announcement` (length, SHA-256) or exceed the limit.
+    ///
+    /// Takes the announcement by value or by reference.
+    pub async fn offer_share(
+        &self,
+        announcement: impl Borrow<ShareAnnouncement>,
+        bytes: Arc<Vec<u8>>,
+    ) -> anyhow::Result<()> {
+        let announcement = announcement.borrow();
+        if bytes.len() > MAX_SHARE_BYTES {
+            bail!(
+                "share of {} bytes exceeds the limit of {MAX_SHARE_BYTES} bytes",
+                bytes.len()
+            );
+        }
+        announcement
+            .verify(&bytes)
+            .context("offered bytes do not match their announcement")?;
+        self.send(Command::OfferShare {
+            announcement: announcement.clone(),
+            bytes,
+        })
+        .await
+    }
+
+    /// [`Client::offer_share`] without the checks: lets tests play a sender
+    /// whose bytes do not match what it announces.
+    #[cfg(test)]
+    pub(crate) async fn offer_share_unchecked(
+        &self,
+        announcement: &ShareAnnouncement,
+        bytes: Arc<Vec<u8>>,
+    ) -> anyhow::Result<()> {
+        self.send(Command::OfferShare {
+            announcement: announcement.clone(),
+            bytes,
+        })
+        .await
+    }
+
+    /// Publishes `announcement` on the federation's gossip topic, after
+    /// waiting (at most `timeout`) until every peer in `wait_for` is
+    /// connected and subscribed to the topic, dialling those that are not.
+    /// At the deadline it publishes to whoever is subscribed and logs the
+    /// missing peers (a member may simply be offline; push the announcement
+    /// to it later as a `ShareAvailable` request if it matters). Fails only
+    /// if the announcement could not be published at all: no federation
+    /// set, or nobody subscribed. Publishing the same announcement again is
+    /// a no-op (gossip message ids are content hashes).
+    ///
+    /// Takes the announcement by value or by reference.
+    pub async fn announce(
+        &self,
+        announcement: impl Borrow<ShareAnnouncement>,
+        wait_for: Vec<PeerId>,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let announcement = announcement.borrow();
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Announce {
+            announcement: announcement.clone(),
+            wait_for,
+            timeout,
+            reply,
+        })
+        .await?;
+        rx.await
+            .context("the network event loop dropped an announce reply")?
+    }
+
+    /// Pulls the share `announcement` describes from `peer` in chunks and
+    /// returns its bytes once each chunk's length, the total and the SHA-256
+    /// digest match; decode with [`fd_protocol::decode_share`] and validate.
+    pub async fn fetch_share(
+        &self,
+        peer: PeerId,
+        announcement: &ShareAnnouncement,
+    ) -> anyhow::Result<Vec<u8>> {
+        transfer::fetch(self, peer, announcement).await
+    }
+
+    /// Switches the share-announcement topic to `/fd/<federation_id>/shares`
+    /// (unsubscribing from the previous one), and the federation inbound
+    /// announcements are checked against.
+    pub async fn set_federation(&self, federation_id: &str) -> anyhow::Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::SetFederation {
+            federation_id: federation_id.to_string(),
+            reply,
+        })
+        .await?;
+        rx.await
+            .context("the network event loop dropped a set-federation reply")?
+    }
+
+    /// Adds `peer` to (or, with `allow = false`, removes it from and
+    /// disconnects it) the allow-list. No effect on an open network
+    /// ([`super::NetConfig::allowed`] = `None`).
+    pub async fn allow_peer(&self, peer: PeerId, allow: bool) -> anyhow::Result<()> {
+        self.send(Command::AllowPeer { peer, allow }).await
+    }
+
+    /// Inbound frames refused so far because their length prefix exceeded
+    /// [`fd_protocol::MAX_MESSAGE_BYTES`] (count them as `too_large`).
+    pub fn frames_too_large(&self) -> u64 {
+        self.traffic().frames_too_large
     }
 }

@@ -6,24 +6,58 @@
 //! requests as [`InboundRequest`]s from a channel. Network code never sees a
 //! tensor and learning code never sees a socket.
 //!
-//! Transport: TCP + Noise + Yamux. Application protocol: one request-response
-//! protocol, `/fd/1`, carrying [`fd_protocol::Message`] frames (see
-//! [`codec`]). Shares are pushed by their sender to each member; the receiver
-//! answers `ShareAccepted` or `ShareRejected` after validating.
+//! Transport: TCP (+ optionally a libp2p private-network pre-shared key,
+//! [`NetConfig::psk`]) + Noise + Yamux. Application protocol: one
+//! request-response protocol, `/fd/1`, carrying [`fd_protocol::Message`]
+//! frames (see [`codec`]). Shares are pushed by their sender to each member;
+//! the receiver answers `ShareAccepted` or `ShareRejected` after validating.
+//! Shares too large for one frame are announced on gossipsub and pulled in
+//! chunks (see [`transfer`]).
+//!
+//! # Behaviour composition ([`Behaviour`])
+//!
+//! | field | what | when |
+//! |---|---|---|
+//! | `allowed` | `allow_block_list` with [`AllowedPeers`]: connections to or from any other peer are denied, inbound and outbound | [`NetConfig::allowed`] is `Some` |
+//! | `request_response` | `/fd/1` with [`FdCodec`] | always |
+//! | `identify` | `/fd/id/1`: listen addresses, fed into Kademlia | always |
+//! | `kademlia` | `/fd/kad/1` (a private DHT, never the IPFS one), server mode, in-memory store | [`NetConfig::kademlia`] |
+//! | `gossipsub` | signed messages, strict validation, application-level acceptance, message id = SHA-256 of the data, flood publish; topic `/fd/<federation_id>/shares` | always (subscribed once a federation id is set) |
+//! | `mdns` | LAN discovery (tokio) | [`NetConfig::mdns`] |
+//!
+//! The pre-shared key wraps the TCP stream before Noise, so a peer without
+//! the key (or with another) fails the handshake before any protocol runs,
+//! in both directions.
 //!
 //! [`Swarm`]: libp2p::Swarm
 
 pub mod client;
 pub mod codec;
 pub mod event_loop;
+pub mod transfer;
+
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, anyhow};
+use fd_protocol::transfer::ShareAnnouncement;
 use fd_protocol::{Message, PublicKey, SigningKey};
+use libp2p::allow_block_list::{self, AllowedPeers};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
+use libp2p::core::upgrade::Version;
+use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
-use libp2p::{PeerId, StreamProtocol, identity, noise, tcp, yamux};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Transport as _, gossipsub, identify, identity, kad, mdns,
+    noise, tcp, yamux,
+};
 use tokio::sync::mpsc;
 
 pub use client::Client;
@@ -56,43 +90,243 @@ pub fn peer_id_of(key: &PublicKey) -> anyhow::Result<PeerId> {
 
 /// Bytes `message` takes on the wire: its frame plus the 4-byte length prefix
 /// [`FdCodec`] writes (and counts in [`TrafficCounters`]).
+///
+/// Computed without the frame limit, so it also answers for a share too
+/// large to be pushed whole (which would travel in chunks instead).
 pub fn frame_len(message: &Message) -> anyhow::Result<u64> {
-    Ok(fd_protocol::encode(message)?.len() as u64 + 4)
+    Ok(fd_protocol::codec::encoded_len(message)? as u64 + 4)
 }
 
 /// How long one request may take, e.g. a large share on a slow link.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Builds the swarm for `key` and splits it into client, inbound requests and event loop.
-/// Spawn [`EventLoop::run`] on the tokio runtime.
-pub fn new(
-    key: &SigningKey,
-) -> anyhow::Result<(Client, mpsc::Receiver<InboundRequest>, EventLoop)> {
-    let counters = Arc::new(TrafficCounters::default());
-    let codec = FdCodec::new(counters.clone());
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(libp2p_keypair(key))
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )?
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                codec,
-                [(PROTOCOL, ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+/// The identify protocol version fd peers announce.
+pub const IDENTIFY_PROTOCOL: &str = "/fd/id/1";
+
+/// The Kademlia protocol: a DHT of fd peers only.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fd/kad/1");
+
+/// Largest gossip message: announcements are a few hundred bytes.
+pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
+
+/// Time allowed for a connection's handshake (TCP, pre-shared key, Noise, Yamux).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The gossipsub topic of a federation's share announcements.
+pub fn shares_topic(federation_id: &str) -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new(format!("/fd/{federation_id}/shares"))
+}
+
+/// How a member's network is set up.
+#[derive(Clone, Default)]
+pub struct NetConfig {
+    /// Only these peers may hold a connection (libp2p allow_block_list::AllowedPeers); None = anyone.
+    pub allowed: Option<Vec<PeerId>>,
+    /// Closed network: libp2p pnet pre-shared key over TCP (peers without the key fail the handshake).
+    pub psk: Option<PreSharedKey>,
+    /// Kademlia (peer discovery without a coordinator) and identify (listen addresses into kad).
+    pub kademlia: bool,
+    /// mDNS on a LAN (optional; off by default).
+    pub mdns: bool,
+    /// Federation id; the share-announcement gossipsub topic is "/fd/<id>/shares".
+    /// Empty: no topic until [`Client::set_federation`].
+    pub federation_id: String,
+}
+
+impl NetConfig {
+    /// Anyone may connect, no pre-shared key, no Kademlia, no mDNS, no topic yet:
+    /// what [`new`] builds.
+    pub fn open() -> Self {
+        NetConfig::default()
+    }
+}
+
+impl std::fmt::Debug for NetConfig {
+    // Never prints the pre-shared key itself.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetConfig")
+            .field("allowed", &self.allowed)
+            .field(
+                "psk",
+                &self.psk.map(|k| format!("fingerprint {}", k.fingerprint())),
             )
+            .field("kademlia", &self.kademlia)
+            .field("mdns", &self.mdns)
+            .field("federation_id", &self.federation_id)
+            .finish()
+    }
+}
+
+/// The composed libp2p behaviour (see the module doc).
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    pub allowed: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
+    pub request_response: request_response::Behaviour<FdCodec>,
+    pub identify: identify::Behaviour,
+    pub kademlia: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
+    pub gossipsub: gossipsub::Behaviour,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// Everything [`new_with`] builds: spawn `event_loop.run()`, answer
+/// `requests` through `client`, and read `announcements` of pulled shares
+/// (already checked: federation, size, author = announced sender).
+pub struct Network {
+    pub client: Client,
+    pub requests: mpsc::Receiver<InboundRequest>,
+    pub announcements: mpsc::Receiver<(PeerId, ShareAnnouncement)>,
+    pub event_loop: EventLoop,
+}
+
+/// `addr` ending in `/p2p/<peer id>` → (peer id, the address without it).
+pub fn split_peer_addr(addr: &Multiaddr) -> anyhow::Result<(PeerId, Multiaddr)> {
+    let mut base = addr.clone();
+    match base.pop() {
+        Some(Protocol::P2p(peer)) => Ok((peer, base)),
+        _ => Err(anyhow!("address {addr} does not end in /p2p/<peer id>")),
+    }
+}
+
+fn transport(
+    keypair: &identity::Keypair,
+    psk: Option<PreSharedKey>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
+    let noise = noise::Config::new(keypair)?;
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    Ok(match psk {
+        Some(psk) => tcp
+            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(HANDSHAKE_TIMEOUT)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        None => tcp
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(HANDSHAKE_TIMEOUT)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+    })
+}
+
+fn behaviour(
+    keypair: &identity::Keypair,
+    config: &NetConfig,
+    counters: Arc<TrafficCounters>,
+) -> anyhow::Result<Behaviour> {
+    let local = keypair.public().to_peer_id();
+    let allowed = config.allowed.as_ref().map(|peers| {
+        let mut list = allow_block_list::Behaviour::<AllowedPeers>::default();
+        for peer in peers {
+            list.allow_peer(*peer);
+        }
+        list
+    });
+    let request_response = request_response::Behaviour::with_codec(
+        FdCodec::new(counters),
+        [(PROTOCOL, ProtocolSupport::Full)],
+        request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+    );
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.to_string(), keypair.public())
+            .with_agent_version(format!("fd-node/{}", env!("CARGO_PKG_VERSION"))),
+    );
+    let kademlia = config.kademlia.then(|| {
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        kad_config.set_query_timeout(Duration::from_secs(30));
+        let mut kad =
+            kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config);
+        // Members rarely have a confirmed external address (NAT, 127.0.0.1 in
+        // tests); answer queries anyway, the network is private to the federation.
+        kad.set_mode(Some(kad::Mode::Server));
+        kad
+    });
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .message_id_fn(|message: &gossipsub::Message| {
+            gossipsub::MessageId::from(fd_protocol::digest::sha256(&message.data).to_hex())
+        })
+        .flood_publish(true)
+        .max_transmit_size(MAX_GOSSIP_BYTES)
+        .build()
+        .map_err(|e| anyhow!("gossipsub config: {e}"))?;
+    let gossipsub = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(keypair.clone()),
+        gossip_config,
+    )
+    .map_err(|e| anyhow!("gossipsub: {e}"))?;
+    let mdns = if config.mdns {
+        Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local).context("mDNS")?)
+    } else {
+        None
+    };
+    Ok(Behaviour {
+        allowed: allowed.into(),
+        request_response,
+        identify,
+        kademlia: kademlia.into(),
+        gossipsub,
+        mdns: mdns.into(),
+    })
+}
+
+/// Builds the swarm for `key` as `config` says and splits it into client,
+/// inbound requests, inbound share announcements and event loop.
+/// Spawn [`EventLoop::run`] on the tokio runtime.
+pub fn new_with(key: &SigningKey, config: &NetConfig) -> anyhow::Result<Network> {
+    let counters = Arc::new(TrafficCounters::default());
+    let keypair = libp2p_keypair(key);
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_other_transport(|keypair| transport(keypair, config.psk))?
+        .with_behaviour(|keypair| {
+            behaviour(keypair, config, counters.clone())
+                .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
         })?
         // Rounds can be minutes apart; keep connections instead of redialling.
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
         .build();
+    let topic = if config.federation_id.is_empty() {
+        None
+    } else {
+        let topic = shares_topic(&config.federation_id);
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&topic)
+            .map_err(|e| anyhow!("cannot subscribe to {topic}: {e}"))?;
+        Some(topic)
+    };
     let (command_tx, command_rx) = mpsc::channel(64);
     let (request_tx, request_rx) = mpsc::channel(256);
+    let (announcement_tx, announcement_rx) = mpsc::channel(256);
     let local_peer_id = *swarm.local_peer_id();
-    Ok((
-        Client::new(command_tx, local_peer_id, counters),
-        request_rx,
-        EventLoop::new(swarm, command_rx, request_tx),
-    ))
+    Ok(Network {
+        client: Client::new(command_tx, local_peer_id, counters.clone()),
+        requests: request_rx,
+        announcements: announcement_rx,
+        event_loop: EventLoop::new(
+            swarm,
+            command_rx,
+            request_tx,
+            announcement_tx,
+            counters,
+            config.federation_id.clone(),
+            topic,
+        ),
+    })
+}
+
+/// Builds the swarm for `key` with an open configuration ([`NetConfig::open`])
+/// and splits it into client, inbound requests and event loop.
+/// Spawn [`EventLoop::run`] on the tokio runtime.
+pub fn new(
+    key: &SigningKey,
+) -> anyhow::Result<(Client, mpsc::Receiver<InboundRequest>, EventLoop)> {
+    let network = new_with(key, &NetConfig::open())?;
+    Ok((network.client, network.requests, network.event_loop))
 }

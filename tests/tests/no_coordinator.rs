@@ -1,0 +1,103 @@
+//! A federation without a coordinator: three `fd-node` processes on
+//! 127.0.0.1 with a member list, a pre-shared key (closed network), a round
+//! schedule in the federation config, and one bootstrap address (node 0);
+//! nodes 1 and 2 find each other through Kademlia. The public subset is large
+//! enough (27,000 samples × 10 classes × f32 = 1.08 MB) that every share
+//! travels as a gossipsub announcement and a chunked pull, not as one frame.
+
+use std::time::Duration;
+
+use fd_tests::*;
+
+const NODES: usize = 3;
+const ROUNDS: u64 = 2;
+
+#[test]
+fn members_run_on_a_schedule_and_find_each_other_without_a_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let members: Vec<String> = (0..NODES)
+        .map(|i| seeded_key(&dir.join(format!("node-{i}.key")), i as u8 + 1))
+        .collect();
+    let psk: [u8; 32] = std::array::from_fn(|i| i as u8 * 7 + 3);
+    let psk_hex: String = psk.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(
+        dir.join("swarm.key"),
+        format!("/key/swarm/psk/1.0.0/\n/base16/\n{psk_hex}\n"),
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let federation = format!(
+        r#"[federation]
+id = "no-coordinator"
+rounds = {ROUNDS}
+public_size = 30000
+subset_size = 27000
+seed = 11
+quorum = 1.0
+schedule = {{ start_unix = {start}, round_secs = 30, share_deadline_secs = 20 }}
+{members}
+[data]
+kind = "synthetic"
+seed = 5
+train = 36000
+test = 2000
+"#,
+        start = now + 12,
+        members = members_line(&members),
+    );
+    let port0 = free_port();
+    let bootstrap = format!("/ip4/127.0.0.1/tcp/{port0}/p2p/{}", members[0]);
+    let mut nodes: Vec<Proc> = (0..NODES)
+        .map(|i| {
+            let config = node_toml(
+                dir,
+                i,
+                NODES,
+                0.5,
+                None,
+                &format!("node-{i}"),
+                &federation,
+            );
+            let network = if i == 0 {
+                format!("listen = \"/ip4/127.0.0.1/tcp/{port0}\"")
+            } else {
+                format!("bootstrap = [\"{bootstrap}\"]")
+            };
+            add_top_level(&config, &format!("{network}\npsk_file = \"swarm.key\""));
+            // One distillation epoch over 27,000 samples is plenty here.
+            let text = std::fs::read_to_string(&config)
+                .unwrap()
+                .replace("distill_epochs = 5", "distill_epochs = 1");
+            std::fs::write(&config, text).unwrap();
+            Proc::start(
+                &format!("node-{i}"),
+                "fd-node",
+                &["run", "--config", config.to_str().unwrap()],
+                dir,
+            )
+        })
+        .collect();
+    for node in &mut nodes {
+        node.wait_success(Duration::from_secs(300));
+    }
+    for i in 0..NODES {
+        let metrics = read_metrics(&dir.join(format!("node-{i}.jsonl")));
+        assert_eq!(
+            metrics.iter().map(|m| m.round).collect::<Vec<_>>(),
+            (1..=ROUNDS).collect::<Vec<_>>(),
+            "node {i}"
+        );
+        for m in &metrics {
+            assert!(m.share_bytes > 1 << 20, "share of {} B is not large", m.share_bytes);
+            assert_eq!(m.shares_aggregated, 2, "node {i} round {}: {m:?}", m.round);
+            assert!(m.distilled, "node {i} round {}", m.round);
+            assert_eq!(m.shares_rejected, 0, "node {i} round {}", m.round);
+            // Peers pulled our share: more than one share's worth of bytes went out.
+            assert!(m.bytes_sent > m.share_bytes, "node {i} round {}: {m:?}", m.round);
+        }
+    }
+}
