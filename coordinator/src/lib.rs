@@ -732,30 +732,14 @@ mod tests {
 
     fn metrics(manifest: &FederationManifest, member: &Member, round: u64) -> RoundMetrics {
         RoundMetrics {
-            federation_id: manifest.federation_id.clone(),
-            round,
-            node: member.key,
-            name: member.name.clone(),
             test_accuracy: 0.1 * round as f64,
-            local_accuracy: 0.0,
             bytes_sent: 1,
             bytes_received: 2,
             share_bytes: 3,
             shares_sent: 1,
             shares_aggregated: 1,
-            shares_rejected: 0,
-            rejections: Vec::new(),
-            train_loss: 0.0,
-            distill_loss: 0.0,
-            train_seconds: 0.0,
-            predict_seconds: 0.0,
-            encode_seconds: 0.0,
-            network_seconds: 0.0,
-            verify_seconds: 0.0,
-            aggregate_seconds: 0.0,
-            distill_seconds: 0.0,
-            checkpoint_seconds: 0.0,
             distilled: true,
+            ..RoundMetrics::new(&manifest.federation_id, round, member.key, &member.name)
         }
     }
 

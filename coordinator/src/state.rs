@@ -268,30 +268,10 @@ mod tests {
 
     fn metrics(id: &str, round: u64, node: &Member, accuracy: f64) -> RoundMetrics {
         RoundMetrics {
-            federation_id: id.into(),
-            round,
-            node: node.key,
-            name: node.name.clone(),
             test_accuracy: accuracy,
-            local_accuracy: 0.0,
-            bytes_sent: 0,
-            bytes_received: 0,
-            share_bytes: 0,
-            shares_sent: 0,
-            shares_aggregated: 0,
-            shares_rejected: 0,
             rejections: vec![("late".into(), 1)],
-            train_loss: 0.0,
-            distill_loss: 0.0,
-            train_seconds: 0.0,
-            predict_seconds: 0.0,
-            encode_seconds: 0.0,
-            network_seconds: 0.0,
-            verify_seconds: 0.0,
-            aggregate_seconds: 0.0,
-            distill_seconds: 0.0,
-            checkpoint_seconds: 0.0,
             distilled: true,
+            ..RoundMetrics::new(id, round, node.key, &node.name)
         }
     }
 

@@ -213,7 +213,10 @@ impl FederationConfig {
             }
         }
         if let Some(s) = &self.schedule {
-            if s.round_secs == 0 || s.share_deadline_secs == 0 || s.share_deadline_secs >= s.round_secs {
+            if s.round_secs == 0
+                || s.share_deadline_secs == 0
+                || s.share_deadline_secs >= s.round_secs
+            {
                 return Err((
                     "federation.schedule",
                     format!(

@@ -10,9 +10,7 @@ use libp2p::PeerId;
 
 /// The Ed25519 key inside a PeerId written as text (`12D3KooW…`).
 pub fn member_key(peer_id: &str) -> Result<PublicKey, String> {
-    let peer: PeerId = peer_id
-        .parse()
-        .map_err(|e| format!("not a PeerId: {e}"))?;
+    let peer: PeerId = peer_id.parse().map_err(|e| format!("not a PeerId: {e}"))?;
     key_of_peer(&peer)
 }
 
@@ -41,10 +39,9 @@ mod tests {
         assert_eq!(member_key(&peer.to_string()).unwrap(), key.public_key());
         assert!(member_key("not-a-peer-id").is_err());
         // An RSA-style (sha256 multihash) PeerId carries no key.
-        let hashed = PeerId::from_multihash(
-            libp2p::multihash::Multihash::wrap(0x12, &[0u8; 32]).unwrap(),
-        )
-        .unwrap();
+        let hashed =
+            PeerId::from_multihash(libp2p::multihash::Multihash::wrap(0x12, &[0u8; 32]).unwrap())
+                .unwrap();
         assert!(key_of_peer(&hashed).is_err());
     }
 }

@@ -214,30 +214,13 @@ impl RoundEngine {
     fn metrics(&self, round: u64) -> RoundMetrics {
         let member = self.member();
         RoundMetrics {
-            federation_id: member.manifest.federation_id.clone(),
-            round,
-            node: self.key.public_key(),
-            name: member.name.clone(),
-            test_accuracy: 0.0,
-            local_accuracy: 0.0,
-            bytes_sent: 0,
-            bytes_received: 0,
-            share_bytes: 0,
-            shares_sent: 0,
-            shares_aggregated: 0,
-            shares_rejected: 0,
-            rejections: vec![],
-            train_loss: 0.0,
-            distill_loss: 0.0,
             train_seconds: member.times.train,
-            predict_seconds: 0.0,
-            encode_seconds: 0.0,
-            network_seconds: 0.0,
-            verify_seconds: 0.0,
-            aggregate_seconds: 0.0,
-            distill_seconds: 0.0,
-            checkpoint_seconds: 0.0,
-            distilled: false,
+            ..RoundMetrics::new(
+                &member.manifest.federation_id,
+                round,
+                self.key.public_key(),
+                &member.name,
+            )
         }
     }
 

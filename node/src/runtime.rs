@@ -160,7 +160,12 @@ impl ShareTransport for Libp2pTransport {
         *self.round_start.lock().unwrap() = self.client.traffic();
     }
 
-    async fn push(&self, plan: &RoundPlan, peer: &Member, share: &LogitShare) -> anyhow::Result<()> {
+    async fn push(
+        &self,
+        plan: &RoundPlan,
+        peer: &Member,
+        share: &LogitShare,
+    ) -> anyhow::Result<()> {
         let inline = matches!(net::frame_len(&Message::Share(share.clone())), Ok(n) if n <= INLINE_SHARE_BYTES as u64);
         if inline {
             send_share(&self.client, peer, share.clone()).await
@@ -306,10 +311,8 @@ pub async fn run_federated(
             }
             let public = key.public_key();
             last_done = checkpoint.round;
-            member = blocking(move || {
-                member.restore(&checkpoint, &public).map(|()| member)
-            })
-            .await??;
+            member =
+                blocking(move || member.restore(&checkpoint, &public).map(|()| member)).await??;
             tracing::info!(
                 node = %config.name,
                 round = last_done,
@@ -320,7 +323,7 @@ pub async fn run_federated(
         }
     }
 
-    let telemetry = Arc::new(Telemetry::default());
+    let telemetry = Arc::new(Telemetry::new("node", &config.name));
     if let Some(addr) = &config.metrics_listen {
         let (bound, _) = telemetry::serve(addr.parse()?, telemetry.clone()).await?;
         tracing::info!(node = %config.name, %bound, "Prometheus metrics at http://{bound}/metrics");
@@ -363,11 +366,13 @@ pub async fn run_federated(
             let train_samples = engine.member().private.len() as u64;
             let members = join(&client, peer, &config, &manifest, &me, train_samples).await?;
             engine.inbox().set_members(&members);
+            telemetry.set_members(members.len());
             Some(peer)
         }
         RoundClock::Schedule(schedule) => {
             let members = configured_members(&config);
             engine.inbox().set_members(&members);
+            telemetry.set_members(members.len());
             tokio::spawn(scheduled_rounds(
                 schedule,
                 manifest.clone(),
@@ -403,10 +408,9 @@ pub async fn run_federated(
         if round <= last_done {
             // A restarted coordinator re-announces the round it lost track of:
             // give it this member's metrics again.
-            if let (Some(peer), Some(m)) = (
-                coordinator_peer,
-                results.iter().find(|m| m.round == round),
-            ) {
+            if let (Some(peer), Some(m)) =
+                (coordinator_peer, results.iter().find(|m| m.round == round))
+            {
                 let _ = request_with_retry(&client, peer, Message::Metrics(m.clone()), 3).await;
             }
             continue;
@@ -580,8 +584,7 @@ pub async fn pull_announced_shares(
         if let Err(e) = checked {
             let reason = e.reason();
             // A repeated announcement of a share we already hold is not an attack.
-            if reason != RejectReason::InvalidField || !e.to_string().contains("already accepted")
-            {
+            if reason != RejectReason::InvalidField || !e.to_string().contains("already accepted") {
                 tracing::warn!(%source, round, reason = reason.as_str(), "share announcement rejected: {e}");
                 inbox.lock().count_rejection(reason);
                 telemetry.share_rejected(reason.as_str());
@@ -645,6 +648,7 @@ pub async fn serve_inbound(
         let answer = match message {
             Message::Round(announcement) if rounds.is_some() => {
                 inbox.set_members(&announcement.members);
+                telemetry.set_members(announcement.members.len());
                 if let Some(rounds) = &rounds {
                     let _ = rounds.send(announcement);
                 }

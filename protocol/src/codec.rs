@@ -40,76 +40,62 @@ fn share_config() -> impl bincode::config::Config {
 
 /// Encodes a message into one frame.
 pub fn encode(message: &Message) -> Result<Vec<u8>, ProtocolError> {
-    let mut out = PROTOCOL_VERSION.to_le_bytes().to_vec();
-    let body = bincode::serde::encode_to_vec(message, config())
-        .map_err(|e| ProtocolError::Encode(e.to_string()))?;
-    out.extend_from_slice(&body);
-    if out.len() > MAX_MESSAGE_BYTES {
-        return Err(ProtocolError::TooLarge {
-            size: out.len(),
-            max: MAX_MESSAGE_BYTES,
-        });
-    }
-    Ok(out)
+    encode_versioned(message, config(), MAX_MESSAGE_BYTES)
 }
 
 /// Decodes one frame. Rejects oversize frames, other versions and trailing bytes.
 pub fn decode(frame: &[u8]) -> Result<Message, ProtocolError> {
-    if frame.len() > MAX_MESSAGE_BYTES {
-        return Err(ProtocolError::TooLarge {
-            size: frame.len(),
-            max: MAX_MESSAGE_BYTES,
-        });
-    }
-    let (head, body) = frame.split_first_chunk::<2>().ok_or_else(|| {
-        ProtocolError::Malformed(format!("frame of {} bytes has no version", frame.len()))
-    })?;
-    let version = u16::from_le_bytes(*head);
-    if version != PROTOCOL_VERSION {
-        return Err(ProtocolError::UnsupportedVersion {
-            got: version,
-            expected: PROTOCOL_VERSION,
-        });
-    }
-    let (message, used): (Message, usize) = bincode::serde::decode_from_slice(body, config())
-        .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-    if used != body.len() {
-        return Err(ProtocolError::Malformed(format!(
-            "{} trailing bytes after the message",
-            body.len() - used
-        )));
-    }
-    Ok(message)
+    decode_versioned(frame, config(), MAX_MESSAGE_BYTES, "message")
 }
 
 /// Encodes a share on its own, for announce-and-pull transfer
 /// ([`crate::transfer`]): `version: u16 (little endian) || bincode(share)`,
 /// at most [`MAX_SHARE_BYTES`] long. Its SHA-256 is the announcement's digest.
 pub fn encode_share(share: &LogitShare) -> Result<Vec<u8>, ProtocolError> {
-    let mut out = PROTOCOL_VERSION.to_le_bytes().to_vec();
-    bincode::serde::encode_into_std_write(share, &mut out, share_config())
-        .map_err(|e| ProtocolError::Encode(e.to_string()))?;
-    if out.len() > MAX_SHARE_BYTES {
-        return Err(ProtocolError::TooLarge {
-            size: out.len(),
-            max: MAX_SHARE_BYTES,
-        });
-    }
-    Ok(out)
+    encode_versioned(share, share_config(), MAX_SHARE_BYTES)
 }
 
 /// Decodes what [`encode_share`] produced. Rejects more than
 /// [`MAX_SHARE_BYTES`], other versions and trailing bytes. The share still
 /// has to pass [`LogitShare::validate`].
 pub fn decode_share(bytes: &[u8]) -> Result<LogitShare, ProtocolError> {
-    if bytes.len() > MAX_SHARE_BYTES {
+    decode_versioned(bytes, share_config(), MAX_SHARE_BYTES, "share")
+}
+
+/// `version || bincode(value)`, refused above `max` bytes.
+fn encode_versioned<T: serde::Serialize>(
+    value: &T,
+    config: impl bincode::config::Config,
+    max: usize,
+) -> Result<Vec<u8>, ProtocolError> {
+    let mut out = PROTOCOL_VERSION.to_le_bytes().to_vec();
+    bincode::serde::encode_into_std_write(value, &mut out, config)
+        .map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    if out.len() > max {
+        return Err(ProtocolError::TooLarge {
+            size: out.len(),
+            max,
+        });
+    }
+    Ok(out)
+}
+
+/// The inverse of [`encode_versioned`]: checks the size, the version and
+/// that nothing trails the `what` (named in errors).
+fn decode_versioned<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    config: impl bincode::config::Config,
+    max: usize,
+    what: &str,
+) -> Result<T, ProtocolError> {
+    if bytes.len() > max {
         return Err(ProtocolError::TooLarge {
             size: bytes.len(),
-            max: MAX_SHARE_BYTES,
+            max,
         });
     }
     let (head, body) = bytes.split_first_chunk::<2>().ok_or_else(|| {
-        ProtocolError::Malformed(format!("share of {} bytes has no version", bytes.len()))
+        ProtocolError::Malformed(format!("{what} of {} bytes has no version", bytes.len()))
     })?;
     let version = u16::from_le_bytes(*head);
     if version != PROTOCOL_VERSION {
@@ -118,16 +104,15 @@ pub fn decode_share(bytes: &[u8]) -> Result<LogitShare, ProtocolError> {
             expected: PROTOCOL_VERSION,
         });
     }
-    let (share, used): (LogitShare, usize) =
-        bincode::serde::decode_from_slice(body, share_config())
-            .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    let (value, used): (T, usize) = bincode::serde::decode_from_slice(body, config)
+        .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
     if used != body.len() {
         return Err(ProtocolError::Malformed(format!(
-            "{} trailing bytes after the share",
+            "{} trailing bytes after the {what}",
             body.len() - used
         )));
     }
-    Ok(share)
+    Ok(value)
 }
 
 /// Length of `message`'s frame as [`encode`] would produce it, without the

@@ -445,10 +445,6 @@ pub fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
     frame(
         "metrics",
         Message::Metrics(RoundMetrics {
-            federation_id: FEDERATION_ID.into(),
-            round: ROUND,
-            node: key,
-            name: "alice".into(),
             test_accuracy: 0.8,
             local_accuracy: 0.7,
             bytes_sent: 1,
@@ -469,6 +465,7 @@ pub fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
             distill_seconds: 1.0,
             checkpoint_seconds: 1.0,
             distilled: true,
+            ..RoundMetrics::new(FEDERATION_ID, ROUND, key, "alice")
         }),
     );
     frame("done", Message::Done { rounds: 10 });

@@ -115,6 +115,39 @@ pub struct RoundMetrics {
     pub distilled: bool,
 }
 
+impl RoundMetrics {
+    /// A report of `round` by member `node` with every measurement at zero,
+    /// to be filled in (`RoundMetrics { test_accuracy, ..RoundMetrics::new(..) }`).
+    pub fn new(federation_id: &str, round: u64, node: PublicKey, name: &str) -> Self {
+        RoundMetrics {
+            federation_id: federation_id.to_string(),
+            round,
+            node,
+            name: name.to_string(),
+            test_accuracy: 0.0,
+            local_accuracy: 0.0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            share_bytes: 0,
+            shares_sent: 0,
+            shares_aggregated: 0,
+            shares_rejected: 0,
+            rejections: Vec::new(),
+            train_loss: 0.0,
+            distill_loss: 0.0,
+            train_seconds: 0.0,
+            predict_seconds: 0.0,
+            encode_seconds: 0.0,
+            network_seconds: 0.0,
+            verify_seconds: 0.0,
+            aggregate_seconds: 0.0,
+            distill_seconds: 0.0,
+            checkpoint_seconds: 0.0,
+            distilled: false,
+        }
+    }
+}
+
 /// Everything that travels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {

@@ -261,11 +261,12 @@ pub fn throughput_table(
     let _ = writeln!(out, "|---|---|---:|---:|---:|");
     for model in zoo() {
         for &device in devices {
-            let thread_counts: &[usize] = if matches!(device, DeviceKind::Wgpu | DeviceKind::WgpuCpu) {
-                &[1]
-            } else {
-                &[1, 2]
-            };
+            let thread_counts: &[usize] =
+                if matches!(device, DeviceKind::Wgpu | DeviceKind::WgpuCpu) {
+                    &[1]
+                } else {
+                    &[1, 2]
+                };
             for &threads in thread_counts {
                 let (train, predict) = throughput(&model, device, threads, repeats, batch)?;
                 let line = format!(
@@ -382,12 +383,7 @@ pub fn round_breakdown(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
     ];
     let totals: Vec<f64> = metrics
         .iter()
-        .map(|m| {
-            steps
-                .iter()
-                .map(|(_, f)| f(m))
-                .sum()
-        })
+        .map(|m| steps.iter().map(|(_, f)| f(m)).sum())
         .collect();
     let round = median(totals.clone());
     let mut out = String::new();

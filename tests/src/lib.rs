@@ -254,7 +254,11 @@ pub fn wait_for_lines(path: &Path, lines: usize, timeout: Duration, proc: &mut P
             return;
         }
         if let Some(status) = proc.child.try_wait().expect("wait") {
-            panic!("{} exited with {status} early; log:\n{}", proc.name, proc.log_tail());
+            panic!(
+                "{} exited with {status} early; log:\n{}",
+                proc.name,
+                proc.log_tail()
+            );
         }
         assert!(
             start.elapsed() < timeout,

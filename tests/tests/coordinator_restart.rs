@@ -80,8 +80,14 @@ fn members_pause_while_the_coordinator_is_down_and_finish_after_it_returns() {
     std::thread::sleep(Duration::from_secs(5));
     for i in 0..NODES {
         let now = read_metrics(&dir.join(format!("node-{i}.jsonl"))).len();
-        assert!(now <= before[i] + 1, "node {i} ran on without a coordinator");
-        assert!(nodes[i].child.try_wait().unwrap().is_none(), "node {i} gave up");
+        assert!(
+            now <= before[i] + 1,
+            "node {i} ran on without a coordinator"
+        );
+        assert!(
+            nodes[i].child.try_wait().unwrap().is_none(),
+            "node {i} gave up"
+        );
     }
 
     let mut coordinator = start_coordinator("coordinator-restarted");
@@ -108,10 +114,17 @@ fn members_pause_while_the_coordinator_is_down_and_finish_after_it_returns() {
         .skip(1)
         .map(|l| {
             let mut f = l.split(',');
-            (f.next().unwrap().parse().unwrap(), f.next().unwrap().to_string())
+            (
+                f.next().unwrap().parse().unwrap(),
+                f.next().unwrap().to_string(),
+            )
         })
         .collect();
-    assert_eq!(csv.lines().filter(|l| l.starts_with("round,")).count(), 1, "{csv}");
+    assert_eq!(
+        csv.lines().filter(|l| l.starts_with("round,")).count(),
+        1,
+        "{csv}"
+    );
     rows.sort();
     let before_dedup = rows.len();
     rows.dedup();

@@ -50,20 +50,15 @@ test = 2000
         members = members_line(&members),
     );
     let port0 = free_port();
+    let metrics_port = free_port();
     let bootstrap = format!("/ip4/127.0.0.1/tcp/{port0}/p2p/{}", members[0]);
     let mut nodes: Vec<Proc> = (0..NODES)
         .map(|i| {
-            let config = node_toml(
-                dir,
-                i,
-                NODES,
-                0.5,
-                None,
-                &format!("node-{i}"),
-                &federation,
-            );
+            let config = node_toml(dir, i, NODES, 0.5, None, &format!("node-{i}"), &federation);
             let network = if i == 0 {
-                format!("listen = \"/ip4/127.0.0.1/tcp/{port0}\"")
+                format!(
+                    "listen = \"/ip4/127.0.0.1/tcp/{port0}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\""
+                )
             } else {
                 format!("bootstrap = [\"{bootstrap}\"]")
             };
@@ -81,9 +76,36 @@ test = 2000
             )
         })
         .collect();
+    // Scrape node 0's Prometheus endpoint while it runs; keep the last answer.
+    let mut scraped = String::new();
+    while nodes[0].child.try_wait().unwrap().is_none() {
+        if let Some(body) = http_get(metrics_port, "/metrics") {
+            scraped = body;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
     for node in &mut nodes {
         node.wait_success(Duration::from_secs(300));
     }
+    // After its last round node 0 stays up until the last share window closes.
+    let counter = |name: &str| -> f64 {
+        scraped
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from:\n{scraped}"))
+    };
+    assert_eq!(
+        counter("fd_rounds_completed_total"),
+        ROUNDS as f64,
+        "{scraped}"
+    );
+    assert_eq!(
+        counter("fd_shares_accepted_total"),
+        2.0 * ROUNDS as f64,
+        "{scraped}"
+    );
+    assert!(counter("fd_bytes_sent_total") > 0.0, "{scraped}");
     for i in 0..NODES {
         let metrics = read_metrics(&dir.join(format!("node-{i}.jsonl")));
         assert_eq!(
@@ -92,12 +114,36 @@ test = 2000
             "node {i}"
         );
         for m in &metrics {
-            assert!(m.share_bytes > 1 << 20, "share of {} B is not large", m.share_bytes);
+            assert!(
+                m.share_bytes > 1 << 20,
+                "share of {} B is not large",
+                m.share_bytes
+            );
             assert_eq!(m.shares_aggregated, 2, "node {i} round {}: {m:?}", m.round);
             assert!(m.distilled, "node {i} round {}", m.round);
             assert_eq!(m.shares_rejected, 0, "node {i} round {}", m.round);
             // Peers pulled our share: more than one share's worth of bytes went out.
-            assert!(m.bytes_sent > m.share_bytes, "node {i} round {}: {m:?}", m.round);
+            assert!(
+                m.bytes_sent > m.share_bytes,
+                "node {i} round {}: {m:?}",
+                m.round
+            );
         }
     }
+}
+
+/// The body of `GET path` on 127.0.0.1:`port`, if the server answered 200.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }

@@ -73,11 +73,18 @@ fn a_node_killed_mid_round_resumes_from_its_checkpoint() {
 
     // Kill the victim shortly after it finished round 1, i.e. inside round 2.
     let metrics_path = dir.join(format!("node-{VICTIM}.jsonl"));
-    wait_for_lines(&metrics_path, 1, Duration::from_secs(300), &mut nodes[VICTIM]);
+    wait_for_lines(
+        &metrics_path,
+        1,
+        Duration::from_secs(300),
+        &mut nodes[VICTIM],
+    );
     std::thread::sleep(Duration::from_millis(300));
     nodes[VICTIM].kill9();
     let saved = log_lines(&nodes[VICTIM], "checkpoint saved");
-    let last_saved = saved.last().expect("a checkpoint was saved before the kill");
+    let last_saved = saved
+        .last()
+        .expect("a checkpoint was saved before the kill");
     let saved_round: u64 = log_field(last_saved, "round").unwrap().parse().unwrap();
     let saved_weights = log_field(last_saved, "weights").unwrap();
     let rounds_before = read_metrics(&metrics_path).len() as u64;
@@ -99,7 +106,10 @@ fn a_node_killed_mid_round_resumes_from_its_checkpoint() {
     let resumed = log_lines(&restarted, "resumed from checkpoint");
     assert_eq!(resumed.len(), 1, "log:\n{}", restarted.log_tail());
     assert_eq!(
-        log_field(&resumed[0], "round").unwrap().parse::<u64>().unwrap(),
+        log_field(&resumed[0], "round")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap(),
         saved_round
     );
     assert_eq!(
@@ -108,7 +118,10 @@ fn a_node_killed_mid_round_resumes_from_its_checkpoint() {
         "the restored weights differ from the saved ones"
     );
     // Before the kill: rounds 1..=k; the restarted process ran exactly k+1..=R.
-    let victim_rounds: Vec<u64> = read_metrics(&metrics_path).iter().map(|m| m.round).collect();
+    let victim_rounds: Vec<u64> = read_metrics(&metrics_path)
+        .iter()
+        .map(|m| m.round)
+        .collect();
     assert_eq!(victim_rounds, (1..=ROUNDS).collect::<Vec<_>>());
     for i in (0..NODES).filter(|&i| i != VICTIM) {
         let metrics = read_metrics(&dir.join(format!("node-{i}.jsonl")));
@@ -118,6 +131,10 @@ fn a_node_killed_mid_round_resumes_from_its_checkpoint() {
             "node {i}"
         );
         // After the victim is back, rounds run with all five members again.
-        assert_eq!(metrics.last().unwrap().shares_aggregated as usize, NODES - 1, "node {i}");
+        assert_eq!(
+            metrics.last().unwrap().shares_aggregated as usize,
+            NODES - 1,
+            "node {i}"
+        );
     }
 }

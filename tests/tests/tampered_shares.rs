@@ -146,8 +146,7 @@ async fn stranger_join(coordinator: &str) -> anyhow::Result<Message> {
     tokio::spawn(event_loop.run());
     let (peer, addr) = split_peer_addr(&coordinator.parse()?)?;
     client.add_address(peer, addr).await?;
-    let manifest = toml_federation()
-        .manifest(&synthetic().load()?)?;
+    let manifest = toml_federation().manifest(&synthetic().load()?)?;
     let join = Message::Join(JoinRequest {
         federation_id: manifest.federation_id.clone(),
         member: Member {
@@ -178,9 +177,7 @@ fn resign(share: &mut LogitShare, key: &SigningKey) {
 /// Joins as a member, then tampers every round. Returns (kind, answer) per
 /// share sent, and what a stranger got when it tried to push a share to an
 /// honest member during round 1.
-async fn tampering_member(
-    coordinator: &str,
-) -> (Vec<(String, Message)>, anyhow::Result<Message>) {
+async fn tampering_member(coordinator: &str) -> (Vec<(String, Message)>, anyhow::Result<Message>) {
     let key = SigningKey::from_seed(TAMPERER_SEED);
     let federation: FederationConfig = toml_federation();
     let data = synthetic().load().unwrap();
@@ -267,8 +264,7 @@ async fn tampering_member(
                         ("oversize", oversize),
                     ];
                     // An accepted share of round 1, sent again in a later round.
-                    if let Some((_, old)) = first_shares.iter().find(|(m, _)| m.key == target.key)
-                    {
+                    if let Some((_, old)) = first_shares.iter().find(|(m, _)| m.key == target.key) {
                         sends.push(("replayed", old.clone()));
                     }
                     sends.push(("honest", honest.clone()));
@@ -280,37 +276,20 @@ async fn tampering_member(
                     }
                     if round.round == 1 {
                         first_shares.push(((*target).clone(), honest.clone()));
-                        if stranger_share.as_ref().is_err_and(|e| e.to_string() == "not tried") {
+                        if stranger_share
+                            .as_ref()
+                            .is_err_and(|e| e.to_string() == "not tried")
+                        {
                             stranger_share = stranger_push(target, honest).await;
                         }
                     }
                 }
-                let metrics = RoundMetrics {
-                    federation_id: manifest.federation_id.clone(),
-                    round: round.round,
-                    node: key.public_key(),
-                    name: "tamperer".into(),
-                    test_accuracy: 0.0,
-                    local_accuracy: 0.0,
-                    bytes_sent: 0,
-                    bytes_received: 0,
-                    share_bytes: 0,
-                    shares_sent: 0,
-                    shares_aggregated: 0,
-                    shares_rejected: 0,
-                    rejections: vec![],
-                    train_loss: 0.0,
-                    distill_loss: 0.0,
-                    train_seconds: 0.0,
-                    predict_seconds: 0.0,
-                    encode_seconds: 0.0,
-                    network_seconds: 0.0,
-                    verify_seconds: 0.0,
-                    aggregate_seconds: 0.0,
-                    distill_seconds: 0.0,
-                    checkpoint_seconds: 0.0,
-                    distilled: false,
-                };
+                let metrics = RoundMetrics::new(
+                    &manifest.federation_id,
+                    round.round,
+                    key.public_key(),
+                    "tamperer",
+                );
                 request_with_retry(&client, coordinator_peer, Message::Metrics(metrics), 3)
                     .await
                     .unwrap();

@@ -130,7 +130,10 @@ fn main() -> anyhow::Result<()> {
             );
             fd_node::fsutil::write_atomic(&out, runtime::new_psk_text().as_bytes(), 0o600)
                 .with_context(|| format!("cannot write {}", out.display()))?;
-            println!("wrote {} (mode 0600): copy it to every member and set psk_file", out.display());
+            println!(
+                "wrote {} (mode 0600): copy it to every member and set psk_file",
+                out.display()
+            );
             Ok(())
         }
         Command::PeerId { config } => {
@@ -169,7 +172,9 @@ fn status(path: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
         (None, None) => println!("clock       none (isolated)"),
     }
     if config.federation.members.is_empty() {
-        println!("members     open federation (no member list: anyone with the public set may join)");
+        println!(
+            "members     open federation (no member list: anyone with the public set may join)"
+        );
     } else {
         println!(
             "members     {} listed; connections from others are refused",
@@ -218,7 +223,11 @@ fn status(path: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
         }
     };
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    println!("rounds      {} recorded in {}", lines.len(), metrics.display());
+    println!(
+        "rounds      {} recorded in {}",
+        lines.len(),
+        metrics.display()
+    );
     for line in &lines[lines.len().saturating_sub(rounds)..] {
         match serde_json::from_str::<fd_protocol::RoundMetrics>(line) {
             Ok(m) => println!(
@@ -228,7 +237,11 @@ fn status(path: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
                 m.local_accuracy,
                 m.shares_aggregated,
                 m.shares_rejected,
-                if m.distilled { "distilled" } else { "quorum not met" }
+                if m.distilled {
+                    "distilled"
+                } else {
+                    "quorum not met"
+                }
             ),
             Err(e) => println!("  unreadable line: {e}"),
         }
