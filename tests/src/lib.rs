@@ -38,6 +38,34 @@ impl Proc {
         self.child.wait().expect("wait");
     }
 
+    /// `fd-node run --config <config>` as `name`.
+    pub fn node(name: &str, config: &Path, dir: &Path) -> Proc {
+        Proc::start(
+            name,
+            "fd-node",
+            &["run", "--config", config.to_str().expect("UTF-8 path")],
+            dir,
+        )
+    }
+
+    /// `fd-coordinator --config <config>` as `name`, once it has written its
+    /// address file; returns the process and the address members dial.
+    pub fn coordinator(name: &str, config: &Path, dir: &Path) -> (Proc, String) {
+        let _ = std::fs::remove_file(dir.join("coordinator.addr"));
+        let mut proc = Proc::start(
+            name,
+            "fd-coordinator",
+            &["--config", config.to_str().expect("UTF-8 path")],
+            dir,
+        );
+        let address = wait_for_line(
+            &dir.join("coordinator.addr"),
+            Duration::from_secs(120),
+            &mut proc,
+        );
+        (proc, address)
+    }
+
     pub fn start(name: &str, bin: &str, args: &[&str], dir: &Path) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let stderr = std::fs::File::create(&log).expect("log file");

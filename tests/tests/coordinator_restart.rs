@@ -29,20 +29,7 @@ fn members_pause_while_the_coordinator_is_down_and_finish_after_it_returns() {
             free_port()
         ),
     );
-    let start_coordinator = |name: &str| {
-        Proc::start(
-            name,
-            "fd-coordinator",
-            &["--config", coordinator_config.to_str().unwrap()],
-            dir,
-        )
-    };
-    let mut coordinator = start_coordinator("coordinator");
-    let address = wait_for_line(
-        &dir.join("coordinator.addr"),
-        Duration::from_secs(120),
-        &mut coordinator,
-    );
+    let (mut coordinator, address) = Proc::coordinator("coordinator", &coordinator_config, dir);
     let mut nodes: Vec<Proc> = (0..NODES)
         .map(|i| {
             let config = node_toml(
@@ -54,12 +41,7 @@ fn members_pause_while_the_coordinator_is_down_and_finish_after_it_returns() {
                 &format!("node-{i}"),
                 &federation,
             );
-            Proc::start(
-                &format!("node-{i}"),
-                "fd-node",
-                &["run", "--config", config.to_str().unwrap()],
-                dir,
-            )
+            Proc::node(&format!("node-{i}"), &config, dir)
         })
         .collect();
 
@@ -90,7 +72,12 @@ fn members_pause_while_the_coordinator_is_down_and_finish_after_it_returns() {
         );
     }
 
-    let mut coordinator = start_coordinator("coordinator-restarted");
+    let (mut coordinator, restarted_address) =
+        Proc::coordinator("coordinator-restarted", &coordinator_config, dir);
+    assert_eq!(
+        restarted_address, address,
+        "same key and port, same address"
+    );
     for node in &mut nodes {
         node.wait_success(Duration::from_secs(600));
     }

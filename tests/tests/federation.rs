@@ -17,17 +17,7 @@ fn three_node_processes_beat_isolated_training_and_send_only_logits() {
     let federation = federation_toml("three-nodes", ROUNDS);
 
     let coordinator_config = coordinator_toml(dir, NODES, 300, &federation);
-    let mut coordinator = Proc::start(
-        "coordinator",
-        "fd-coordinator",
-        &["--config", coordinator_config.to_str().unwrap()],
-        dir,
-    );
-    let address = wait_for_line(
-        &dir.join("coordinator.addr"),
-        Duration::from_secs(120),
-        &mut coordinator,
-    );
+    let (mut coordinator, address) = Proc::coordinator("coordinator", &coordinator_config, dir);
 
     let mut nodes: Vec<Proc> = (0..NODES)
         .map(|i| {
@@ -40,12 +30,7 @@ fn three_node_processes_beat_isolated_training_and_send_only_logits() {
                 &format!("fd-{i}"),
                 &federation,
             );
-            Proc::start(
-                &format!("node-{i}"),
-                "fd-node",
-                &["run", "--config", config.to_str().unwrap()],
-                dir,
-            )
+            Proc::node(&format!("node-{i}"), &config, dir)
         })
         .collect();
     for node in &mut nodes {

@@ -68,12 +68,7 @@ test = 2000
                 .unwrap()
                 .replace("distill_epochs = 5", "distill_epochs = 1");
             std::fs::write(&config, text).unwrap();
-            Proc::start(
-                &format!("node-{i}"),
-                "fd-node",
-                &["run", "--config", config.to_str().unwrap()],
-                dir,
-            )
+            Proc::node(&format!("node-{i}"), &config, dir)
         })
         .collect();
     // Scrape node 0's Prometheus endpoint while it runs; keep the last answer.

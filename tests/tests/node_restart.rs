@@ -28,17 +28,7 @@ fn a_node_killed_mid_round_resumes_from_its_checkpoint() {
         &format!("{}quorum = 0.5\n", members_line(&members)),
     );
     let coordinator_config = coordinator_toml(dir, NODES, 30, &federation);
-    let mut coordinator = Proc::start(
-        "coordinator",
-        "fd-coordinator",
-        &["--config", coordinator_config.to_str().unwrap()],
-        dir,
-    );
-    let address = wait_for_line(
-        &dir.join("coordinator.addr"),
-        Duration::from_secs(120),
-        &mut coordinator,
-    );
+    let (mut coordinator, address) = Proc::coordinator("coordinator", &coordinator_config, dir);
     let configs: Vec<_> = (0..NODES)
         .map(|i| {
             let config = node_toml(
@@ -61,14 +51,7 @@ fn a_node_killed_mid_round_resumes_from_its_checkpoint() {
             config
         })
         .collect();
-    let start = |i: usize, name: &str| {
-        Proc::start(
-            name,
-            "fd-node",
-            &["run", "--config", configs[i].to_str().unwrap()],
-            dir,
-        )
-    };
+    let start = |i: usize, name: &str| Proc::node(name, &configs[i], dir);
     let mut nodes: Vec<Proc> = (0..NODES).map(|i| start(i, &format!("node-{i}"))).collect();
 
     // Kill the victim shortly after it finished round 1, i.e. inside round 2.

@@ -36,17 +36,7 @@ fn tampered_forged_replayed_oversize_and_nan_shares_are_rejected_and_strangers_r
         .collect();
     let federation = federation_toml_with("tamper", ROUNDS, &members_line(&members));
     let coordinator_config = coordinator_toml(dir, 3, 120, &federation);
-    let mut coordinator = Proc::start(
-        "coordinator",
-        "fd-coordinator",
-        &["--config", coordinator_config.to_str().unwrap()],
-        dir,
-    );
-    let address = wait_for_line(
-        &dir.join("coordinator.addr"),
-        Duration::from_secs(120),
-        &mut coordinator,
-    );
+    let (mut coordinator, address) = Proc::coordinator("coordinator", &coordinator_config, dir);
 
     let mut honest: Vec<Proc> = (0..2)
         .map(|i| {
@@ -59,12 +49,7 @@ fn tampered_forged_replayed_oversize_and_nan_shares_are_rejected_and_strangers_r
                 &format!("honest-{i}"),
                 &federation,
             );
-            Proc::start(
-                &format!("node-{i}"),
-                "fd-node",
-                &["run", "--config", config.to_str().unwrap()],
-                dir,
-            )
+            Proc::node(&format!("node-{i}"), &config, dir)
         })
         .collect();
 
