@@ -104,12 +104,15 @@ impl ShareInbox {
         Ok(())
     }
 
-    fn check_first(&self, sender: &PublicKey, round: u64) -> Result<(), ProtocolError> {
-        if self
-            .accepted
+    /// Whether a share from `sender` for `round` is already held.
+    pub fn has_accepted(&self, sender: &PublicKey, round: u64) -> bool {
+        self.accepted
             .get(&round)
             .is_some_and(|r| r.contains_key(sender))
-        {
+    }
+
+    fn check_first(&self, sender: &PublicKey, round: u64) -> Result<(), ProtocolError> {
+        if self.has_accepted(sender, round) {
             return Err(ProtocolError::InvalidField {
                 field: "sender",
                 reason: format!("a share from {sender} for round {round} was already accepted"),

@@ -198,7 +198,7 @@ impl ShareTransport for Libp2pTransport {
 /// Where a member learns which round to run: the coordinator's
 /// announcements, or a schedule every member derives from its config.
 enum RoundClock {
-    Coordinator { peer: PeerId },
+    Coordinator { peer: PeerId, addr: Multiaddr },
     Schedule(Schedule),
 }
 
@@ -272,9 +272,8 @@ pub async fn run_federated(
             let addr: Multiaddr = addr
                 .parse()
                 .context("field `coordinator` is not a multiaddress")?;
-            RoundClock::Coordinator {
-                peer: split_peer_addr(&addr)?.0,
-            }
+            let (peer, addr) = split_peer_addr(&addr)?;
+            RoundClock::Coordinator { peer, addr }
         }
         (None, Some(schedule)) => {
             if config.federation.members.is_empty() {
@@ -360,9 +359,8 @@ pub async fn run_federated(
     let (rounds_tx, mut rounds_rx) = mpsc::unbounded_channel::<RoundAnnouncement>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
     let coordinator_peer = match clock {
-        RoundClock::Coordinator { peer } => {
-            let addr: Multiaddr = config.coordinator.as_deref().unwrap_or_default().parse()?;
-            client.add_address(peer, split_peer_addr(&addr)?.1).await?;
+        RoundClock::Coordinator { peer, addr } => {
+            client.add_address(peer, addr).await?;
             let train_samples = engine.member().private.len() as u64;
             let members = join(&client, peer, &config, &manifest, &me, train_samples).await?;
             engine.inbox().set_members(&members);
@@ -571,6 +569,10 @@ pub async fn pull_announced_shares(
     while let Some((source, announcement)) = announcements.recv().await {
         let round = announcement.round;
         let sender = announcement.sender;
+        // A repeated announcement of a share we already hold is not an attack.
+        if inbox.lock().has_accepted(&sender, round) {
+            continue;
+        }
         let checked = announcement
             .check(&federation_id)
             .and_then(|()| inbox.lock().precheck(&sender, round))
@@ -583,12 +585,9 @@ pub async fn pull_announced_shares(
             });
         if let Err(e) = checked {
             let reason = e.reason();
-            // A repeated announcement of a share we already hold is not an attack.
-            if reason != RejectReason::InvalidField || !e.to_string().contains("already accepted") {
-                tracing::warn!(%source, round, reason = reason.as_str(), "share announcement rejected: {e}");
-                inbox.lock().count_rejection(reason);
-                telemetry.share_rejected(reason.as_str());
-            }
+            tracing::warn!(%source, round, reason = reason.as_str(), "share announcement rejected: {e}");
+            inbox.lock().count_rejection(reason);
+            telemetry.share_rejected(reason.as_str());
             continue;
         }
         let (client, inbox, telemetry) = (client.clone(), inbox.clone(), telemetry.clone());
