@@ -129,13 +129,8 @@ impl Libp2pTransport {
             return Ok(());
         }
         let bytes = fd_protocol::encode_share(share)?;
-        let announcement = ShareAnnouncement {
-            federation_id: share.federation_id.clone(),
-            round: share.round,
-            sender: share.sender,
-            digest: fd_protocol::digest::sha256(&bytes),
-            bytes: bytes.len() as u64,
-        };
+        let announcement =
+            ShareAnnouncement::describe(&share.federation_id, share.round, share.sender, &bytes);
         self.client
             .offer_share(announcement.clone(), Arc::new(bytes))
             .await?;
