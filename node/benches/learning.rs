@@ -9,7 +9,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use fd_node::aggregate::{Aggregator, Contribution};
 use fd_node::data::{DataSource, DataSplits};
 use fd_node::device::DeviceKind;
-use fd_node::learner::{Learner, TrainingConfig};
+use fd_node::learner::{Learner, OptimizerKind, TrainingConfig};
 use fd_node::model::{InputShape, ModelConfig};
 use fd_protocol::PayloadEncoding;
 use rand::{Rng, SeedableRng};
@@ -27,22 +27,32 @@ fn data() -> DataSplits {
     .expect("synthetic data")
 }
 
+fn parse_kind(kind: &str) -> ModelConfig {
+    toml::from_str(&format!("kind = \"{kind}\"")).unwrap()
+}
+
 fn zoo() -> Vec<ModelConfig> {
-    let parse =
-        |kind: &str| -> ModelConfig { toml::from_str(&format!("kind = \"{kind}\"")).unwrap() };
-    vec![
-        parse("mlp"),
-        parse("cnn"),
-        parse("fedavg-cnn"),
-        parse("resnet"),
-    ]
+    ["mlp", "cnn", "fedavg-cnn", "resnet"]
+        .into_iter()
+        .map(parse_kind)
+        .collect()
 }
 
 fn learner(model: &ModelConfig, data: &DataSplits, threads: usize) -> Learner {
+    learner_with(model, data, threads, OptimizerKind::Adam)
+}
+
+fn learner_with(
+    model: &ModelConfig,
+    data: &DataSplits,
+    threads: usize,
+    optimizer: OptimizerKind,
+) -> Learner {
     let config = TrainingConfig {
         batch_size: BATCH,
         local_epochs: 1,
         threads,
+        optimizer,
         ..TrainingConfig::default()
     };
     Learner::new(
@@ -68,6 +78,16 @@ fn training_and_prediction(c: &mut Criterion) {
                 b.iter(|| l.train_local(&data.train, &batch))
             });
         }
+        group.finish();
+        // Issue 7's reference setting: the FedAvg CNN with SGD + momentum.
+        let mut group = c.benchmark_group(format!("train_step_sgd_batch64_threads{threads}"));
+        group.sample_size(10);
+        group.throughput(Throughput::Elements(BATCH as u64));
+        let fedavg = parse_kind("fedavg-cnn");
+        let mut l = learner_with(&fedavg, &data, threads, OptimizerKind::Sgd);
+        group.bench_function(BenchmarkId::from_parameter(fedavg.name()), |b| {
+            b.iter(|| l.train_local(&data.train, &batch))
+        });
         group.finish();
         let mut group = c.benchmark_group(format!("predict_1000_threads{threads}"));
         group.sample_size(10);

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use fd_node::data::DataSource;
 use fd_node::device::DeviceKind;
-use fd_node::learner::{Learner, TrainingConfig};
+use fd_node::learner::{Learner, OptimizerKind, TrainingConfig};
 use fd_node::model::{InputShape, ModelConfig};
 use fd_node::net::frame_len;
 use fd_protocol::{
@@ -60,6 +60,13 @@ pub struct BenchOptions {
     /// Training batch of the throughput table.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Optimizer of the throughput table's training steps: `adam`, or `sgd`
+    /// (momentum 0.9, the setting of issue 7's PyTorch comparison).
+    #[arg(long, default_value = "adam")]
+    pub optimizer: String,
+    /// Models of the throughput table by name (e.g. `fedavg-cnn`); all by default.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
     /// File whose bench section is replaced with the tables.
     #[arg(long, default_value = "docs/performance.md")]
     pub write: PathBuf,
@@ -186,14 +193,56 @@ pub fn bytes_table() -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// What the throughput table measures (section 2).
+#[derive(Debug, Clone)]
+pub struct ThroughputSpec {
+    pub repeats: usize,
+    pub devices: Vec<DeviceKind>,
+    pub batch: usize,
+    pub optimizer: OptimizerKind,
+    pub models: Vec<ModelConfig>,
+}
+
+impl ThroughputSpec {
+    fn from_options(o: &BenchOptions) -> anyhow::Result<Self> {
+        let optimizer = match o.optimizer.as_str() {
+            "adam" => OptimizerKind::Adam,
+            "sgd" => OptimizerKind::Sgd,
+            other => bail!("--optimizer: unknown optimizer `{other}` (adam, sgd)"),
+        };
+        let mut models = zoo();
+        if !o.models.is_empty() {
+            for name in &o.models {
+                anyhow::ensure!(
+                    models.iter().any(|m| m.name() == *name),
+                    "--models: unknown model `{name}` ({})",
+                    models
+                        .iter()
+                        .map(|m| m.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            models.retain(|m| o.models.contains(&m.name()));
+        }
+        Ok(ThroughputSpec {
+            repeats: o.repeats,
+            devices: bench_devices(o)?,
+            batch: o.batch,
+            optimizer,
+            models,
+        })
+    }
+}
+
 /// Samples/s of training steps of `batch` samples and of predicting 1,000 samples.
 fn throughput(
     model: &ModelConfig,
     device: DeviceKind,
     threads: usize,
-    repeats: usize,
-    batch: usize,
+    spec: &ThroughputSpec,
 ) -> anyhow::Result<(f64, f64)> {
+    let (repeats, batch) = (spec.repeats, spec.batch);
     let data = DataSource::Synthetic {
         seed: 1,
         train: 2048,
@@ -204,6 +253,7 @@ fn throughput(
         threads,
         batch_size: batch,
         local_epochs: 1,
+        optimizer: spec.optimizer,
         ..TrainingConfig::default()
     };
     let mut learner = Learner::new(
@@ -237,11 +287,8 @@ fn throughput(
 }
 
 /// Table 2: throughput per model, device and thread count.
-pub fn throughput_table(
-    repeats: usize,
-    devices: &[DeviceKind],
-    batch: usize,
-) -> anyhow::Result<String> {
+pub fn throughput_table(spec: &ThroughputSpec) -> anyhow::Result<String> {
+    let (repeats, devices, batch) = (spec.repeats, &spec.devices, spec.batch);
     anyhow::ensure!(
         (1..=2048).contains(&batch),
         "--batch must be between 1 and 2048, got {batch}"
@@ -252,14 +299,18 @@ pub fn throughput_table(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Training (Adam, batch {batch}, synthetic 1×28×28) and prediction (1,000 samples) in samples/s; median of {repeats} runs of ≥ 0.5 s after a warm-up step.\n"
+        "Training ({}, batch {batch}, synthetic 1×28×28) and prediction (1,000 samples) in samples/s; median of {repeats} runs of ≥ 0.5 s after a warm-up step.\n",
+        match spec.optimizer {
+            OptimizerKind::Adam => "Adam",
+            OptimizerKind::Sgd => "SGD with momentum 0.9",
+        }
     );
     let _ = writeln!(
         out,
         "| model | device | threads | train samples/s | predict samples/s |"
     );
     let _ = writeln!(out, "|---|---|---:|---:|---:|");
-    for model in zoo() {
+    for model in &spec.models {
         for &device in devices {
             let thread_counts: &[usize] =
                 if matches!(device, DeviceKind::Wgpu | DeviceKind::WgpuCpu) {
@@ -268,7 +319,7 @@ pub fn throughput_table(
                     &[1, 2]
                 };
             for &threads in thread_counts {
-                let (train, predict) = throughput(&model, device, threads, repeats, batch)?;
+                let (train, predict) = throughput(model, device, threads, spec)?;
                 let line = format!(
                     "| {} | {} | {threads} | {train:.0} | {predict:.0} |",
                     model.name(),
@@ -609,12 +660,12 @@ fn bench_devices(o: &BenchOptions) -> anyhow::Result<Vec<DeviceKind>> {
 }
 
 pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
-    let devices = bench_devices(o)?;
+    let spec = ThroughputSpec::from_options(o)?;
     let want = |n: u8| o.only.is_empty() || o.only.contains(&n);
     let mut body = String::new();
     let _ = writeln!(
         body,
-        "## `fd-sim bench`\n\nGenerated by `cargo run --bin fd-sim -- bench` (dev profile: dependencies at opt-level 3) on {}. Sections run this time: {}.\n",
+        "## `fd-sim bench`\n\nGenerated by `cargo run --bin fd-sim -- bench` (dev profile: dependencies at opt-level 3 without debug assertions, fd-node at opt-level 3) on {}. Sections run this time: {}.\n",
         machine(),
         if o.only.is_empty() {
             "all".to_string()
@@ -634,7 +685,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
         };
     section(1, "Bytes per member per round", &mut bytes_table)?;
     section(2, "Training and inference throughput", &mut || {
-        throughput_table(o.repeats, &devices, o.batch)
+        throughput_table(&spec)
     })?;
     section(3, "Round time breakdown, 10 fd-node processes", &mut || {
         round_breakdown(&o.scratch, 3)
@@ -653,6 +704,37 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn options(args: &[&str]) -> BenchOptions {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchOptions,
+        }
+        let args = std::iter::once("bench").chain(args.iter().copied());
+        <Cli as clap::Parser>::parse_from(args).bench
+    }
+
+    #[test]
+    fn throughput_options_select_models_and_optimizer() {
+        let spec = ThroughputSpec::from_options(&options(&[
+            "--models",
+            "fedavg-cnn",
+            "--optimizer",
+            "sgd",
+        ]))
+        .unwrap();
+        assert_eq!(spec.optimizer, OptimizerKind::Sgd);
+        let names: Vec<String> = spec.models.iter().map(ModelConfig::name).collect();
+        assert_eq!(names, ["fedavg-cnn"]);
+        let all = ThroughputSpec::from_options(&options(&[])).unwrap();
+        assert_eq!(all.optimizer, OptimizerKind::Adam);
+        assert_eq!(all.models.len(), zoo().len());
+        let err = ThroughputSpec::from_options(&options(&["--optimizer", "lbfgs"])).unwrap_err();
+        assert!(err.to_string().contains("--optimizer") && err.to_string().contains("lbfgs"));
+        let err = ThroughputSpec::from_options(&options(&["--models", "vgg"])).unwrap_err();
+        assert!(err.to_string().contains("--models") && err.to_string().contains("fedavg-cnn"));
+    }
 
     #[test]
     fn bench_section_is_replaced_not_duplicated() {

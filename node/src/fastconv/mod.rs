@@ -9,8 +9,9 @@
 //! ([`backend::FastConvBackend`], burn's `extension` feature): im2col →
 //! one GEMM (the `gemm` crate flex itself uses) per chunk of samples for the
 //! forward pass, and for the backward pass one GEMM each for the weight
-//! gradient (`G · colᵀ`) and the input gradient (`Wᵀ · G`, then col2im), with
-//! the columns rebuilt per chunk instead of stored; 2×2 max-pooling recomputes
+//! gradient (`col · Gᵀ`, the transpose of `G · colᵀ`) and the input
+//! gradient (`Wᵀ · G`, then col2im), with the columns rebuilt per chunk
+//! instead of stored; 2×2 max-pooling recomputes
 //! each window's maximum in its backward pass instead of keeping indices.
 //!
 //! Routing: [`conv2d`] and [`max_pool2x2`] (and the [`FastConv2d`] layer)

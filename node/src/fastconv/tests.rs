@@ -185,6 +185,57 @@ fn max_pool_forward_and_gradient_match_burn_on_flex() {
     assert_eq!(values(x.grad(&grads).unwrap()), [1.0, 0.0, 0.0, 0.0]);
 }
 
+/// Windows holding NaN and infinities pick the same element as burn's flex
+/// `max_pool2d` (the comparison chain, not `f32::max`, decides).
+#[test]
+fn max_pool_with_nan_and_infinities_matches_burn_on_flex() {
+    let device = Device::flex().autodiff();
+    let pool = MaxPool2dConfig::new([2, 2]).init();
+    let (nan, inf) = (f32::NAN, f32::INFINITY);
+    // Each 2×2 window of a 2×16 plane, written as its four values.
+    let windows: [[f32; 4]; 8] = [
+        [nan, 1.0, 2.0, 3.0],
+        [1.0, nan, 2.0, 0.0],
+        [nan, nan, 1.0, 2.0],
+        [1.0, 2.0, 3.0, nan],
+        [-inf, -inf, -inf, -inf],
+        [inf, nan, inf, 1.0],
+        [0.0, -0.0, nan, 5.0],
+        [-1.0, inf, nan, nan],
+    ];
+    let w = 2 * windows.len();
+    let mut plane = vec![0.0f32; 2 * w];
+    for (i, [a, b, c, d]) in windows.into_iter().enumerate() {
+        plane[2 * i] = a;
+        plane[2 * i + 1] = b;
+        plane[w + 2 * i] = c;
+        plane[w + 2 * i + 1] = d;
+    }
+    let run = |fast: bool| {
+        let x = Tensor::<4>::from_data(TensorData::new(plane.clone(), [1, 1, 2, w]), &device)
+            .require_grad();
+        let out = if fast {
+            max_pool2x2(x.clone())
+        } else {
+            pool.forward(x.clone())
+        };
+        let r = Tensor::<4>::from_data(
+            TensorData::new(
+                (1..=windows.len()).map(|i| i as f32).collect::<Vec<_>>(),
+                out.dims(),
+            ),
+            &device,
+        );
+        let grads = (out.clone() * r).sum().backward();
+        let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        (bits(values(out)), values(x.grad(&grads).unwrap()))
+    };
+    let (fast_out, fast_grad) = run(true);
+    let (burn_out, burn_grad) = run(false);
+    assert_eq!(fast_out, burn_out, "pooled values (bit patterns)");
+    assert_eq!(fast_grad, burn_grad, "gradient positions");
+}
+
 /// The model zoo's lock around the process-wide RNG (see `ModelConfig::init`).
 fn init_lock() -> std::sync::MutexGuard<'static, ()> {
     crate::model::INIT_LOCK
