@@ -26,26 +26,20 @@ fn product(
     // SAFETY: every buffer holds its matrix (checked above) and the strides
     // describe a dense row- or column-major layout of it.
     unsafe {
-        gemm::gemm(
+        fd_node::fastconv::kernels::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            dcs as isize,
-            drs as isize,
+            drs,
+            dcs,
             false,
             lhs.as_ptr(),
-            lcs as isize,
-            lrs as isize,
+            lrs,
+            lcs,
             rhs.as_ptr(),
-            rcs as isize,
-            rrs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
+            rrs,
+            rcs,
         )
     }
 }

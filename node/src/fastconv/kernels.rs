@@ -120,13 +120,14 @@ fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) ->
 }
 
 /// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]` with explicit (row, column) strides,
-/// single-threaded (parallelism is over chunks).
+/// single-threaded (parallelism is over chunks). Public for
+/// `examples/gemm_shapes.rs`, which times the products this module issues.
 ///
 /// # Safety
 /// Every index reachable through the dimensions and strides must be in bounds
 /// of its buffer, and `dst` must not overlap `lhs` or `rhs`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm(
+pub unsafe fn gemm(
     m: usize,
     n: usize,
     k: usize,
