@@ -371,17 +371,19 @@ pub async fn run(
     let mut server = tokio::spawn(serve(client.clone(), shared.clone(), requests, joined_tx));
 
     // Wait for enough members, unless a run before a restart already started rounds.
-    while !started {
-        let notified = shared.changed.notified();
-        while let Ok(member) = joined_rx.try_recv() {
-            emit(CoordinatorEvent::Joined(member));
-        }
-        if shared.state().members.len() >= config.min_members {
-            break;
-        }
-        tokio::select! {
-            _ = notified => {}
-            _ = &mut server => bail!("the network stopped before enough members joined"),
+    if !started {
+        loop {
+            let notified = shared.changed.notified();
+            while let Ok(member) = joined_rx.try_recv() {
+                emit(CoordinatorEvent::Joined(member));
+            }
+            if shared.state().members.len() >= config.min_members {
+                break;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = &mut server => bail!("the network stopped before enough members joined"),
+            }
         }
     }
 

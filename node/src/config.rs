@@ -212,19 +212,18 @@ impl FederationConfig {
                 ));
             }
         }
-        if let Some(s) = &self.schedule {
-            if s.round_secs == 0
+        if let Some(s) = &self.schedule
+            && (s.round_secs == 0
                 || s.share_deadline_secs == 0
-                || s.share_deadline_secs >= s.round_secs
-            {
-                return Err((
-                    "federation.schedule",
-                    format!(
-                        "needs 0 < share_deadline_secs ({}) < round_secs ({})",
-                        s.share_deadline_secs, s.round_secs
-                    ),
-                ));
-            }
+                || s.share_deadline_secs >= s.round_secs)
+        {
+            return Err((
+                "federation.schedule",
+                format!(
+                    "needs 0 < share_deadline_secs ({}) < round_secs ({})",
+                    s.share_deadline_secs, s.round_secs
+                ),
+            ));
         }
         if self.subset_size == 0 || self.subset_size > self.public_size {
             return Err((
@@ -391,13 +390,13 @@ impl NodeConfig {
                 format!("is not a multiaddress: {}", self.listen),
             ));
         }
-        if let Some(c) = &self.coordinator {
-            if c.parse::<libp2p::Multiaddr>().is_err() {
-                return Err(invalid(
-                    "coordinator",
-                    format!("is not a multiaddress: {c}"),
-                ));
-            }
+        if let Some(c) = &self.coordinator
+            && c.parse::<libp2p::Multiaddr>().is_err()
+        {
+            return Err(invalid(
+                "coordinator",
+                format!("is not a multiaddress: {c}"),
+            ));
         }
         for (i, b) in self.bootstrap.iter().enumerate() {
             let parsed = b
@@ -415,13 +414,13 @@ impl NodeConfig {
                 ));
             }
         }
-        if let Some(m) = &self.metrics_listen {
-            if m.parse::<std::net::SocketAddr>().is_err() {
-                return Err(invalid(
-                    "metrics_listen",
-                    format!("is not an address like 127.0.0.1:9100: {m}"),
-                ));
-            }
+        if let Some(m) = &self.metrics_listen
+            && m.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics_listen",
+                format!("is not an address like 127.0.0.1:9100: {m}"),
+            ));
         }
         if self.coordinator.is_none()
             && (!self.bootstrap.is_empty() || self.mdns)

@@ -293,28 +293,27 @@ pub async fn run_federated(
         "data ready"
     );
     let mut last_done = 0u64;
-    if let Some(path) = &config.checkpoint_file {
-        if let Some(checkpoint) = Checkpoint::load(path)? {
-            if checkpoint.round >= member.manifest.rounds {
-                bail!(
-                    "checkpoint {} says all {} rounds of federation `{}` are done; remove it to run the federation again",
-                    path.display(),
-                    member.manifest.rounds,
-                    checkpoint.federation_id
-                );
-            }
-            let public = key.public_key();
-            last_done = checkpoint.round;
-            member =
-                blocking(move || member.restore(&checkpoint, &public).map(|()| member)).await??;
-            tracing::info!(
-                node = %config.name,
-                round = last_done,
-                weights = %member.weights_digest(),
-                path = %path.display(),
-                "resumed from checkpoint"
+    if let Some(path) = &config.checkpoint_file
+        && let Some(checkpoint) = Checkpoint::load(path)?
+    {
+        if checkpoint.round >= member.manifest.rounds {
+            bail!(
+                "checkpoint {} says all {} rounds of federation `{}` are done; remove it to run the federation again",
+                path.display(),
+                member.manifest.rounds,
+                checkpoint.federation_id
             );
         }
+        let public = key.public_key();
+        last_done = checkpoint.round;
+        member = blocking(move || member.restore(&checkpoint, &public).map(|()| member)).await??;
+        tracing::info!(
+            node = %config.name,
+            round = last_done,
+            weights = %member.weights_digest(),
+            path = %path.display(),
+            "resumed from checkpoint"
+        );
     }
 
     let telemetry = Arc::new(Telemetry::new("node", &config.name));
@@ -453,12 +452,11 @@ pub async fn run_federated(
         if let Some(observer) = &observer {
             let _ = observer.send(metrics.clone());
         }
-        if let Some(peer) = coordinator_peer {
-            if let Err(e) =
+        if let Some(peer) = coordinator_peer
+            && let Err(e) =
                 request_with_retry(&client, peer, Message::Metrics(metrics.clone()), 3).await
-            {
-                tracing::warn!(node = %config.name, round, "metrics not delivered to the coordinator (sent again if it re-announces the round): {e:#}");
-            }
+        {
+            tracing::warn!(node = %config.name, round, "metrics not delivered to the coordinator (sent again if it re-announces the round): {e:#}");
         }
         results.push(metrics);
         if round == last_round {
@@ -735,10 +733,11 @@ async fn add_addresses(client: &Client, member: &Member) -> anyhow::Result<PeerI
             known = true;
         }
     }
-    if !known && !client.connected_peers().await?.contains(&peer) {
-        if let Err(e) = client.find_peer(peer).await {
-            tracing::debug!(%peer, "no address found for the member yet: {e:#}");
-        }
+    if !known
+        && !client.connected_peers().await?.contains(&peer)
+        && let Err(e) = client.find_peer(peer).await
+    {
+        tracing::debug!(%peer, "no address found for the member yet: {e:#}");
     }
     Ok(peer)
 }

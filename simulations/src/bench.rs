@@ -349,10 +349,10 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 fn wait_for_file(path: &Path, timeout: Duration) -> anyhow::Result<String> {
     let start = Instant::now();
     loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if !text.trim().is_empty() {
-                return Ok(text.trim().to_string());
-            }
+        if let Ok(text) = std::fs::read_to_string(path)
+            && !text.trim().is_empty()
+        {
+            return Ok(text.trim().to_string());
         }
         if start.elapsed() > timeout {
             bail!("{} did not appear within {timeout:?}", path.display());
@@ -446,7 +446,7 @@ pub fn round_breakdown(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
     let _ = writeln!(out, "| step | median seconds | share of the round |");
     let _ = writeln!(out, "|---|---:|---:|");
     for (name, f) in &steps {
-        let x = median(metrics.iter().map(|m| f(m)).collect());
+        let x = median(metrics.iter().map(f).collect());
         let _ = writeln!(out, "| {name} | {x:.4} | {:.2} % |", 100.0 * x / round);
     }
     let codec_aggregate: Vec<f64> = metrics

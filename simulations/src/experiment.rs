@@ -404,12 +404,12 @@ fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) -> anyhow:
 /// The label of a swept value, and the value to set: a table with a
 /// `label` key is named by it (and the key removed); other values by their text.
 fn split_label(value: &toml::Value) -> (String, toml::Value) {
-    if let toml::Value::Table(t) = value {
-        if let Some(toml::Value::String(label)) = t.get("label") {
-            let mut t = t.clone();
-            t.remove("label");
-            return (label.clone(), toml::Value::Table(t));
-        }
+    if let toml::Value::Table(t) = value
+        && let Some(toml::Value::String(label)) = t.get("label")
+    {
+        let mut t = t.clone();
+        t.remove("label");
+        return (label.clone(), toml::Value::Table(t));
     }
     (value_label(value), value.clone())
 }

@@ -129,10 +129,10 @@ impl Drop for Proc {
 pub fn wait_for_line(path: &Path, timeout: Duration, proc: &mut Proc) -> String {
     let start = Instant::now();
     loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if let Some(line) = text.lines().next().filter(|l| !l.trim().is_empty()) {
-                return line.trim().to_string();
-            }
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Some(line) = text.lines().next().filter(|l| !l.trim().is_empty())
+        {
+            return line.trim().to_string();
         }
         if let Some(status) = proc.child.try_wait().expect("wait") {
             panic!(

@@ -375,14 +375,14 @@ impl EventLoop {
         };
         match result {
             kad::QueryResult::Bootstrap(result) => {
-                if result.is_err() || step.last {
-                    if let Some(reply) = self.pending_bootstrap.remove(&id) {
-                        let _ = reply.send(
-                            result
-                                .map(|_| ())
-                                .map_err(|e| anyhow!("Kademlia bootstrap failed: {e}")),
-                        );
-                    }
+                if (result.is_err() || step.last)
+                    && let Some(reply) = self.pending_bootstrap.remove(&id)
+                {
+                    let _ = reply.send(
+                        result
+                            .map(|_| ())
+                            .map_err(|e| anyhow!("Kademlia bootstrap failed: {e}")),
+                    );
                 }
             }
             kad::QueryResult::GetClosestPeers(result) => {
