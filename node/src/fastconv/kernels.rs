@@ -399,7 +399,8 @@ pub fn conv2d_backward(
                         // dwᵀ[k × c_out] = col[k × n] · gcᵀ[n × c_out]: the
                         // transposed product packs both operands along their
                         // contiguous axis; `gc · colᵀ` ran 1.4–1.6× slower
-                        // (strided packing of colᵀ). Transposed back in `reduce`.
+                        // (strided packing of colᵀ). Transposed back after the
+                        // chunk sum (`transpose` below).
                         // SAFETY: dense buffers; gcᵀ is gc read with swapped strides.
                         unsafe {
                             gemm(
