@@ -125,14 +125,19 @@ impl Drop for Proc {
     }
 }
 
-/// Waits until `path` holds a non-empty line (e.g. the coordinator's address file).
-pub fn wait_for_line(path: &Path, timeout: Duration, proc: &mut Proc) -> String {
+/// Polls `ready` every `every` until it gives a value; panics with `proc`'s
+/// log if `proc` exits first or `timeout` passes (`what` names the wait).
+fn wait_until<T>(
+    proc: &mut Proc,
+    timeout: Duration,
+    every: Duration,
+    what: impl Fn() -> String,
+    mut ready: impl FnMut() -> Option<T>,
+) -> T {
     let start = Instant::now();
     loop {
-        if let Ok(text) = std::fs::read_to_string(path)
-            && let Some(line) = text.lines().next().filter(|l| !l.trim().is_empty())
-        {
-            return line.trim().to_string();
+        if let Some(value) = ready() {
+            return value;
         }
         if let Some(status) = proc.child.try_wait().expect("wait") {
             panic!(
@@ -143,12 +148,27 @@ pub fn wait_for_line(path: &Path, timeout: Duration, proc: &mut Proc) -> String 
         }
         assert!(
             start.elapsed() < timeout,
-            "{} never appeared; log:\n{}",
-            path.display(),
+            "{}; log:\n{}",
+            what(),
             proc.log_tail()
         );
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(every);
     }
+}
+
+/// Waits until `path` holds a non-empty line (e.g. the coordinator's address file).
+pub fn wait_for_line(path: &Path, timeout: Duration, proc: &mut Proc) -> String {
+    wait_until(
+        proc,
+        timeout,
+        Duration::from_millis(100),
+        || format!("{} never appeared", path.display()),
+        || {
+            let text = std::fs::read_to_string(path).ok()?;
+            let line = text.lines().next().filter(|l| !l.trim().is_empty())?;
+            Some(line.trim().to_string())
+        },
+    )
 }
 
 /// Reads a node's JSON-lines metrics file.
@@ -273,29 +293,18 @@ fn strip_ansi(s: &str) -> String {
 
 /// Waits until `path` (a metrics file) has at least `lines` lines.
 pub fn wait_for_lines(path: &Path, lines: usize, timeout: Duration, proc: &mut Proc) {
-    let start = Instant::now();
-    loop {
-        let n = std::fs::read_to_string(path)
-            .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
-            .unwrap_or(0);
-        if n >= lines {
-            return;
-        }
-        if let Some(status) = proc.child.try_wait().expect("wait") {
-            panic!(
-                "{} exited with {status} early; log:\n{}",
-                proc.name,
-                proc.log_tail()
-            );
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{} did not reach {lines} lines; log:\n{}",
-            path.display(),
-            proc.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        proc,
+        timeout,
+        Duration::from_millis(50),
+        || format!("{} did not reach {lines} lines", path.display()),
+        || {
+            let n = std::fs::read_to_string(path)
+                .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+                .unwrap_or(0);
+            (n >= lines).then_some(())
+        },
+    )
 }
 
 /// A coordinator config in `dir`.
@@ -358,4 +367,30 @@ seed = {index}
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// [`node_toml`] for members `0..nodes`, metrics files `<prefix>-<i>.jsonl`.
+pub fn node_configs(
+    dir: &Path,
+    nodes: usize,
+    alpha: f64,
+    coordinator: Option<&str>,
+    prefix: &str,
+    federation: &str,
+) -> Vec<PathBuf> {
+    (0..nodes)
+        .map(|i| {
+            let metrics = format!("{prefix}-{i}");
+            node_toml(dir, i, nodes, alpha, coordinator, &metrics, federation)
+        })
+        .collect()
+}
+
+/// `fd-node run` on each config, as processes named `node-<i>`.
+pub fn start_nodes(configs: &[PathBuf], dir: &Path) -> Vec<Proc> {
+    configs
+        .iter()
+        .enumerate()
+        .map(|(i, config)| Proc::node(&format!("node-{i}"), config, dir))
+        .collect()
 }

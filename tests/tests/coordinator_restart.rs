@@ -30,20 +30,8 @@ fn members_pause_while_the_coordinator_is_down_and_finish_after_it_returns() {
         ),
     );
     let (mut coordinator, address) = Proc::coordinator("coordinator", &coordinator_config, dir);
-    let mut nodes: Vec<Proc> = (0..NODES)
-        .map(|i| {
-            let config = node_toml(
-                dir,
-                i,
-                NODES,
-                0.5,
-                Some(&address),
-                &format!("node-{i}"),
-                &federation,
-            );
-            Proc::node(&format!("node-{i}"), &config, dir)
-        })
-        .collect();
+    let configs = node_configs(dir, NODES, 0.5, Some(&address), "node", &federation);
+    let mut nodes = start_nodes(&configs, dir);
 
     // Kill the coordinator once round 1 is done everywhere.
     for i in 0..NODES {

@@ -19,37 +19,18 @@ fn three_node_processes_beat_isolated_training_and_send_only_logits() {
     let coordinator_config = coordinator_toml(dir, NODES, 300, &federation);
     let (mut coordinator, address) = Proc::coordinator("coordinator", &coordinator_config, dir);
 
-    let mut nodes: Vec<Proc> = (0..NODES)
-        .map(|i| {
-            let config = node_toml(
-                dir,
-                i,
-                NODES,
-                0.1,
-                Some(&address),
-                &format!("fd-{i}"),
-                &federation,
-            );
-            Proc::node(&format!("node-{i}"), &config, dir)
-        })
-        .collect();
+    let configs = node_configs(dir, NODES, 0.1, Some(&address), "fd", &federation);
+    let mut nodes = start_nodes(&configs, dir);
     for node in &mut nodes {
         node.wait_success(Duration::from_secs(900));
     }
     coordinator.wait_success(Duration::from_secs(60));
 
     // The baseline: the same nodes, same data, seeds and local steps, no peers.
-    let mut isolated: Vec<Proc> = (0..NODES)
-        .map(|i| {
-            let config = node_toml(
-                dir,
-                i,
-                NODES,
-                0.1,
-                None,
-                &format!("isolated-{i}"),
-                &federation,
-            );
+    let mut isolated: Vec<Proc> = node_configs(dir, NODES, 0.1, None, "isolated", &federation)
+        .into_iter()
+        .enumerate()
+        .map(|(i, config)| {
             Proc::start(
                 &format!("isolated-{i}"),
                 "fd-node",

@@ -29,30 +29,19 @@ fn a_node_killed_mid_round_resumes_from_its_checkpoint() {
     );
     let coordinator_config = coordinator_toml(dir, NODES, 30, &federation);
     let (mut coordinator, address) = Proc::coordinator("coordinator", &coordinator_config, dir);
-    let configs: Vec<_> = (0..NODES)
-        .map(|i| {
-            let config = node_toml(
-                dir,
-                i,
-                NODES,
-                0.5,
-                Some(&address),
-                &format!("node-{i}"),
-                &federation,
-            );
-            // A fixed port, so the restarted node is where its peers look for it.
-            add_top_level(
-                &config,
-                &format!(
-                    "listen = \"/ip4/127.0.0.1/tcp/{}\"\ncheckpoint_file = \"node-{i}.checkpoint\"",
-                    free_port()
-                ),
-            );
-            config
-        })
-        .collect();
+    let configs = node_configs(dir, NODES, 0.5, Some(&address), "node", &federation);
+    for (i, config) in configs.iter().enumerate() {
+        // A fixed port, so the restarted node is where its peers look for it.
+        add_top_level(
+            config,
+            &format!(
+                "listen = \"/ip4/127.0.0.1/tcp/{}\"\ncheckpoint_file = \"node-{i}.checkpoint\"",
+                free_port()
+            ),
+        );
+    }
     let start = |i: usize, name: &str| Proc::node(name, &configs[i], dir);
-    let mut nodes: Vec<Proc> = (0..NODES).map(|i| start(i, &format!("node-{i}"))).collect();
+    let mut nodes = start_nodes(&configs, dir);
 
     // Kill the victim shortly after it finished round 1, i.e. inside round 2.
     let metrics_path = dir.join(format!("node-{VICTIM}.jsonl"));

@@ -38,20 +38,8 @@ fn tampered_forged_replayed_oversize_and_nan_shares_are_rejected_and_strangers_r
     let coordinator_config = coordinator_toml(dir, 3, 120, &federation);
     let (mut coordinator, address) = Proc::coordinator("coordinator", &coordinator_config, dir);
 
-    let mut honest: Vec<Proc> = (0..2)
-        .map(|i| {
-            let config = node_toml(
-                dir,
-                i,
-                2,
-                0.5,
-                Some(&address),
-                &format!("honest-{i}"),
-                &federation,
-            );
-            Proc::node(&format!("node-{i}"), &config, dir)
-        })
-        .collect();
+    let configs = node_configs(dir, 2, 0.5, Some(&address), "honest", &federation);
+    let mut honest = start_nodes(&configs, dir);
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     // Before the honest nodes start: a stranger cannot join.
