@@ -26,7 +26,10 @@ use fd_node::fsutil::{now_unix_ms, write_atomic};
 use fd_node::net::{self, Client, InboundRequest, Traffic};
 use fd_node::runtime::request_with_retry;
 use fd_node::telemetry::{self, Telemetry};
-use fd_protocol::{FederationManifest, Member, Message, PublicKey, RoundMetrics, SigningKey};
+use fd_protocol::{
+    Control, FederationManifest, Member, Message, ProtocolError, PublicKey, RoundMetrics,
+    SignedControl, SigningKey,
+};
 use futures::future::join_all;
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
@@ -177,6 +180,8 @@ pub enum CoordinatorEvent {
 /// What the request server and the round clock share.
 struct Shared {
     manifest: FederationManifest,
+    /// Signs the control messages (round announcements, done).
+    key: SigningKey,
     /// `federation.members` as keys; empty = anyone holding the public set may join.
     allowed: Vec<PublicKey>,
     state: Mutex<CoordinatorState>,
@@ -213,45 +218,75 @@ impl Shared {
     }
 }
 
-pub const CSV_HEADER: &str = "round,node,name,test_accuracy,local_accuracy,bytes_sent,bytes_received,share_bytes,shares_sent,shares_aggregated,shares_rejected,train_loss,distill_loss,train_seconds,predict_seconds,encode_seconds,network_seconds,verify_seconds,aggregate_seconds,distill_seconds";
+pub const CSV_HEADER: [&str; 20] = [
+    "round",
+    "node",
+    "name",
+    "test_accuracy",
+    "local_accuracy",
+    "bytes_sent",
+    "bytes_received",
+    "share_bytes",
+    "shares_sent",
+    "shares_aggregated",
+    "shares_rejected",
+    "train_loss",
+    "distill_loss",
+    "train_seconds",
+    "predict_seconds",
+    "encode_seconds",
+    "network_seconds",
+    "verify_seconds",
+    "aggregate_seconds",
+    "distill_seconds",
+];
 
-/// One CSV row of [`CSV_HEADER`].
-pub fn csv_row(m: &RoundMetrics) -> String {
-    format!(
-        "{},{},{},{:.6},{:.6},{},{},{},{},{},{},{:.6},{:.6},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{:.3}",
-        m.round,
+/// The fields of one row of [`CSV_HEADER`].
+fn csv_fields(m: &RoundMetrics) -> [String; 20] {
+    [
+        m.round.to_string(),
         m.node.to_hex(),
-        m.name.replace(',', ";"),
-        m.test_accuracy,
-        m.local_accuracy,
-        m.bytes_sent,
-        m.bytes_received,
-        m.share_bytes,
-        m.shares_sent,
-        m.shares_aggregated,
-        m.shares_rejected,
-        m.train_loss,
-        m.distill_loss,
-        m.train_seconds,
-        m.predict_seconds,
-        m.encode_seconds,
-        m.network_seconds,
-        m.verify_seconds,
-        m.aggregate_seconds,
-        m.distill_seconds
-    )
+        m.name.clone(),
+        format!("{:.6}", m.test_accuracy),
+        format!("{:.6}", m.local_accuracy),
+        m.bytes_sent.to_string(),
+        m.bytes_received.to_string(),
+        m.share_bytes.to_string(),
+        m.shares_sent.to_string(),
+        m.shares_aggregated.to_string(),
+        m.shares_rejected.to_string(),
+        format!("{:.6}", m.train_loss),
+        format!("{:.6}", m.distill_loss),
+        format!("{:.3}", m.train_seconds),
+        format!("{:.3}", m.predict_seconds),
+        format!("{:.4}", m.encode_seconds),
+        format!("{:.4}", m.network_seconds),
+        format!("{:.4}", m.verify_seconds),
+        format!("{:.4}", m.aggregate_seconds),
+        format!("{:.3}", m.distill_seconds),
+    ]
+}
+
+/// The metrics table as CSV (RFC 4180 quoting by the `csv` crate: a
+/// member's name is remote text and may hold commas, quotes or newlines).
+pub fn metrics_csv<'a>(
+    rows: impl IntoIterator<Item = &'a RoundMetrics>,
+) -> anyhow::Result<Vec<u8>> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    writer.write_record(CSV_HEADER)?;
+    for m in rows {
+        writer.write_record(csv_fields(m))?;
+    }
+    writer
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("cannot write the metrics CSV: {e}"))
 }
 
 /// Rewrites the metrics CSV from the closed rounds: derived from the state,
 /// it neither loses nor repeats rows when the coordinator restarts.
 fn write_csv(path: &Path, closed: &BTreeMap<u64, Vec<RoundMetrics>>) -> anyhow::Result<()> {
-    let mut text = format!("{CSV_HEADER}\n");
-    for m in closed.values().flatten() {
-        text.push_str(&csv_row(m));
-        text.push('\n');
-    }
-    write_atomic(path, text.as_bytes(), 0o644)
-        .with_context(|| format!("cannot write {}", path.display()))
+    let bytes = metrics_csv(closed.values().flatten())?;
+    write_atomic(path, &bytes, 0o644).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Aborts the task when dropped: the metrics endpoint lives as long as [`run`].
@@ -360,6 +395,7 @@ pub async fn run(
     }
     let shared = Arc::new(Shared {
         manifest: manifest.clone(),
+        key: key.clone(),
         allowed: config.federation.member_keys(),
         state: Mutex::new(state),
         state_file: config.state_file.clone(),
@@ -409,7 +445,8 @@ pub async fn run(
             "announcing round"
         );
         let members = announcement.members.clone();
-        broadcast(&client, &members, Message::Round(announcement)).await;
+        let signed = SignedControl::sign(Control::Round(announcement), &key)?;
+        broadcast(&client, &members, Message::Control(signed)).await;
         shared.count_traffic(&client);
 
         // Members report after their deadline at the latest; allow a grace period.
@@ -442,12 +479,14 @@ pub async fn run(
         emit(CoordinatorEvent::RoundClosed { round, metrics });
     }
     let members = shared.state().members.clone();
+    let done = Control::Done {
+        federation_id: manifest.federation_id.clone(),
+        rounds: manifest.rounds,
+    };
     broadcast(
         &client,
         &members,
-        Message::Done {
-            rounds: manifest.rounds,
-        },
+        Message::Control(SignedControl::sign(done, &key)?),
     )
     .await;
     shared.count_traffic(&client);
@@ -476,7 +515,7 @@ async fn broadcast(client: &Client, members: &[Member], message: Message) {
     });
     for (member, result) in members.iter().zip(join_all(sends).await) {
         if let Err(e) = result {
-            tracing::warn!(member = %member.name, "not reached: {e:#}");
+            tracing::warn!(member = ?member.name, "not reached: {e:#}");
         }
     }
 }
@@ -507,7 +546,7 @@ async fn serve(
                     }
                     shared.telemetry.set_members(state.members.len());
                     catch_up = state.open.clone();
-                    tracing::info!(member = %join.member.name, %peer, total = state.members.len(), "member joined");
+                    tracing::info!(member = ?join.member.name, %peer, total = state.members.len(), "member joined");
                     let _ = joined.send(join.member.clone());
                     Message::Welcome {
                         manifest: shared.manifest.clone(),
@@ -521,18 +560,26 @@ async fn serve(
             },
             Message::Metrics(m) => {
                 let (node, round) = (m.node, m.round);
-                let mut state = shared.state();
-                if state.record_metrics(m) {
-                    if let Err(e) = shared.persist(&state) {
-                        tracing::error!("{e}");
+                match check_report(&m, peer) {
+                    Err(e) => refuse(&shared, peer, "report", &e),
+                    Ok(()) => {
+                        let mut state = shared.state();
+                        if state.record_metrics(m) {
+                            if let Err(e) = shared.persist(&state) {
+                                tracing::error!("{e}");
+                            }
+                            shared.telemetry.metrics_received();
+                        } else {
+                            tracing::debug!(%peer, node = %node.to_hex(), round, "metrics ignored: not a member or not the open round");
+                        }
+                        Message::Ack
                     }
-                    shared.telemetry.metrics_received();
-                } else {
-                    tracing::debug!(%peer, node = %node.to_hex(), round, "metrics ignored: not a member or not the open round");
                 }
-                Message::Ack
             }
-            _ => Message::Ack,
+            other => {
+                let e = ProtocolError::Unexpected(other.kind());
+                refuse(&shared, peer, "request", &e)
+            }
         };
         // Also wakes the clock waiting for `min_members`.
         shared.changed.notify_waiters();
@@ -543,16 +590,45 @@ async fn serve(
             // After the Welcome, so the member knows the federation first; in
             // a task, so a slow member does not hold up other requests.
             let client = client.clone();
+            let round = announcement.round;
+            let signed = match SignedControl::sign(Control::Round(announcement), &shared.key) {
+                Ok(signed) => signed,
+                Err(e) => {
+                    tracing::error!(%peer, round, "cannot sign the round announcement: {e}");
+                    continue;
+                }
+            };
             tokio::spawn(async move {
-                let round = announcement.round;
-                if let Err(e) =
-                    request_with_retry(&client, peer, Message::Round(announcement), 3).await
+                if let Err(e) = request_with_retry(&client, peer, Message::Control(signed), 3).await
                 {
                     tracing::warn!(%peer, round, "round announcement not delivered: {e:#}");
                 }
             });
         }
         shared.count_traffic(&client);
+    }
+}
+
+/// A report is accepted only from the member it describes: the connection's
+/// peer must be the key named in it.
+fn check_report(m: &RoundMetrics, peer: libp2p::PeerId) -> Result<(), ProtocolError> {
+    match net::peer_id_of(&m.node) {
+        Ok(id) if id == peer => Ok(()),
+        _ => Err(ProtocolError::NotSender {
+            named: m.node.to_string(),
+            peer: peer.to_string(),
+        }),
+    }
+}
+
+/// Logs and counts a refused request; the answer that says why.
+fn refuse(shared: &Shared, peer: libp2p::PeerId, what: &str, e: &ProtocolError) -> Message {
+    let code = e.reason().as_str();
+    tracing::warn!(%peer, reason = code, "{what} refused: {e}");
+    shared.telemetry.refused(code);
+    Message::Refused {
+        code: code.to_string(),
+        reason: e.to_string(),
     }
 }
 
@@ -574,6 +650,7 @@ fn check_join(
             join.public_set_digest, manifest.public_set.digest
         ));
     }
+    join.member.check().map_err(|e| e.to_string())?;
     match net::peer_id_of(&join.member.key) {
         Ok(id) if id == peer => {}
         _ => {
@@ -598,6 +675,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     const WAIT: Duration = Duration::from_secs(60);
+    const COORDINATOR_SEED: [u8; 32] = [200; 32];
 
     #[test]
     fn the_example_config_parses_and_the_state_file_defaults_beside_it() {
@@ -715,10 +793,28 @@ mod tests {
             request.message
         }
 
-        async fn next_round(&mut self) -> RoundAnnouncement {
+        /// The next control message, checked against the coordinator's key.
+        async fn next_control(&mut self) -> Control {
             match self.next().await {
-                Message::Round(a) => a,
+                Message::Control(signed) => signed
+                    .verify(&SigningKey::from_seed(COORDINATOR_SEED).public_key())
+                    .expect("signed by the coordinator")
+                    .clone(),
+                other => panic!("expected a control message, got {other:?}"),
+            }
+        }
+
+        async fn next_round(&mut self) -> RoundAnnouncement {
+            match self.next_control().await {
+                Control::Round(a) => a,
                 other => panic!("expected a round announcement, got {other:?}"),
+            }
+        }
+
+        async fn next_done(&mut self) -> u64 {
+            match self.next_control().await {
+                Control::Done { rounds, .. } => rounds,
+                other => panic!("expected done, got {other:?}"),
             }
         }
 
@@ -750,7 +846,7 @@ mod tests {
     /// Starts the coordinator; returns its task and the address members dial.
     async fn start(config: CoordinatorConfig) -> (Running, Multiaddr) {
         let (tx, mut events) = mpsc::unbounded_channel();
-        let key = SigningKey::from_seed([200; 32]);
+        let key = SigningKey::from_seed(COORDINATOR_SEED);
         let task = tokio::spawn(run(config, key, Some(tx)));
         loop {
             match tokio::time::timeout(WAIT, events.recv()).await.unwrap() {
@@ -846,8 +942,8 @@ mod tests {
         }
         a.report(&address, &manifest, 3).await;
         b.report(&address, &manifest, 3).await;
-        assert_eq!(a.next().await, Message::Done { rounds: 3 });
-        assert_eq!(b.next().await, Message::Done { rounds: 3 });
+        assert_eq!(a.next_done().await, 3);
+        assert_eq!(b.next_done().await, 3);
 
         let all = tokio::time::timeout(WAIT, coordinator)
             .await
@@ -867,8 +963,8 @@ mod tests {
 
         // Restarting a finished federation announces nothing and returns its metrics.
         let (again, _) = start(config).await;
-        assert_eq!(a.next().await, Message::Done { rounds: 3 });
-        assert_eq!(b.next().await, Message::Done { rounds: 3 });
+        assert_eq!(a.next_done().await, 3);
+        assert_eq!(b.next_done().await, 3);
         let all_again = tokio::time::timeout(WAIT, again)
             .await
             .unwrap()
@@ -876,6 +972,72 @@ mod tests {
             .unwrap();
         assert_eq!(all_again, all);
         assert_eq!(std::fs::read_to_string(&csv).unwrap(), text);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_are_bound_to_their_sender_and_names_are_quoted_in_the_csv() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), "reports", 2, Vec::new());
+        let manifest = manifest_of(&config);
+        let (coordinator, address) = start(config.clone()).await;
+        let (peer, _) = fd_node::runtime::split_peer_addr(&address).unwrap();
+        let mut a = TestMember::new(1).await;
+        let mut b = TestMember::new(2).await;
+        b.member.name = "b, \"quoted\"\nsecond line".into();
+        // A control character other than a newline is refused at join.
+        let mut c = TestMember::new(3).await;
+        c.member.name = "c\u{1b}[31m".into();
+        assert!(matches!(
+            c.join(&address, &manifest).await,
+            Message::JoinRefused { reason } if reason.contains("member.name")
+        ));
+        for m in [&a, &b] {
+            assert!(matches!(
+                m.join(&address, &manifest).await,
+                Message::Welcome { .. }
+            ));
+        }
+        for round in 1..=3 {
+            assert_eq!(a.next_round().await.round, round);
+            assert_eq!(b.next_round().await.round, round);
+            // Member a reports in b's name: refused, nothing recorded.
+            let forged = RoundMetrics {
+                test_accuracy: 0.999,
+                ..metrics(&manifest, &b.member, round)
+            };
+            let answer = request_with_retry(&a.client, peer, Message::Metrics(forged), 5)
+                .await
+                .unwrap();
+            assert!(
+                matches!(&answer, Message::Refused { code, .. } if code == "not_sender"),
+                "{answer:?}"
+            );
+            a.report(&address, &manifest, round).await;
+            b.report(&address, &manifest, round).await;
+        }
+        assert_eq!(a.next_done().await, 3);
+        assert_eq!(b.next_done().await, 3);
+        let all = tokio::time::timeout(WAIT, coordinator)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(all.values().flatten().all(|m| m.test_accuracy < 0.9));
+
+        let text = std::fs::read(dir.path().join("metrics.csv")).unwrap();
+        let mut reader = csv::Reader::from_reader(text.as_slice());
+        assert_eq!(reader.headers().unwrap().len(), CSV_HEADER.len());
+        let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+        assert_eq!(rows.len(), 6, "3 rounds × 2 members");
+        for row in &rows {
+            assert_eq!(row.len(), CSV_HEADER.len());
+            let round: f64 = row[0].parse().unwrap();
+            let accuracy: f64 = row[3].parse().unwrap();
+            assert!((accuracy - 0.1 * round).abs() < 1e-9, "{row:?}");
+        }
+        let names: Vec<&str> = rows.iter().map(|r| &r[2]).collect();
+        assert_eq!(names.iter().filter(|n| **n == b.member.name).count(), 3);
+        assert_eq!(names.iter().filter(|n| **n == "m1").count(), 3);
     }
 
     #[tokio::test]

@@ -167,6 +167,11 @@ impl CoordinatorState {
         {
             return false;
         }
+        // The name the member joined with (checked then), whatever the report says.
+        let mut m = m;
+        if let Some(member) = self.members.iter().find(|x| x.key == m.node) {
+            m.name = member.name.clone();
+        }
         let reports = self.metrics.entry(m.round).or_default();
         match reports.iter_mut().find(|x| x.node == m.node) {
             Some(x) => *x = m,

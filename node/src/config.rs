@@ -41,6 +41,8 @@ checkpoint_file = "node-0.checkpoint"  # learning state saved after every round 
                                       # Kademlia finds the other members
 mdns = false                          # also find members on the local network with mDNS
 # metrics_listen = "127.0.0.1:9100"   # Prometheus text metrics at http://<addr>/metrics
+share_window_rounds = 0               # accept shares this many rounds beyond the announced one
+                                      # (clock skew); later ones are refused as `future_round`
 
 [federation]                          # must equal the coordinator's, or joining fails
 id = "demo"                           # federation name
@@ -311,6 +313,11 @@ pub struct NodeConfig {
     /// Serve Prometheus text metrics over HTTP here (e.g. "127.0.0.1:9100").
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// Shares are accepted for the announced round and this many rounds
+    /// beyond it (members whose clocks run ahead); later ones are refused
+    /// as `future_round`. 0: only rounds already announced.
+    #[serde(default)]
+    pub share_window_rounds: u64,
     pub federation: FederationConfig,
     #[serde(default)]
     pub data: DataSource,

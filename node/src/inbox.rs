@@ -7,11 +7,18 @@
 //! only way out of the inbox towards aggregation.
 //!
 //! A share is accepted only if its sender is a current member, it is for a
-//! round this node has not closed yet (older rounds are replays or late) and
-//! not beyond the last one, it is the first from that sender for that round,
-//! and it passes [`LogitShare::validate`] against what this node itself
-//! expects for that round (federation, public subset, shape, signature,
-//! finite values).
+//! round this node has not closed yet (older rounds are replays or late)
+//! and that is open already (announced, plus [`ShareInbox::set_window`]
+//! rounds for clock skew; later ones are refused as `future_round`, so
+//! nothing can be planted ahead), it is the first from that sender for that
+//! round, and it passes [`LogitShare::validate`] against what this node
+//! itself expects for that round (federation, public subset, shape,
+//! signature, finite values).
+//!
+//! The checks are split so the expensive one can run elsewhere:
+//! [`ShareInbox::check_sender_and_round`] (a few lookups) under the lock, [`LogitShare::validate`] (signature, payload decoding)
+//! outside it, then [`ShareInbox::accept`] re-checks what may have changed
+//! meanwhile and stores the logits.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -25,6 +32,10 @@ pub struct ShareInbox {
     members: HashMap<PublicKey, Member>,
     /// The lowest round still open.
     open_round: u64,
+    /// The latest round announced (by the coordinator or the schedule).
+    announced: u64,
+    /// Rounds beyond `announced` whose shares are accepted anyway.
+    window: u64,
     /// Per round, per sender: the decoded logits and the share's sample count.
     accepted: BTreeMap<u64, BTreeMap<PublicKey, (Vec<f32>, u64)>>,
     rejected: BTreeMap<RejectReason, u64>,
@@ -37,6 +48,8 @@ impl ShareInbox {
             manifest,
             members: HashMap::new(),
             open_round: 1,
+            announced: 0,
+            window: 0,
             accepted: BTreeMap::new(),
             rejected: BTreeMap::new(),
             rejected_total: 0,
@@ -57,41 +70,63 @@ impl ShareInbox {
         self.members.values()
     }
 
-    /// Validates `share`; stores its logits if accepted.
+    /// Opens `round` (and every earlier one) for shares: called when the
+    /// round is announced, before this member's own round starts.
+    pub fn announce(&mut self, round: u64) {
+        self.announced = self.announced.max(round);
+    }
+
+    /// Accept shares for up to `rounds` rounds beyond the latest announced
+    /// one (members whose clocks run ahead); 0 by default.
+    pub fn set_window(&mut self, rounds: u64) {
+        self.window = rounds;
+    }
+
+    /// Validates `share` and stores its logits if accepted, all under the
+    /// caller's lock (the in-memory network and tests; the network path
+    /// validates outside the lock, see the module doc).
     pub fn offer(&mut self, share: &LogitShare) -> Result<(), ProtocolError> {
-        let result = self.check(share);
+        let result = self
+            .check_sender_and_round(&share.sender, share.round)
+            .and_then(|()| share.validate(&self.expectation(share.round)));
         match result {
-            Ok(logits) => {
-                self.accepted
-                    .entry(share.round)
-                    .or_default()
-                    .insert(share.sender, (logits, share.samples));
-                Ok(())
-            }
-            Err(e) => {
-                *self.rejected.entry(e.reason()).or_default() += 1;
-                self.rejected_total += 1;
-                Err(e)
-            }
+            Ok(logits) => self.accept(share, logits),
+            Err(e) => Err(self.refuse(e)),
         }
     }
 
-    fn check(&self, share: &LogitShare) -> Result<Vec<f32>, ProtocolError> {
-        if !self.members.contains_key(&share.sender) {
-            return Err(ProtocolError::UnknownSender(share.sender));
-        }
-        self.check_round(share.round)?;
-        let expect = ShareExpectation {
+    /// What a share of `round` must match.
+    pub fn expectation(&self, round: u64) -> ShareExpectation {
+        ShareExpectation {
             federation_id: self.manifest.federation_id.clone(),
-            round: share.round,
-            subset: self.subset(share.round),
+            round,
+            subset: self.subset(round),
             classes: self.manifest.classes,
-        };
-        let logits = share.validate(&expect)?;
+        }
+    }
+
+    /// Stores `logits`, the result of validating `share`, unless the round
+    /// closed or another share from the same sender got in meanwhile.
+    pub fn accept(&mut self, share: &LogitShare, logits: Vec<f32>) -> Result<(), ProtocolError> {
         // After the signature: a share forged in the name of a member that
         // already sent one is reported as forged, not as a duplicate.
-        self.check_first(&share.sender, share.round)?;
-        Ok(logits)
+        if let Err(e) = self
+            .check_round(share.round)
+            .and_then(|()| self.check_first(&share.sender, share.round))
+        {
+            return Err(self.refuse(e));
+        }
+        self.accepted
+            .entry(share.round)
+            .or_default()
+            .insert(share.sender, (logits, share.samples));
+        Ok(())
+    }
+
+    /// Counts `e` as a rejection and hands it back.
+    pub fn refuse(&mut self, e: ProtocolError) -> ProtocolError {
+        self.count_rejection(e.reason());
+        e
     }
 
     fn check_round(&self, round: u64) -> Result<(), ProtocolError> {
@@ -100,6 +135,10 @@ impl ShareInbox {
                 expected: self.open_round,
                 got: round,
             });
+        }
+        let open = self.announced.max(self.open_round);
+        if round > open + self.window {
+            return Err(ProtocolError::FutureRound { open, got: round });
         }
         Ok(())
     }
@@ -146,13 +185,27 @@ impl ShareInbox {
         self.rejected_total += 1;
     }
 
-    /// Whether a share from `sender` for `round` could still be accepted:
-    /// checked before pulling a large share, so nothing is fetched in vain.
-    pub fn precheck(&self, sender: &PublicKey, round: u64) -> Result<(), ProtocolError> {
+    /// The checks before the signature: `sender` is a member and `round`
+    /// is open. Lookups only, so they run under the lock and nobody gets
+    /// signature work done for a share of a stranger or of another round.
+    /// The duplicate check comes after the signature (see [`Self::accept`]).
+    /// Does not count a rejection.
+    pub fn check_sender_and_round(
+        &self,
+        sender: &PublicKey,
+        round: u64,
+    ) -> Result<(), ProtocolError> {
         if !self.members.contains_key(sender) {
             return Err(ProtocolError::UnknownSender(*sender));
         }
-        self.check_round(round)?;
+        self.check_round(round)
+    }
+
+    /// Whether a share from `sender` for `round` could still be accepted,
+    /// checked before pulling a large share, so nothing is fetched in vain.
+    /// Does not count a rejection.
+    pub fn precheck(&self, sender: &PublicKey, round: u64) -> Result<(), ProtocolError> {
+        self.check_sender_and_round(sender, round)?;
         self.check_first(sender, round)
     }
 
@@ -228,6 +281,15 @@ mod tests {
         let mallory = SigningKey::from_seed([3; 32]);
         let mut inbox = ShareInbox::new(manifest());
         inbox.set_members(&[member(&alice), member(&bob)]);
+        // Nothing is announced yet: round 1 is open, round 2 is not.
+        assert_eq!(
+            inbox
+                .offer(&share(&bob, 2, &[0.0; 4]))
+                .unwrap_err()
+                .reason(),
+            RejectReason::FutureRound
+        );
+        inbox.announce(2);
 
         let good = share(&bob, 1, &[1.0, 2.0, 3.0, 4.0]);
         let mut flipped = good.clone();
@@ -278,7 +340,17 @@ mod tests {
                 .reason(),
             RejectReason::WrongRound
         );
-        assert_eq!(inbox.rejected_total(), 6);
+        // Round 3 is planted before it is announced, unless the window allows it.
+        assert_eq!(
+            inbox
+                .offer(&share(&alice, 3, &[0.0; 4]))
+                .unwrap_err()
+                .reason(),
+            RejectReason::FutureRound
+        );
+        inbox.set_window(1);
+        inbox.offer(&share(&alice, 3, &[0.0; 4])).unwrap();
+        assert_eq!(inbox.rejected_total(), 8);
         assert!(
             inbox
                 .rejections()

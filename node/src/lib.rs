@@ -10,6 +10,8 @@
 //!   [`fastconv`]: the CPU convolution and pooling kernels of the CNN students.
 //! - [`aggregate`]: the ensemble teacher.
 //! - [`member`]: a round's learning steps on one member, no networking.
+//! - [`gate`]: who may steer a member (the coordinator's signed control
+//!   messages) and the bounded pool where inbound signatures are checked;
 //! - [`inbox`]: the validation gate between received shares and aggregation;
 //!   [`membership`]: member keys from the PeerIds in configs.
 //! - [`net`]: the libp2p swarm, its event loop and client.
@@ -23,6 +25,7 @@ pub mod data;
 pub mod device;
 pub mod fastconv;
 pub mod fsutil;
+pub mod gate;
 pub mod inbox;
 pub mod keyfile;
 pub mod learner;

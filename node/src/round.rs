@@ -24,6 +24,7 @@ use fd_protocol::{
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
+use crate::gate::VerifyPool;
 use crate::inbox::{ShareInbox, subset_for};
 use crate::member::LocalMember;
 use crate::net::Traffic;
@@ -50,16 +51,61 @@ impl SharedInbox {
     pub fn offer(&self, share: &LogitShare) -> Result<(), ProtocolError> {
         let start = std::time::Instant::now();
         let verdict = self.lock().offer(share);
-        *self
-            .verify_seconds
-            .lock()
-            .expect("timing lock poisoned")
-            .entry(share.round)
-            .or_default() += start.elapsed().as_secs_f64();
+        self.add_verify_time(share.round, start);
         if verdict.is_ok() {
             self.arrived.notify_waiters();
         }
         verdict
+    }
+
+    /// [`Self::offer`] for shares from the network: the cheap checks under
+    /// the lock, the signature and payload in `pool` (never on the calling
+    /// task's thread, never holding the lock), then the store.
+    pub async fn offer_verified_in(
+        self: &Arc<Self>,
+        share: LogitShare,
+        pool: &VerifyPool,
+    ) -> Result<(), ProtocolError> {
+        let expect = {
+            let mut inbox = self.lock();
+            if let Err(e) = inbox.check_sender_and_round(&share.sender, share.round) {
+                return Err(inbox.refuse(e));
+            }
+            inbox.expectation(share.round)
+        };
+        let (share, validated, start) = pool
+            .run(move || {
+                let start = std::time::Instant::now();
+                let validated = share.validate(&expect);
+                (share, validated, start)
+            })
+            .await;
+        let verdict = {
+            let mut inbox = self.lock();
+            match validated {
+                Ok(logits) => inbox.accept(&share, logits),
+                Err(e) => Err(inbox.refuse(e)),
+            }
+        };
+        self.add_verify_time(share.round, start);
+        if verdict.is_ok() {
+            self.arrived.notify_waiters();
+        }
+        verdict
+    }
+
+    fn add_verify_time(&self, round: u64, start: std::time::Instant) {
+        *self
+            .verify_seconds
+            .lock()
+            .expect("timing lock poisoned")
+            .entry(round)
+            .or_default() += start.elapsed().as_secs_f64();
+    }
+
+    /// Opens `round` for shares (see [`ShareInbox::announce`]).
+    pub fn announce(&self, round: u64) {
+        self.lock().announce(round);
     }
 
     /// Seconds spent in [`Self::offer`] on shares of `round` (and forgets them).
@@ -248,6 +294,8 @@ impl RoundEngine {
         transport: &T,
     ) -> anyhow::Result<RoundMetrics> {
         let round = plan.round;
+        // Whoever runs the clock opened it already; the simulator's rounds too.
+        self.inbox.announce(round);
         transport.begin_round(plan);
 
         // 1–2: train on private data, predict on the public subset.
@@ -289,7 +337,7 @@ impl RoundEngine {
             .zip(futures::future::join_all(pushes).await)
         {
             if let Err(e) = result {
-                tracing::warn!(node = %name, round, peer = %peer.name, "share not delivered: {e:#}");
+                tracing::warn!(node = %name, round, peer = ?peer.name, "share not delivered: {e:#}");
             }
         }
 

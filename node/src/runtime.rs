@@ -3,11 +3,12 @@
 //! reports.
 //!
 //! Two tasks share the member's [`SharedInbox`]: the *inbound* task
-//! ([`serve_inbound`]) answers every request at once (shares are validated as
-//! they arrive, announcements are queued), and the *round* task runs the
-//! engine, whose learning steps run in `spawn_blocking` so slow training
-//! never stalls the network. The isolated baseline ([`run_isolated`]) runs
-//! the same engine without peers.
+//! ([`serve_inbound`]) answers every request (shares are validated as they
+//! arrive, control messages pass the [`ControlGate`]; the signature work of
+//! both runs in a bounded [`VerifyPool`], one owned task per request), and
+//! the *round* task runs the engine, whose learning steps run in
+//! `spawn_blocking` so slow training never stalls the network. The isolated
+//! baseline ([`run_isolated`]) runs the same engine without peers.
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
@@ -17,15 +18,16 @@ use anyhow::{Context as _, anyhow, bail};
 use fd_protocol::transfer::{INLINE_SHARE_BYTES, ShareAnnouncement};
 use fd_protocol::{
     FederationManifest, JoinRequest, LogitShare, Member, Message, ProtocolError, PublicKey,
-    RejectReason, RoundAnnouncement, RoundMetrics, SigningKey,
+    RejectReason, RoundAnnouncement, RoundMetrics, SignedControl, SigningKey,
 };
-use libp2p::multiaddr::Protocol;
 use libp2p::pnet::PreSharedKey;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{NodeConfig, Schedule};
+use crate::gate::{Admitted, ControlGate, VerifyPool};
 use crate::member::LocalMember;
 use crate::net::{self, Client, InboundRequest, NetConfig, Network, Traffic};
 use crate::round::{RoundEngine, RoundPlan, ShareTransport, SharedInbox};
@@ -35,13 +37,7 @@ use crate::telemetry::{self, Telemetry};
 pub type MetricsObserver = mpsc::UnboundedSender<RoundMetrics>;
 
 /// Splits `/ip4/../tcp/../p2p/<id>` into its peer id and dialable address.
-pub fn split_peer_addr(addr: &Multiaddr) -> anyhow::Result<(PeerId, Multiaddr)> {
-    let mut base = addr.clone();
-    match base.pop() {
-        Some(Protocol::P2p(peer)) => Ok((peer, base)),
-        _ => bail!("address {addr} does not end in /p2p/<peer id>"),
-    }
-}
+pub use crate::net::split_peer_addr;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f)
@@ -107,8 +103,9 @@ pub struct Libp2pTransport {
     round_start: Mutex<Traffic>,
     /// The round whose large share was already announced.
     announced: tokio::sync::Mutex<Option<u64>>,
-    /// Oversize frames the codec refused, already counted as rejections.
-    too_large_counted: Mutex<u64>,
+    /// Oversize frames the codec refused and requests answered `busy`,
+    /// already counted as rejections.
+    refusals_counted: Mutex<(u64, u64)>,
 }
 
 impl Libp2pTransport {
@@ -118,7 +115,7 @@ impl Libp2pTransport {
             client,
             round_start: Mutex::new(start),
             announced: tokio::sync::Mutex::new(None),
-            too_large_counted: Mutex::new(0),
+            refusals_counted: Mutex::new((0, 0)),
         }
     }
 
@@ -173,14 +170,19 @@ impl ShareTransport for Libp2pTransport {
         inbox
             .wait_for(plan.round, plan.expected, plan.deadline)
             .await;
-        // Frames over the limit never became messages; count them with the
-        // inbox's rejections so they show in the metrics by reason.
-        let total = self.client.frames_too_large();
-        let mut counted = self.too_large_counted.lock().unwrap();
-        for _ in *counted..total {
-            inbox.lock().count_rejection(RejectReason::TooLarge);
+        // Frames over the limit and requests refused as busy never became
+        // messages; count them with the inbox's rejections so they show in
+        // the metrics by reason.
+        let traffic = self.client.traffic();
+        let mut counted = self.refusals_counted.lock().unwrap();
+        let mut inbox = inbox.lock();
+        for _ in counted.0..traffic.frames_too_large {
+            inbox.count_rejection(RejectReason::TooLarge);
         }
-        *counted = total;
+        for _ in counted.1..traffic.requests_busy {
+            inbox.count_rejection(RejectReason::Busy);
+        }
+        *counted = (traffic.frames_too_large, traffic.requests_busy);
     }
 
     fn round_traffic(&self, _round: u64) -> Traffic {
@@ -329,6 +331,7 @@ pub async fn run_federated(
         event_loop,
     } = net::new_with(&key, &net_config(&config)?)?;
     tokio::spawn(event_loop.run());
+    telemetry.count_busy_from(client.counters());
     let listen = client.listen(config.listen.parse()?).await?;
     let me = Member {
         key: key.public_key(),
@@ -350,45 +353,63 @@ pub async fn run_federated(
     let last_round = member.manifest.rounds;
     let manifest = member.manifest.clone();
     let mut engine = RoundEngine::new(member, key.clone(), config.encoding.0);
+    engine.inbox().lock().set_window(config.share_window_rounds);
+    // Shares of rounds this member already finished are replays.
+    engine.inbox().lock().take_round(last_done);
     let (rounds_tx, mut rounds_rx) = mpsc::unbounded_channel::<RoundAnnouncement>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
-    let coordinator_peer = match clock {
+    // The tasks this function owns: dropped (aborted) when it returns.
+    let mut tasks = JoinSet::new();
+    let listed = (!config.federation.members.is_empty()).then(|| config.federation.member_keys());
+    let (coordinator_peer, control) = match clock {
         RoundClock::Coordinator { peer, addr } => {
             client.add_address(peer, addr).await?;
             let train_samples = engine.member().private.len() as u64;
             let members = join(&client, peer, &config, &manifest, &me, train_samples).await?;
-            engine.inbox().set_members(&members);
+            let gate = ControlGate::new(&manifest.federation_id, peer, last_round, listed)?;
+            engine.inbox().set_members(&gate.filter_members(&members));
             telemetry.set_members(members.len());
-            Some(peer)
+            let control = ControlPlane {
+                gate,
+                rounds: rounds_tx,
+                done: done_tx,
+            };
+            (Some(peer), Some(control))
         }
         RoundClock::Schedule(schedule) => {
             let members = configured_members(&config);
             engine.inbox().set_members(&members);
             telemetry.set_members(members.len());
-            tokio::spawn(scheduled_rounds(
+            tasks.spawn(scheduled_rounds(
                 schedule,
                 manifest.clone(),
                 members,
                 last_done + 1,
-                rounds_tx.clone(),
+                rounds_tx,
+                engine.inbox().clone(),
             ));
-            None
+            drop(done_tx);
+            (None, None)
         }
     };
-    tokio::spawn(serve_inbound(
-        client.clone(),
-        engine.inbox().clone(),
+    let pool = VerifyPool::for_this_machine();
+    tasks.spawn(serve_inbound(
+        Inbound {
+            client: client.clone(),
+            inbox: engine.inbox().clone(),
+            telemetry: telemetry.clone(),
+            pool: pool.clone(),
+            control,
+        },
         requests,
-        coordinator_peer.map(|_| rounds_tx),
-        Some(done_tx),
-        telemetry.clone(),
     ));
-    tokio::spawn(pull_announced_shares(
+    tasks.spawn(pull_announced_shares(
         client.clone(),
         engine.inbox().clone(),
         announcements,
         manifest.federation_id.clone(),
         telemetry.clone(),
+        pool,
     ));
     let transport = Libp2pTransport::new(client.clone());
 
@@ -467,8 +488,9 @@ pub async fn run_federated(
         bail!("the rounds stopped after round {last_done} of {last_round}");
     }
     match coordinator_peer {
-        // Stay reachable until the coordinator closes the federation, so
-        // slower members can still deliver their last shares to us.
+        // Stay reachable until the coordinator closes the federation (a
+        // `Done` that passed the gate), so slower members can still deliver
+        // their last shares to us.
         Some(_) => {
             let _ = tokio::time::timeout(Duration::from_secs(30), done_rx.recv()).await;
         }
@@ -481,6 +503,7 @@ pub async fn run_federated(
             }
         }
     }
+    tasks.shutdown().await;
     Ok(results)
 }
 
@@ -527,6 +550,7 @@ async fn scheduled_rounds(
     members: Vec<Member>,
     first: u64,
     rounds: mpsc::UnboundedSender<RoundAnnouncement>,
+    inbox: Arc<SharedInbox>,
 ) {
     let now = crate::fsutil::now_unix_ms();
     let first = first.max(schedule.current_round(now));
@@ -542,6 +566,8 @@ async fn scheduled_rounds(
             deadline_unix_ms: deadline,
             members: members.clone(),
         };
+        // Open for shares now, even while this member still runs an earlier round.
+        inbox.announce(round);
         if rounds.send(announcement).is_err() {
             return;
         }
@@ -558,12 +584,30 @@ pub async fn pull_announced_shares(
     mut announcements: mpsc::Receiver<(PeerId, ShareAnnouncement)>,
     federation_id: String,
     telemetry: Arc<Telemetry>,
+    pool: VerifyPool,
 ) {
-    while let Some((source, announcement)) = announcements.recv().await {
+    // One pull at a time per (sender, round): a member announcing again and
+    // again cannot make this node fetch its share in parallel.
+    let mut pulling = std::collections::HashSet::new();
+    let mut pulls = JoinSet::new();
+    loop {
+        let (source, announcement) = tokio::select! {
+            next = announcements.recv() => match next {
+                Some(next) => next,
+                None => break,
+            },
+            Some(done) = pulls.join_next(), if !pulls.is_empty() => {
+                if let Ok(key) = done {
+                    pulling.remove(&key);
+                }
+                continue;
+            }
+        };
         let round = announcement.round;
         let sender = announcement.sender;
-        // A repeated announcement of a share we already hold is not an attack.
-        if inbox.lock().has_accepted(&sender, round) {
+        // A repeated announcement of a share we already hold, or are
+        // pulling, is not an attack.
+        if pulling.contains(&(sender, round)) || inbox.lock().has_accepted(&sender, round) {
             continue;
         }
         let checked = announcement
@@ -583,79 +627,132 @@ pub async fn pull_announced_shares(
             telemetry.share_rejected(reason.as_str());
             continue;
         }
-        let (client, inbox, telemetry) = (client.clone(), inbox.clone(), telemetry.clone());
-        tokio::spawn(async move {
-            let bytes = match client.fetch_share(source, &announcement).await {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    tracing::warn!(%source, round, "pulling an announced share failed: {e:#}");
-                    return;
-                }
-            };
-            let reject = |e: ProtocolError| {
-                tracing::warn!(%source, round, reason = e.reason().as_str(), "pulled share rejected: {e}");
-                telemetry.share_rejected(e.reason().as_str());
-            };
-            let share = match fd_protocol::decode_share(&bytes) {
-                Ok(share) if share.sender == sender && share.round == round => share,
-                Ok(_) => {
-                    let e = ProtocolError::InvalidField {
-                        field: "sender",
-                        reason: "the pulled share is not the announced one".into(),
-                    };
-                    inbox.lock().count_rejection(e.reason());
-                    return reject(e);
-                }
-                Err(e) => {
-                    inbox.lock().count_rejection(e.reason());
-                    return reject(e);
-                }
-            };
-            // offer() counts its own rejections.
-            match inbox.offer(&share) {
-                Ok(()) => telemetry.share_accepted(),
-                Err(e) => reject(e),
-            }
+        pulling.insert((sender, round));
+        let (client, inbox, telemetry, pool) = (
+            client.clone(),
+            inbox.clone(),
+            telemetry.clone(),
+            pool.clone(),
+        );
+        pulls.spawn(async move {
+            pull_one(&client, &inbox, &telemetry, &pool, source, announcement).await;
+            (sender, round)
         });
+    }
+    pulls.shutdown().await;
+}
+
+/// Fetches one announced share and offers it to the inbox.
+async fn pull_one(
+    client: &Client,
+    inbox: &Arc<SharedInbox>,
+    telemetry: &Telemetry,
+    pool: &VerifyPool,
+    source: PeerId,
+    announcement: ShareAnnouncement,
+) {
+    let (round, sender) = (announcement.round, announcement.sender);
+    let bytes = match client.fetch_share(source, &announcement).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::warn!(%source, round, "pulling an announced share failed: {e:#}");
+            return;
+        }
+    };
+    let reject = |e: ProtocolError| {
+        tracing::warn!(%source, round, reason = e.reason().as_str(), "pulled share rejected: {e}");
+        telemetry.share_rejected(e.reason().as_str());
+    };
+    let decoded = pool.run(move || fd_protocol::decode_share(&bytes)).await;
+    let share = match decoded {
+        Ok(share) if share.sender == sender && share.round == round => share,
+        Ok(_) => {
+            let e = ProtocolError::InvalidField {
+                field: "sender",
+                reason: "the pulled share is not the announced one".into(),
+            };
+            inbox.lock().count_rejection(e.reason());
+            return reject(e);
+        }
+        Err(e) => {
+            inbox.lock().count_rejection(e.reason());
+            return reject(e);
+        }
+    };
+    // The inbox counts its own rejections.
+    match inbox.offer_verified_in(share, pool).await {
+        Ok(()) => telemetry.share_accepted(),
+        Err(e) => reject(e),
     }
 }
 
-/// Answers every inbound request at once: shares go through `inbox`'s gate,
-/// round announcements and the federation's end to `rounds` and `done`
-/// (when given; the simulator runs its own clock).
-pub async fn serve_inbound(
-    client: Client,
-    inbox: Arc<SharedInbox>,
-    mut requests: mpsc::Receiver<InboundRequest>,
-    rounds: Option<mpsc::UnboundedSender<RoundAnnouncement>>,
-    done: Option<mpsc::UnboundedSender<u64>>,
-    telemetry: Arc<Telemetry>,
-) {
-    while let Some(InboundRequest {
-        peer,
-        message,
-        channel,
-    }) = requests.recv().await
-    {
-        let answer = match message {
-            Message::Round(announcement) if rounds.is_some() => {
-                inbox.set_members(&announcement.members);
-                telemetry.set_members(announcement.members.len());
-                if let Some(rounds) = &rounds {
-                    let _ = rounds.send(announcement);
-                }
-                Message::Ack
-            }
+/// Where admitted control messages go (see [`ControlGate`]).
+pub struct ControlPlane {
+    pub gate: ControlGate,
+    pub rounds: mpsc::UnboundedSender<RoundAnnouncement>,
+    pub done: mpsc::UnboundedSender<u64>,
+}
+
+/// What [`serve_inbound`] needs.
+pub struct Inbound {
+    pub client: Client,
+    pub inbox: Arc<SharedInbox>,
+    pub telemetry: Arc<Telemetry>,
+    /// Where signatures and payloads are checked.
+    pub pool: VerifyPool,
+    /// None: every control message is refused (`not_coordinator`): a
+    /// federation without a coordinator, or the simulator's own clock.
+    pub control: Option<ControlPlane>,
+}
+
+impl Inbound {
+    /// Admits a control message from `peer` through the gate and acts on it.
+    async fn control(
+        self: &Arc<Self>,
+        peer: PeerId,
+        signed: SignedControl,
+    ) -> Result<(), ProtocolError> {
+        let Some(control) = &self.control else {
+            return Err(ProtocolError::NotCoordinator {
+                peer: peer.to_string(),
+            });
+        };
+        // Nobody but the coordinator gets signature work done for it.
+        control.gate.check_sender(&peer)?;
+        let this = self.clone();
+        self.pool
+            .run(move || {
+                let control = this.control.as_ref().expect("checked above");
+                control
+                    .gate
+                    .admit(&peer, &signed, |admitted| match admitted {
+                        Admitted::Round(announcement) => {
+                            this.inbox.set_members(&announcement.members);
+                            this.inbox.announce(announcement.round);
+                            this.telemetry.set_members(announcement.members.len());
+                            let _ = control.rounds.send(announcement);
+                        }
+                        Admitted::Done { rounds } => {
+                            let _ = control.done.send(rounds);
+                        }
+                    })
+            })
+            .await
+    }
+
+    /// The answer to one request.
+    async fn answer(self: &Arc<Self>, peer: PeerId, message: Message) -> Message {
+        match message {
             Message::Share(share) => {
-                let verdict = inbox.offer(&share);
-                match verdict {
+                let (round, sender) = (share.round, share.sender);
+                match self.inbox.offer_verified_in(share, &self.pool).await {
                     Ok(()) => {
-                        telemetry.share_accepted();
+                        self.telemetry.share_accepted();
                         Message::ShareAccepted
                     }
                     Err(e) => {
-                        telemetry.share_rejected(e.reason().as_str());
-                        tracing::warn!(%peer, round = share.round, sender = %share.sender, reason = e.reason().as_str(), "share rejected: {e}");
+                        self.telemetry.share_rejected(e.reason().as_str());
+                        tracing::warn!(%peer, round, %sender, reason = e.reason().as_str(), "share rejected: {e}");
                         Message::ShareRejected {
                             code: e.reason().as_str().to_string(),
                             reason: e.to_string(),
@@ -663,24 +760,72 @@ pub async fn serve_inbound(
                     }
                 }
             }
-            Message::Done { rounds } if done.is_some() => {
-                if let Some(done) = &done {
-                    let _ = done.send(rounds);
+            Message::Control(signed) => {
+                let (kind, round) = (signed.control.kind(), signed.control.round());
+                match self.control(peer, signed).await {
+                    Ok(()) => Message::Ack,
+                    Err(e) => {
+                        tracing::warn!(%peer, kind, round, reason = e.reason().as_str(), "control message refused: {e}");
+                        self.refused(&e)
+                    }
                 }
-                Message::Ack
             }
             other => {
-                tracing::debug!(%peer, "ignoring unexpected request {other:?}");
-                Message::Ack
+                let e = ProtocolError::Unexpected(other.kind());
+                tracing::warn!(%peer, reason = e.reason().as_str(), "request refused: {e}");
+                self.refused(&e)
             }
-        };
-        if client.respond(channel, answer).await.is_err() {
-            return;
+        }
+    }
+
+    /// Counts a refused request (metrics and telemetry) and answers it.
+    fn refused(&self, e: &ProtocolError) -> Message {
+        let code = e.reason().as_str();
+        self.inbox.lock().count_rejection(e.reason());
+        self.telemetry.refused(code);
+        Message::Refused {
+            code: code.to_string(),
+            reason: e.to_string(),
         }
     }
 }
 
-/// Sends a request, retrying transport failures with a short pause.
+/// Answers every inbound request: shares go through the inbox's gate,
+/// control messages through the [`ControlGate`], anything else a member
+/// does not take is refused. Each request is its own task, owned here; how
+/// many exist at once is bounded by the event loop's in-flight limits
+/// ([`net::MAX_IN_FLIGHT`]), and the CPU they use by the [`VerifyPool`].
+pub async fn serve_inbound(inbound: Inbound, mut requests: mpsc::Receiver<InboundRequest>) {
+    let inbound = Arc::new(inbound);
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            request = requests.recv() => {
+                let Some(InboundRequest { peer, message, channel }) = request else {
+                    break;
+                };
+                let inbound = inbound.clone();
+                tasks.spawn(async move {
+                    let answer = inbound.answer(peer, message).await;
+                    if inbound.client.respond(channel, answer).await.is_err() {
+                        tracing::debug!(%peer, "answer dropped: the network stopped");
+                    }
+                });
+            }
+            Some(finished) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = finished
+                    && e.is_panic()
+                {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
+    }
+    tasks.shutdown().await;
+}
+
+/// Sends a request, retrying transport failures and `busy` answers with a
+/// growing pause.
 pub async fn request_with_retry(
     client: &Client,
     peer: PeerId,
@@ -690,13 +835,17 @@ pub async fn request_with_retry(
     let mut last = None;
     for attempt in 0..attempts.max(1) {
         match client.request(peer, message.clone()).await {
+            Ok(Message::Refused { code, reason }) if code == RejectReason::Busy.as_str() => {
+                tracing::debug!(%peer, attempt, "peer busy: {reason}");
+                last = Some(anyhow!("{peer} stayed busy: {reason}"));
+            }
             Ok(answer) => return Ok(answer),
             Err(e) => {
                 tracing::debug!(%peer, attempt, "request failed: {e:#}");
                 last = Some(e);
-                tokio::time::sleep(Duration::from_millis(250 * (attempt as u64 + 1))).await;
             }
         }
+        tokio::time::sleep(Duration::from_millis(250 * (attempt as u64 + 1))).await;
     }
     Err(last.unwrap_or_else(|| anyhow!("no attempt made")))
 }
@@ -708,8 +857,12 @@ async fn send_share(client: &Client, peer: &Member, share: LogitShare) -> anyhow
     for attempt in 0..5u64 {
         match request_with_retry(client, peer_id, Message::Share(share.clone()), 3).await? {
             Message::ShareAccepted => return Ok(()),
+            // The peer has not seen this round's announcement (or our
+            // membership) yet: a moment behind us, not a verdict.
             Message::ShareRejected { code, .. }
-                if code == RejectReason::UnknownSender.as_str() && attempt < 4 =>
+                if (code == RejectReason::UnknownSender.as_str()
+                    || code == RejectReason::FutureRound.as_str())
+                    && attempt < 4 =>
             {
                 tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
             }

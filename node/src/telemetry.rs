@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::net::TrafficCounters;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -40,6 +42,10 @@ pub struct Telemetry {
     last_accuracy: AtomicU64,
     shares_accepted: AtomicU64,
     shares_rejected: Mutex<BTreeMap<String, u64>>,
+    /// Requests other than shares refused, by reason code.
+    refusals: Mutex<BTreeMap<String, u64>>,
+    /// Where requests refused as busy (by the event loop) are counted.
+    busy: OnceLock<Arc<TrafficCounters>>,
     metrics_received: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
@@ -64,6 +70,8 @@ impl Telemetry {
             last_accuracy: AtomicU64::new(f64::NAN.to_bits()),
             shares_accepted: AtomicU64::new(0),
             shares_rejected: Mutex::new(BTreeMap::new()),
+            refusals: Mutex::new(BTreeMap::new()),
+            busy: OnceLock::new(),
             metrics_received: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
@@ -91,6 +99,23 @@ impl Telemetry {
             .unwrap_or_else(|e| e.into_inner())
             .entry(reason.to_string())
             .or_default() += 1;
+    }
+
+    /// A request that is not a share was refused (control message, report,
+    /// unexpected kind); `reason` is a [`fd_protocol::RejectReason`] code.
+    pub fn refused(&self, reason: &str) {
+        *self
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason.to_string())
+            .or_default() += 1;
+    }
+
+    /// Reports the requests the network refused as busy
+    /// ([`TrafficCounters::requests_busy`]) among the refusals.
+    pub fn count_busy_from(&self, counters: Arc<TrafficCounters>) {
+        let _ = self.busy.set(counters);
     }
 
     /// The coordinator received a member's round metrics.
@@ -192,6 +217,28 @@ impl Telemetry {
             let _ = writeln!(
                 out,
                 "fd_shares_rejected_total{{reason=\"{}\"}} {count}",
+                escape(&reason)
+            );
+        }
+        header(
+            &mut out,
+            "fd_refusals_total",
+            "counter",
+            "Requests other than shares refused (control messages, reports, load), by reason code.",
+        );
+        let mut refusals = self
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(counters) = self.busy.get() {
+            *refusals.entry("busy".to_string()).or_default() +=
+                counters.requests_busy.load(Ordering::Relaxed);
+        }
+        for (reason, count) in refusals {
+            let _ = writeln!(
+                out,
+                "fd_refusals_total{{reason=\"{}\"}} {count}",
                 escape(&reason)
             );
         }

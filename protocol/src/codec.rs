@@ -18,7 +18,9 @@ use crate::share::LogitShare;
 use crate::transfer::MAX_SHARE_BYTES;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: control messages are signed by the coordinator ([`crate::control`]),
+/// `Refused` answers non-share requests.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest frame accepted or produced: 4 MiB. Room for one chunk
 /// ([`CHUNK_BYTES`](crate::transfer::CHUNK_BYTES)) or one inline share
@@ -148,7 +150,7 @@ mod tests {
             decode(&other),
             Err(ProtocolError::UnsupportedVersion {
                 got: 9,
-                expected: 1
+                expected: PROTOCOL_VERSION
             })
         ));
 

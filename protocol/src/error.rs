@@ -1,4 +1,5 @@
-//! Typed errors for decoding and validating messages.
+//! Typed errors for decoding and validating messages (shares, control
+//! messages, reports) and for refusing requests.
 //!
 //! Every way a message can be refused has its own variant, and each maps to a
 //! short [`RejectReason`] code so nodes can count rejections by reason in
@@ -37,6 +38,24 @@ pub enum ProtocolError {
     UnknownSender(PublicKey),
     #[error("invalid value in `{field}`: {reason}")]
     InvalidField { field: &'static str, reason: String },
+    #[error("share is for round {got}, which is not open yet (open: {open})")]
+    FutureRound { open: u64, got: u64 },
+    #[error("control message from {peer}, which is not the coordinator")]
+    NotCoordinator { peer: String },
+    #[error("forged control message: {0}")]
+    ForgedControl(String),
+    #[error("{kind} for round {got} is older than round {latest}, already announced")]
+    StaleAnnouncement {
+        kind: &'static str,
+        latest: u64,
+        got: u64,
+    },
+    #[error("report names {named}, but came from {peer}")]
+    NotSender { named: String, peer: String },
+    #[error("too many requests from {peer} in flight (limit {limit}); try again later")]
+    Busy { peer: String, limit: usize },
+    #[error("this peer does not take `{0}` requests")]
+    Unexpected(&'static str),
 }
 
 /// Short, stable codes for counting rejections (metrics labels, CSV columns).
@@ -53,6 +72,13 @@ pub enum RejectReason {
     Subset,
     UnknownSender,
     InvalidField,
+    FutureRound,
+    NotCoordinator,
+    ForgedAnnouncement,
+    StaleAnnouncement,
+    NotSender,
+    Busy,
+    Unexpected,
 }
 
 impl RejectReason {
@@ -69,6 +95,13 @@ impl RejectReason {
             RejectReason::Subset => "subset",
             RejectReason::UnknownSender => "unknown_sender",
             RejectReason::InvalidField => "invalid_field",
+            RejectReason::FutureRound => "future_round",
+            RejectReason::NotCoordinator => "not_coordinator",
+            RejectReason::ForgedAnnouncement => "forged_announcement",
+            RejectReason::StaleAnnouncement => "stale_announcement",
+            RejectReason::NotSender => "not_sender",
+            RejectReason::Busy => "busy",
+            RejectReason::Unexpected => "unexpected_message",
         }
     }
 }
@@ -93,6 +126,13 @@ impl ProtocolError {
             ProtocolError::SubsetMismatch(_) => RejectReason::Subset,
             ProtocolError::UnknownSender(_) => RejectReason::UnknownSender,
             ProtocolError::InvalidField { .. } => RejectReason::InvalidField,
+            ProtocolError::FutureRound { .. } => RejectReason::FutureRound,
+            ProtocolError::NotCoordinator { .. } => RejectReason::NotCoordinator,
+            ProtocolError::ForgedControl(_) => RejectReason::ForgedAnnouncement,
+            ProtocolError::StaleAnnouncement { .. } => RejectReason::StaleAnnouncement,
+            ProtocolError::NotSender { .. } => RejectReason::NotSender,
+            ProtocolError::Busy { .. } => RejectReason::Busy,
+            ProtocolError::Unexpected(_) => RejectReason::Unexpected,
         }
     }
 }

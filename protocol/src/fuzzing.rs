@@ -21,6 +21,7 @@
 use std::sync::OnceLock;
 
 use crate::codec::{decode, decode_share, encode, encode_share};
+use crate::control::{Control, SignedControl};
 use crate::digest::sha256;
 use crate::identity::{Signature, SigningKey};
 use crate::message::*;
@@ -427,12 +428,18 @@ pub fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
     );
     frame(
         "round",
-        Message::Round(RoundAnnouncement {
-            federation_id: FEDERATION_ID.into(),
-            round: ROUND,
-            deadline_unix_ms: 1_700_000_000_000,
-            members: vec![member],
-        }),
+        Message::Control(
+            SignedControl::sign(
+                Control::Round(RoundAnnouncement {
+                    federation_id: FEDERATION_ID.into(),
+                    round: ROUND,
+                    deadline_unix_ms: 1_700_000_000_000,
+                    members: vec![member],
+                }),
+                &signing_key(),
+            )
+            .expect("a seed announcement signs"),
+        ),
     );
     frame("share-accepted", Message::ShareAccepted);
     frame(
@@ -468,7 +475,26 @@ pub fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
             ..RoundMetrics::new(FEDERATION_ID, ROUND, key, "alice")
         }),
     );
-    frame("done", Message::Done { rounds: 10 });
+    frame(
+        "done",
+        Message::Control(
+            SignedControl::sign(
+                Control::Done {
+                    federation_id: FEDERATION_ID.into(),
+                    rounds: 10,
+                },
+                &signing_key(),
+            )
+            .expect("a seed done signs"),
+        ),
+    );
+    frame(
+        "refused",
+        Message::Refused {
+            code: "busy".into(),
+            reason: "too many requests".into(),
+        },
+    );
     frame("ack", Message::Ack);
     let pulled = &originals()[0].standalone;
     let announcement = ShareAnnouncement::describe(FEDERATION_ID, ROUND, key, pulled);

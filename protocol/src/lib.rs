@@ -13,9 +13,11 @@
 //! - [`identity`]: Ed25519 keys and signatures (ring).
 //! - [`digest`]: SHA-256 of the public dataset.
 //! - [`message`]: the messages (join, manifest, round announcement, metrics).
+//! - [`control`]: the coordinator's signed control messages (rounds, done).
 //! - [`share`]: the signed [`LogitShare`] and its validation.
 
 pub mod codec;
+pub mod control;
 pub mod digest;
 pub mod error;
 pub mod fuzzing;
@@ -25,6 +27,7 @@ pub mod share;
 pub mod transfer;
 
 pub use codec::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, decode_share, encode, encode_share};
+pub use control::{Control, SignedControl};
 pub use digest::Digest;
 pub use error::{ProtocolError, RejectReason};
 pub use identity::{PublicKey, Signature, SigningKey};

@@ -1,16 +1,23 @@
 //! The messages of an fd federation.
 //!
 //! Two conversations share one message type so one codec serves both:
-//! - member ↔ coordinator: [`JoinRequest`] → `Welcome`/`JoinRefused`;
-//!   [`RoundAnnouncement`] → `Ack`; [`RoundMetrics`] → `Ack`; `Done`.
+//! - member → coordinator: [`JoinRequest`] → `Welcome`/`JoinRefused`;
+//!   [`RoundMetrics`] → `Ack`/`Refused`.
+//! - coordinator → member: `Control` ([`SignedControl`]: a signed round
+//!   announcement or `Done`) → `Ack`/`Refused`.
 //! - member ↔ member: `Share` ([`LogitShare`]) → `ShareAccepted`/`ShareRejected`.
+//!
+//! Any request may be answered `Refused { code: "busy" }` when its sender
+//! has too many requests in flight.
 //!
 //! The coordinator never sees private data and never needs the logits: it
 //! only learns who is a member, where they listen, and the metrics they report.
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::SignedControl;
 use crate::digest::Digest;
+use crate::error::ProtocolError;
 use crate::identity::PublicKey;
 use crate::share::LogitShare;
 
@@ -23,6 +30,54 @@ pub struct Member {
     pub name: String,
     /// Multiaddresses the member listens on.
     pub addrs: Vec<String>,
+}
+
+/// Longest member name, in characters.
+pub const MAX_NAME_CHARS: usize = 64;
+/// Most listen addresses a member may announce, and the longest one, in bytes.
+pub const MAX_ADDRS: usize = 8;
+pub const MAX_ADDR_BYTES: usize = 256;
+
+impl Member {
+    /// What a coordinator checks before it writes a member into its state,
+    /// its files and every announcement: the name is 1 to
+    /// [`MAX_NAME_CHARS`] characters without control characters other than
+    /// a newline (files quote it, logs escape it), and the addresses are
+    /// few and short.
+    pub fn check(&self) -> Result<(), ProtocolError> {
+        let chars = self.name.chars().count();
+        if chars == 0 || chars > MAX_NAME_CHARS {
+            return Err(ProtocolError::InvalidField {
+                field: "member.name",
+                reason: format!("{chars} characters; 1 to {MAX_NAME_CHARS} allowed"),
+            });
+        }
+        if let Some(c) = self.name.chars().find(|c| c.is_control() && *c != '\n') {
+            return Err(ProtocolError::InvalidField {
+                field: "member.name",
+                reason: format!("control character {:?} is not allowed", c),
+            });
+        }
+        if self.addrs.len() > MAX_ADDRS {
+            return Err(ProtocolError::InvalidField {
+                field: "member.addrs",
+                reason: format!(
+                    "{} addresses; at most {MAX_ADDRS} allowed",
+                    self.addrs.len()
+                ),
+            });
+        }
+        if let Some(a) = self.addrs.iter().find(|a| a.len() > MAX_ADDR_BYTES) {
+            return Err(ProtocolError::InvalidField {
+                field: "member.addrs",
+                reason: format!(
+                    "an address of {} bytes; at most {MAX_ADDR_BYTES} allowed",
+                    a.len()
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The public dataset every member holds and has verified.
@@ -59,7 +114,7 @@ pub struct JoinRequest {
     pub train_samples: u64,
 }
 
-/// The coordinator opens a round.
+/// The coordinator opens a round. Travels inside a [`SignedControl`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundAnnouncement {
     pub federation_id: String,
@@ -159,7 +214,8 @@ pub enum Message {
     JoinRefused {
         reason: String,
     },
-    Round(RoundAnnouncement),
+    /// A round announcement or the federation's end, signed by the coordinator.
+    Control(SignedControl),
     Share(LogitShare),
     ShareAccepted,
     ShareRejected {
@@ -168,11 +224,14 @@ pub enum Message {
         reason: String,
     },
     Metrics(RoundMetrics),
-    /// The federation finished its last round.
-    Done {
-        rounds: u64,
-    },
     Ack,
+    /// A request that is not a share was refused (control message, report,
+    /// or any request while its sender is over its limit: code `busy`).
+    Refused {
+        /// A [`crate::RejectReason`] code.
+        code: String,
+        reason: String,
+    },
     /// A share too large to push whole can be pulled from its sender (the
     /// gossip payload on `/fd/<federation>/shares`; see [`crate::transfer`]).
     ShareAvailable(crate::transfer::ShareAnnouncement),
@@ -192,4 +251,26 @@ pub enum Message {
     ChunkUnavailable {
         reason: String,
     },
+}
+
+impl Message {
+    /// The variant's name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Join(_) => "Join",
+            Message::Welcome { .. } => "Welcome",
+            Message::JoinRefused { .. } => "JoinRefused",
+            Message::Control(_) => "Control",
+            Message::Share(_) => "Share",
+            Message::ShareAccepted => "ShareAccepted",
+            Message::ShareRejected { .. } => "ShareRejected",
+            Message::Metrics(_) => "Metrics",
+            Message::Ack => "Ack",
+            Message::Refused { .. } => "Refused",
+            Message::ShareAvailable(_) => "ShareAvailable",
+            Message::FetchChunk { .. } => "FetchChunk",
+            Message::Chunk { .. } => "Chunk",
+            Message::ChunkUnavailable { .. } => "ChunkUnavailable",
+        }
+    }
 }

@@ -246,6 +246,7 @@ impl Experiment {
             bootstrap: Vec::new(),
             mdns: false,
             metrics_listen: None,
+            share_window_rounds: 0,
             federation: self.federation(),
             data: self.data.clone(),
             partition: PartitionConfig {

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
-use fd_coordinator::{CSV_HEADER, CoordinatorConfig, CoordinatorEvent, csv_row};
+use fd_coordinator::{CoordinatorConfig, CoordinatorEvent, metrics_csv};
 use fd_node::aggregate::Aggregator;
 use fd_node::config::{FederationConfig, NodeConfig, PartitionConfig};
 use fd_node::data::DataSource;
@@ -87,6 +87,7 @@ fn node_config(
         bootstrap: Vec::new(),
         mdns: false,
         metrics_listen: None,
+        share_window_rounds: 0,
         federation: federation.clone(),
         data: data.clone(),
         partition: PartitionConfig {
@@ -242,13 +243,8 @@ pub async fn run(o: QuickstartOptions) -> anyhow::Result<Vec<RoundMetrics>> {
         m.await??;
     }
 
-    let mut csv = format!("{CSV_HEADER}\n");
-    for m in &all {
-        csv.push_str(&csv_row(m));
-        csv.push('\n');
-    }
     let csv_path = o.out.join("metrics.csv");
-    write_atomic(&csv_path, csv.as_bytes(), 0o644)?;
+    write_atomic(&csv_path, &metrics_csv(&all)?, 0o644)?;
 
     if !o.no_baseline {
         let mut finals = Vec::new();

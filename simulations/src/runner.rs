@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
+use fd_node::gate::VerifyPool;
 use fd_node::member::{LocalMember, MemberData};
 use fd_node::net::{self, Traffic};
 use fd_node::round::{RoundEngine, RoundPlan, ShareTransport, SharedInbox};
-use fd_node::runtime::{Libp2pTransport, pull_announced_shares, serve_inbound};
+use fd_node::runtime::{Inbound, Libp2pTransport, pull_announced_shares, serve_inbound};
 use fd_protocol::{LogitShare, Member, RoundMetrics, SigningKey, digest};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::Semaphore;
@@ -352,12 +353,15 @@ async fn run_fd(
                 members[i].addrs = vec![addr.to_string()];
                 let telemetry = Arc::new(fd_node::telemetry::Telemetry::default());
                 tokio::spawn(serve_inbound(
-                    client.clone(),
-                    engine.inbox().clone(),
+                    Inbound {
+                        client: client.clone(),
+                        inbox: engine.inbox().clone(),
+                        telemetry: telemetry.clone(),
+                        pool: VerifyPool::for_this_machine(),
+                        // The simulator runs the clock itself.
+                        control: None,
+                    },
                     network.requests,
-                    None,
-                    None,
-                    telemetry.clone(),
                 ));
                 tokio::spawn(pull_announced_shares(
                     client.clone(),
@@ -365,6 +369,7 @@ async fn run_fd(
                     network.announcements,
                     e.name.clone(),
                     telemetry,
+                    VerifyPool::for_this_machine(),
                 ));
                 transports.push(Arc::new(SimTransport::Libp2p(Libp2pTransport::new(client))));
             }
@@ -398,6 +403,10 @@ async fn run_fd(
                     + std::time::Duration::from_secs_f64(e.scenario.deadline),
             ),
         };
+        // Every inbox opens the round before any member can push to it.
+        for engine in engines.iter().flatten() {
+            engine.inbox().announce(round);
+        }
         let mut tasks = JoinSet::new();
         let mut expected_of = vec![0usize; n];
         for &i in &active {

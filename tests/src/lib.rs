@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fd_protocol::RoundMetrics;
+use fd_protocol::{FederationManifest, RoundMetrics};
+
+pub mod attacker;
 
 /// Path of a workspace binary, next to the test executable's `deps` folder.
 pub fn binary(name: &str) -> PathBuf {
@@ -393,4 +395,68 @@ pub fn start_nodes(configs: &[PathBuf], dir: &Path) -> Vec<Proc> {
         .enumerate()
         .map(|(i, config)| Proc::node(&format!("node-{i}"), config, dir))
         .collect()
+}
+
+/// The federation manifest a `[federation]` + `[data]` TOML text gives (as
+/// [`federation_toml`] writes it): what an in-process member must agree on.
+pub fn manifest_of(federation_and_data: &str) -> FederationManifest {
+    #[derive(serde::Deserialize)]
+    struct Tables {
+        federation: fd_node::config::FederationConfig,
+        data: fd_node::data::DataSource,
+    }
+    let tables: Tables = toml::from_str(federation_and_data).expect("federation and data tables");
+    let data = tables.data.load().expect("the test data loads");
+    tables.federation.manifest(&data).expect("a manifest")
+}
+
+/// A node's full address (`/ip4/…/tcp/…/p2p/<id>`), from its "listening" log line.
+pub fn node_address(proc: &mut Proc) -> String {
+    let log = proc.log.clone();
+    wait_until(
+        proc,
+        Duration::from_secs(120),
+        Duration::from_millis(50),
+        || format!("{} never logged its listen address", log.display()),
+        || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            let line = text.lines().find(|l| l.contains("listening"))?;
+            Some(format!(
+                "{}/p2p/{}",
+                log_field(line, "listen")?,
+                log_field(line, "peer")?
+            ))
+        },
+    )
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS`), None once it has exited.
+pub fn resident_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Whether the process has exited (without reaping it).
+pub fn has_exited(proc: &mut Proc) -> bool {
+    proc.child.try_wait().expect("wait").is_some()
+}
+
+/// Seeded key files `node-<i>.key` for members `0..nodes` (seeds 1..=nodes,
+/// so two runs of a test have the same members); returns their PeerIds.
+pub fn seeded_node_keys(dir: &Path, nodes: usize) -> Vec<String> {
+    (0..nodes)
+        .map(|i| seeded_key(&dir.join(format!("node-{i}.key")), i as u8 + 1))
+        .collect()
+}
+
+/// How many refusals with reason `code` a member's metrics count (0 if none).
+pub fn refusals(metrics: &RoundMetrics, code: &str) -> u64 {
+    metrics
+        .rejections
+        .iter()
+        .find(|(c, _)| c == code)
+        .map_or(0, |(_, n)| *n)
 }

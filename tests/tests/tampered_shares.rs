@@ -17,7 +17,8 @@ use fd_node::inbox::subset_for;
 use fd_node::net;
 use fd_node::runtime::{request_with_retry, split_peer_addr};
 use fd_protocol::{
-    JoinRequest, LogitShare, Member, Message, PayloadEncoding, RoundMetrics, SigningKey,
+    Control, JoinRequest, LogitShare, Member, Message, PayloadEncoding, RoundMetrics,
+    SignedControl, SigningKey,
 };
 use fd_tests::*;
 
@@ -193,8 +194,15 @@ async fn tampering_member(coordinator: &str) -> (Vec<(String, Message)>, anyhow:
     let rows = manifest.subset_size as usize * manifest.classes as usize;
     while let Some(request) = requests.recv().await {
         match request.message {
-            Message::Round(round) => {
+            Message::Control(SignedControl {
+                control: Control::Round(round),
+                ..
+            }) => {
                 client.respond(request.channel, Message::Ack).await.unwrap();
+                // The honest members open the round when the same broadcast
+                // reaches them; a share that gets there first is refused as
+                // `future_round` (tested in trust.rs), so let it arrive.
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 let subset = subset_for(&manifest, round.round);
                 let share = |logits: &[f32]| {
                     LogitShare::new_signed(
@@ -267,7 +275,10 @@ async fn tampering_member(coordinator: &str) -> (Vec<(String, Message)>, anyhow:
                     .await
                     .unwrap();
             }
-            Message::Done { .. } => {
+            Message::Control(SignedControl {
+                control: Control::Done { .. },
+                ..
+            }) => {
                 client.respond(request.channel, Message::Ack).await.unwrap();
                 break;
             }

@@ -100,6 +100,11 @@ impl Client {
         self.counters.snapshot()
     }
 
+    /// The live counters behind [`Self::traffic`] (e.g. for telemetry).
+    pub fn counters(&self) -> Arc<TrafficCounters> {
+        self.counters.clone()
+    }
+
     async fn send(&self, command: Command) -> anyhow::Result<()> {
         self.commands
             .send(command)

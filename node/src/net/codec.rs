@@ -51,6 +51,9 @@ pub struct TrafficCounters {
     pub frames_too_large: AtomicU64,
     /// Inbound frames that did not decode.
     pub frames_malformed: AtomicU64,
+    /// Inbound requests answered `busy` unread by the program: their peer
+    /// (or everyone together) had too many requests in flight.
+    pub requests_busy: AtomicU64,
     /// Largest frame written and read, prefix included.
     pub largest_frame_sent: AtomicU64,
     pub largest_frame_received: AtomicU64,
@@ -72,6 +75,7 @@ pub struct Traffic {
     pub announcement_bytes_received: u64,
     pub frames_too_large: u64,
     pub frames_malformed: u64,
+    pub requests_busy: u64,
     pub largest_frame_sent: u64,
     pub largest_frame_received: u64,
 }
@@ -105,6 +109,7 @@ impl TrafficCounters {
             announcement_bytes_received: get(&self.announcement_bytes_received),
             frames_too_large: get(&self.frames_too_large),
             frames_malformed: get(&self.frames_malformed),
+            requests_busy: get(&self.requests_busy),
             largest_frame_sent: get(&self.largest_frame_sent),
             largest_frame_received: get(&self.largest_frame_received),
         }
@@ -205,6 +210,7 @@ impl Traffic {
                 - earlier.announcement_bytes_received,
             frames_too_large: self.frames_too_large - earlier.frames_too_large,
             frames_malformed: self.frames_malformed - earlier.frames_malformed,
+            requests_busy: self.requests_busy - earlier.requests_busy,
             largest_frame_sent: self.largest_frame_sent,
             largest_frame_received: self.largest_frame_received,
         }

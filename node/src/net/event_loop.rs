@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -59,6 +60,66 @@ pub struct EventLoop {
     /// Responses carrying the last chunk of a share: a pulled share is
     /// counted as sent once one of them has been written.
     last_chunk_responses: HashSet<InboundRequestId>,
+    /// Requests handed to the program and not answered yet.
+    in_flight: InFlight,
+}
+
+/// Requests handed to the program and not answered yet, per peer: the
+/// admission control that keeps one peer's flood from filling the queue
+/// every peer shares (see [`super::MAX_IN_FLIGHT_PER_PEER`]).
+#[derive(Default)]
+struct InFlight {
+    by_request: HashMap<InboundRequestId, PeerId>,
+    by_peer: HashMap<PeerId, usize>,
+    /// Busy refusals per peer not logged yet, and when that peer's last
+    /// line was written: one line per peer per second, with the count.
+    busy_unlogged: HashMap<PeerId, (u64, Option<Instant>)>,
+}
+
+impl InFlight {
+    /// Why a request from `peer` may not be queued now, if it may not.
+    fn refuse(&self, peer: &PeerId) -> Option<(usize, &'static str)> {
+        if self.by_peer.get(peer).copied().unwrap_or(0) >= super::MAX_IN_FLIGHT_PER_PEER {
+            Some((super::MAX_IN_FLIGHT_PER_PEER, "per peer"))
+        } else if self.by_request.len() >= super::MAX_IN_FLIGHT {
+            Some((super::MAX_IN_FLIGHT, "for all peers together"))
+        } else {
+            None
+        }
+    }
+
+    fn start(&mut self, request: InboundRequestId, peer: PeerId) {
+        self.by_request.insert(request, peer);
+        *self.by_peer.entry(peer).or_default() += 1;
+    }
+
+    /// The request was answered (or its requester went away).
+    fn finish(&mut self, request: &InboundRequestId) {
+        if let Some(peer) = self.by_request.remove(request)
+            && let Some(n) = self.by_peer.get_mut(&peer)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.by_peer.remove(&peer);
+            }
+        }
+    }
+
+    /// Counts a busy refusal of `peer`; logs at most once a second per peer.
+    fn busy(&mut self, peer: PeerId, limit: usize, scope: &str) {
+        let now = Instant::now();
+        let (count, logged) = self.busy_unlogged.entry(peer).or_default();
+        *count += 1;
+        if logged.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+            tracing::warn!(%peer, reason = "busy", refused = *count, limit, "requests refused: too many in flight {scope}");
+            *count = 0;
+            *logged = Some(now);
+        }
+        if self.busy_unlogged.len() > 4096 {
+            // Bounded memory even under a flood of identities.
+            self.busy_unlogged.retain(|_, (n, _)| *n > 0);
+        }
+    }
 }
 
 impl EventLoop {
@@ -87,6 +148,7 @@ impl EventLoop {
             pending_find: HashMap::new(),
             pending_announces: Vec::new(),
             last_chunk_responses: HashSet::new(),
+            in_flight: InFlight::default(),
         }
     }
 
@@ -212,10 +274,12 @@ impl EventLoop {
                 request_id,
                 ..
             } => {
+                self.in_flight.finish(&request_id);
                 self.last_chunk_responses.remove(&request_id);
                 tracing::debug!(%peer, %error, "inbound request failed");
             }
             request_response::Event::ResponseSent { request_id, .. } => {
+                self.in_flight.finish(&request_id);
                 if self.last_chunk_responses.remove(&request_id) {
                     self.counters.pulled_share_served();
                 }
@@ -259,17 +323,48 @@ impl EventLoop {
                     }
                 }
             }
-            message => {
-                let inbound = InboundRequest {
-                    peer,
-                    message,
-                    channel,
-                };
-                if self.requests.send(inbound).await.is_err() {
-                    tracing::debug!("inbound request dropped: nobody is listening");
+            // Never awaits: a full queue is answered `busy`, so the swarm
+            // keeps serving every other peer whatever one peer sends.
+            message => match self.in_flight.refuse(&peer) {
+                Some((limit, scope)) => {
+                    self.counters.requests_busy.fetch_add(1, Ordering::Relaxed);
+                    self.in_flight.busy(peer, limit, scope);
+                    busy(&peer, limit)
                 }
-                return;
-            }
+                None => {
+                    let inbound = InboundRequest {
+                        peer,
+                        message,
+                        channel,
+                    };
+                    match self.requests.try_send(inbound) {
+                        Ok(()) => {
+                            self.in_flight.start(request_id, peer);
+                            return;
+                        }
+                        Err(mpsc::error::TrySendError::Full(inbound)) => {
+                            self.counters.requests_busy.fetch_add(1, Ordering::Relaxed);
+                            self.in_flight
+                                .busy(peer, super::MAX_IN_FLIGHT, "in the queue");
+                            let answer = busy(&peer, super::MAX_IN_FLIGHT);
+                            if self
+                                .swarm
+                                .behaviour_mut()
+                                .request_response
+                                .send_response(inbound.channel, answer)
+                                .is_err()
+                            {
+                                tracing::debug!(%peer, "response dropped: the requester went away");
+                            }
+                            return;
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            tracing::debug!("inbound request dropped: nobody is listening");
+                            return;
+                        }
+                    }
+                }
+            },
         };
         if self
             .swarm
@@ -752,4 +847,16 @@ fn transport_addresses(
         }
     }
     out
+}
+
+/// The answer to a request refused for load.
+fn busy(peer: &PeerId, limit: usize) -> Message {
+    let e = fd_protocol::ProtocolError::Busy {
+        peer: peer.to_string(),
+        limit,
+    };
+    Message::Refused {
+        code: e.reason().as_str().to_string(),
+        reason: e.to_string(),
+    }
 }

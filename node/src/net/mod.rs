@@ -14,11 +14,24 @@
 //! Shares too large for one frame are announced on gossipsub and pulled in
 //! chunks (see [`transfer`]).
 //!
+//! # Floods
+//!
+//! The event loop never waits on the program. Each request it hands over
+//! counts against its peer until answered: a peer with
+//! [`MAX_IN_FLIGHT_PER_PEER`] requests unanswered, or any request while
+//! [`MAX_IN_FLIGHT`] are, is answered `Refused { code: "busy" }` at once,
+//! counted ([`TrafficCounters::requests_busy`]) and logged (a line per peer
+//! per second, with the count). So one peer's flood costs every other peer
+//! nothing but a place in a bounded queue, and memory stays bounded: at
+//! most [`MAX_STREAMS_PER_CONNECTION`] frames being read per connection,
+//! [`MAX_IN_FLIGHT`] queued.
+//!
 //! # Behaviour composition ([`Behaviour`])
 //!
 //! | field | what | when |
 //! |---|---|---|
 //! | `allowed` | `allow_block_list` with [`AllowedPeers`]: connections to or from any other peer are denied, inbound and outbound | [`NetConfig::allowed`] is `Some` |
+//! | `limits` | `connection_limits`: [`MAX_CONNECTIONS_PER_PEER`], [`MAX_PENDING_INCOMING`], [`MAX_ESTABLISHED_INCOMING`] | always |
 //! | `request_response` | `/fd/1` with [`FdCodec`] | always |
 //! | `identify` | `/fd/id/1`: listen addresses, fed into Kademlia | always |
 //! | `kademlia` | `/fd/kad/1` (a private DHT, never the IPFS one), server mode, in-memory store | [`NetConfig::kademlia`] |
@@ -47,6 +60,7 @@ use either::Either;
 use fd_protocol::transfer::ShareAnnouncement;
 use fd_protocol::{Message, PublicKey, SigningKey};
 use libp2p::allow_block_list::{self, AllowedPeers};
+use libp2p::connection_limits;
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::Boxed;
 use libp2p::core::upgrade::Version;
@@ -113,6 +127,32 @@ pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
 /// Time allowed for a connection's handshake (TCP, pre-shared key, Noise, Yamux).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Requests one peer may have waiting for the program's answer; more are
+/// answered `busy` at once. An honest member has one or two in flight (its
+/// share, a report, a control message); a coordinator one per member it
+/// broadcasts to, each on its own peer.
+pub const MAX_IN_FLIGHT_PER_PEER: usize = 8;
+
+/// Requests all peers together may have waiting for the program's answer
+/// (the queue between the event loop and the program is this long too).
+/// With frames of at most [`fd_protocol::MAX_MESSAGE_BYTES`], the queued
+/// requests hold at most 64 × 4 MiB.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// Inbound request streams one connection may have open at once
+/// (libp2p request-response drops the streams above it).
+pub const MAX_STREAMS_PER_CONNECTION: usize = 16;
+
+/// Connections one peer may hold at once (both dialled at the same time
+/// gives two; a restart briefly three).
+pub const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+
+/// Inbound connections still in their handshake, and established inbound
+/// connections, at most: a flood of connections is refused by the swarm
+/// before any protocol runs.
+pub const MAX_PENDING_INCOMING: u32 = 64;
+pub const MAX_ESTABLISHED_INCOMING: u32 = 512;
+
 /// The gossipsub topic of a federation's share announcements.
 pub fn shares_topic(federation_id: &str) -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(format!("/fd/{federation_id}/shares"))
@@ -162,6 +202,7 @@ impl std::fmt::Debug for NetConfig {
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     pub allowed: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
+    pub limits: connection_limits::Behaviour,
     pub request_response: request_response::Behaviour<FdCodec>,
     pub identify: identify::Behaviour,
     pub kademlia: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
@@ -228,7 +269,9 @@ fn behaviour(
     let request_response = request_response::Behaviour::with_codec(
         FdCodec::new(counters),
         [(PROTOCOL, ProtocolSupport::Full)],
-        request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+        request_response::Config::default()
+            .with_request_timeout(REQUEST_TIMEOUT)
+            .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
     );
     let identify = identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL.to_string(), keypair.public())
@@ -264,8 +307,15 @@ fn behaviour(
     } else {
         None
     };
+    let limits = connection_limits::Behaviour::new(
+        connection_limits::ConnectionLimits::default()
+            .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+            .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+            .with_max_established_incoming(Some(MAX_ESTABLISHED_INCOMING)),
+    );
     Ok(Behaviour {
         allowed: allowed.into(),
+        limits,
         request_response,
         identify,
         kademlia: kademlia.into(),
@@ -302,7 +352,7 @@ pub fn new_with(key: &SigningKey, config: &NetConfig) -> anyhow::Result<Network>
         Some(topic)
     };
     let (command_tx, command_rx) = mpsc::channel(64);
-    let (request_tx, request_rx) = mpsc::channel(256);
+    let (request_tx, request_rx) = mpsc::channel(MAX_IN_FLIGHT);
     let (announcement_tx, announcement_rx) = mpsc::channel(256);
     let local_peer_id = *swarm.local_peer_id();
     Ok(Network {

@@ -65,7 +65,7 @@ async fn node(seed: u8, config: NetConfig) -> Node {
 }
 
 fn ping() -> Message {
-    Message::Done { rounds: 1 }
+    Message::Ack
 }
 
 /// A request from `from` to `to`, given only `to`'s address, bounded in time.
@@ -374,4 +374,92 @@ async fn net_announce_waits_for_subscribers_and_fails_without_any() {
         .await
         .unwrap();
     assert_eq!(a.client.traffic().announcements_sent, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_its_in_flight_limit_is_answered_busy_while_others_are_served() {
+    use super::MAX_IN_FLIGHT_PER_PEER;
+    // The victim's program holds the flooder's requests unanswered (as a
+    // slow verification would) and answers everyone else at once.
+    let key = SigningKey::from_seed([30; 32]);
+    let network = new_with(&key, &NetConfig::open()).unwrap();
+    tokio::spawn(network.event_loop.run());
+    let victim = network.client;
+    let addr = victim
+        .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .await
+        .unwrap();
+    let flooder = node(31, NetConfig::open()).await;
+    let honest = node(32, NetConfig::open()).await;
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut requests = network.requests;
+    let (responder, flooder_peer) = (victim.clone(), flooder.peer);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut release = Some(release_rx);
+        loop {
+            tokio::select! {
+                request = requests.recv() => {
+                    let Some(request) = request else { return };
+                    if request.peer == flooder_peer && release.is_some() {
+                        held.push(request.channel);
+                    } else {
+                        let _ = responder.respond(request.channel, Message::Ack).await;
+                    }
+                }
+                _ = async { release.as_mut().unwrap().await }, if release.is_some() => {
+                    release = None;
+                    for channel in held.drain(..) {
+                        let _ = responder.respond(channel, Message::Ack).await;
+                    }
+                }
+            }
+        }
+    });
+
+    let victim_peer = victim.local_peer_id();
+    flooder
+        .client
+        .add_address(victim_peer, addr.clone())
+        .await
+        .unwrap();
+    honest.client.add_address(victim_peer, addr).await.unwrap();
+    let extra = 5;
+    let sends = (0..MAX_IN_FLIGHT_PER_PEER + extra).map(|_| {
+        let client = flooder.client.clone();
+        tokio::spawn(async move { client.request(victim_peer, ping()).await })
+    });
+    let sends: Vec<_> = sends.collect();
+    // The refused ones come back at once; the held ones wait.
+    eventually("the flooder's extra requests are refused", async || {
+        victim.traffic().requests_busy == extra as u64
+    })
+    .await;
+    let answer = timeout(
+        Duration::from_secs(8),
+        honest.client.request(victim_peer, ping()),
+    )
+    .await
+    .expect("the honest peer is answered during the flood")
+    .unwrap();
+    assert_eq!(answer, Message::Ack);
+    release_tx.send(()).unwrap();
+    let mut busy = 0;
+    for send in sends {
+        match send.await.unwrap().unwrap() {
+            Message::Ack => {}
+            Message::Refused { code, .. } if code == "busy" => busy += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(busy, extra);
+    // Answered requests no longer count: the flooder is served again.
+    let answer = timeout(
+        Duration::from_secs(8),
+        flooder.client.request(victim_peer, ping()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(answer, Message::Ack);
 }

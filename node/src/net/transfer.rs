@@ -233,32 +233,16 @@ pub(crate) async fn fetch(
             Message::ChunkUnavailable { reason } => {
                 return Err(anyhow!("{peer} cannot serve chunk {index}: {reason}"));
             }
-            other => bail!("{peer} answered a chunk request with {}", kind(&other)),
+            other => bail!(
+                "{peer} answered a chunk request with {}",
+                Message::kind(&other)
+            ),
         }
     }
     announcement
         .verify(&out)
         .map_err(|e| anyhow!("share fetched from {peer} does not match its announcement: {e}"))?;
     Ok(out)
-}
-
-fn kind(message: &Message) -> &'static str {
-    match message {
-        Message::Join(_) => "Join",
-        Message::Welcome { .. } => "Welcome",
-        Message::JoinRefused { .. } => "JoinRefused",
-        Message::Round(_) => "Round",
-        Message::Share(_) => "Share",
-        Message::ShareAccepted => "ShareAccepted",
-        Message::ShareRejected { .. } => "ShareRejected",
-        Message::Metrics(_) => "Metrics",
-        Message::Done { .. } => "Done",
-        Message::Ack => "Ack",
-        Message::ShareAvailable(_) => "ShareAvailable",
-        Message::FetchChunk { .. } => "FetchChunk",
-        Message::Chunk { .. } => "Chunk",
-        Message::ChunkUnavailable { .. } => "ChunkUnavailable",
-    }
 }
 
 #[cfg(test)]
