@@ -302,7 +302,7 @@ impl EventLoop {
                 digest,
                 index,
             } => {
-                let (answer, last) = self.outgoing.answer(round, &digest, index);
+                let (answer, last) = self.outgoing.answer(&peer, round, &digest, index);
                 if last {
                     self.last_chunk_responses.insert(request_id);
                 }
@@ -761,6 +761,9 @@ impl EventLoop {
                 timeout,
                 reply,
             } => {
+                // Only the peers it is announced to may pull it.
+                self.outgoing
+                    .restrict(announcement.round, &announcement.digest, &wait_for);
                 let data = match fd_protocol::encode(&Message::ShareAvailable(announcement)) {
                     Ok(data) => data,
                     Err(e) => {

@@ -63,7 +63,7 @@
 //! receiver at most one
 //! download of the announced size before the digest check throws it away.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow, bail};
@@ -87,10 +87,17 @@ pub const FETCH_WINDOW: usize = 4;
 /// A fetch reserves at most this much memory before data arrives.
 pub const PREALLOCATE_MAX: usize = 16 * CHUNK_BYTES;
 
+/// A share offered for fetching.
+struct Offered {
+    bytes: Arc<Vec<u8>>,
+    /// Once announced, only the peers it was announced to may fetch it.
+    recipients: Option<HashSet<PeerId>>,
+}
+
 /// Shares offered for fetching, by (round, digest), with pruning.
 #[derive(Default)]
 pub struct OutgoingStore {
-    shares: BTreeMap<(u64, Digest), Arc<Vec<u8>>>,
+    shares: BTreeMap<(u64, Digest), Offered>,
     bytes: usize,
 }
 
@@ -98,10 +105,26 @@ impl OutgoingStore {
     /// Keeps `bytes` as round `round`'s share with `digest`, then prunes.
     pub fn insert(&mut self, round: u64, digest: Digest, bytes: Arc<Vec<u8>>) {
         self.bytes += bytes.len();
-        if let Some(old) = self.shares.insert((round, digest), bytes) {
-            self.bytes -= old.len();
+        let offered = Offered {
+            bytes,
+            recipients: None,
+        };
+        if let Some(old) = self.shares.insert((round, digest), offered) {
+            self.bytes -= old.bytes.len();
         }
         self.prune(round, digest);
+    }
+
+    /// From now on only `recipients` (the peers the share is announced to)
+    /// may fetch the share; anyone else is answered `ChunkUnavailable`.
+    /// Adds to the recipients of an earlier announcement of the same share.
+    pub fn restrict(&mut self, round: u64, digest: &Digest, recipients: &[PeerId]) {
+        if let Some(offered) = self.shares.get_mut(&(round, *digest)) {
+            offered
+                .recipients
+                .get_or_insert_with(HashSet::new)
+                .extend(recipients.iter().copied());
+        }
     }
 
     fn prune(&mut self, newest_round: u64, newest: Digest) {
@@ -121,7 +144,7 @@ impl OutgoingStore {
                 continue;
             }
             if let Some(old) = self.shares.remove(&key) {
-                self.bytes -= old.len();
+                self.bytes -= old.bytes.len();
             }
         }
     }
@@ -140,10 +163,20 @@ impl OutgoingStore {
         self.shares.is_empty()
     }
 
-    /// The answer to `FetchChunk { round, digest, index }`, and whether it
-    /// is the share's last chunk.
-    pub fn answer(&self, round: u64, digest: &Digest, index: u32) -> (Message, bool) {
-        let Some(share) = self.shares.get(&(round, *digest)) else {
+    /// The answer to `FetchChunk { round, digest, index }` from `peer`, and
+    /// whether it is the share's last chunk.
+    pub fn answer(
+        &self,
+        peer: &PeerId,
+        round: u64,
+        digest: &Digest,
+        index: u32,
+    ) -> (Message, bool) {
+        let offered = self
+            .shares
+            .get(&(round, *digest))
+            .filter(|o| o.recipients.as_ref().is_none_or(|r| r.contains(peer)));
+        let Some(share) = offered.map(|o| &o.bytes) else {
             return (
                 Message::ChunkUnavailable {
                     reason: format!(
@@ -249,6 +282,10 @@ pub(crate) async fn fetch(
 mod tests {
     use super::*;
 
+    /// Any peer: the tests below fetch shares that were never announced.
+    #[allow(non_upper_case_globals)]
+    static anyone: std::sync::LazyLock<PeerId> = std::sync::LazyLock::new(PeerId::random);
+
     fn digest(n: u8) -> Digest {
         Digest([n; 32])
     }
@@ -262,24 +299,24 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
         store.insert(1, digest(1), share.clone());
-        let (m, last) = store.answer(1, &digest(1), 0);
+        let (m, last) = store.answer(&anyone, 1, &digest(1), 0);
         assert!(
             matches!(m, Message::Chunk { index: 0, ref data } if data[..] == share[..CHUNK_BYTES])
         );
         assert!(!last);
-        let (m, last) = store.answer(1, &digest(1), 2);
+        let (m, last) = store.answer(&anyone, 1, &digest(1), 2);
         assert!(matches!(m, Message::Chunk { index: 2, ref data } if data.len() == 10));
         assert!(last);
         assert!(matches!(
-            store.answer(1, &digest(1), 3).0,
+            store.answer(&anyone, 1, &digest(1), 3).0,
             Message::ChunkUnavailable { .. }
         ));
         assert!(matches!(
-            store.answer(1, &digest(2), 0).0,
+            store.answer(&anyone, 1, &digest(2), 0).0,
             Message::ChunkUnavailable { .. }
         ));
         assert!(matches!(
-            store.answer(2, &digest(1), 0).0,
+            store.answer(&anyone, 2, &digest(1), 0).0,
             Message::ChunkUnavailable { .. }
         ));
 
@@ -289,7 +326,7 @@ mod tests {
         // Round 1 fell out of the window; the last OUTGOING_ROUNDS remain.
         assert_eq!(store.len(), OUTGOING_ROUNDS as usize);
         assert!(matches!(
-            store.answer(1, &digest(1), 0).0,
+            store.answer(&anyone, 1, &digest(1), 0).0,
             Message::ChunkUnavailable { .. }
         ));
         assert_eq!(store.bytes(), 5 * OUTGOING_ROUNDS as usize);
@@ -304,9 +341,25 @@ mod tests {
         // Two would exceed the bound: the older one goes.
         assert_eq!(store.len(), 1);
         assert!(matches!(
-            store.answer(1, &digest(2), 0).0,
+            store.answer(&anyone, 1, &digest(2), 0).0,
             Message::Chunk { .. }
         ));
         assert!(store.bytes() <= OUTGOING_MAX_BYTES);
+    }
+
+    #[test]
+    fn an_announced_share_is_served_to_its_recipients_only() {
+        let mut store = OutgoingStore::default();
+        store.insert(1, digest(1), Arc::new(vec![7; 10]));
+        let (member, outsider) = (PeerId::random(), PeerId::random());
+        store.restrict(1, &digest(1), &[member]);
+        assert!(matches!(
+            store.answer(&member, 1, &digest(1), 0).0,
+            Message::Chunk { index: 0, .. }
+        ));
+        assert!(matches!(
+            store.answer(&outsider, 1, &digest(1), 0).0,
+            Message::ChunkUnavailable { .. }
+        ));
     }
 }
