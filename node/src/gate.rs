@@ -134,10 +134,6 @@ impl ControlGate {
         })
     }
 
-    pub fn coordinator(&self) -> PeerId {
-        self.coordinator
-    }
-
     /// Step 1: the cheap check, before any signature work.
     pub fn check_sender(&self, peer: &PeerId) -> Result<(), ProtocolError> {
         if *peer != self.coordinator {

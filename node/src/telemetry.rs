@@ -93,23 +93,13 @@ impl Telemetry {
 
     /// A share was refused; `reason` is a [`fd_protocol::RejectReason`] code.
     pub fn share_rejected(&self, reason: &str) {
-        *self
-            .shares_rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(reason.to_string())
-            .or_default() += 1;
+        count_by_reason(&self.shares_rejected, reason);
     }
 
     /// A request that is not a share was refused (control message, report,
     /// unexpected kind); `reason` is a [`fd_protocol::RejectReason`] code.
     pub fn refused(&self, reason: &str) {
-        *self
-            .refusals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(reason.to_string())
-            .or_default() += 1;
+        count_by_reason(&self.refusals, reason);
     }
 
     /// Reports the requests the network refused as busy
@@ -244,6 +234,15 @@ impl Telemetry {
         }
         out
     }
+}
+
+/// Adds one to `reason`'s count.
+fn count_by_reason(counts: &Mutex<BTreeMap<String, u64>>, reason: &str) {
+    *counts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(reason.to_string())
+        .or_default() += 1;
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {

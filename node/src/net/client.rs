@@ -293,10 +293,4 @@ impl Client {
     pub async fn allow_peer(&self, peer: PeerId, allow: bool) -> anyhow::Result<()> {
         self.send(Command::AllowPeer { peer, allow }).await
     }
-
-    /// Inbound frames refused so far because their length prefix exceeded
-    /// [`fd_protocol::MAX_MESSAGE_BYTES`] (count them as `too_large`).
-    pub fn frames_too_large(&self) -> u64 {
-        self.traffic().frames_too_large
-    }
 }
