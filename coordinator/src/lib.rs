@@ -218,7 +218,7 @@ impl Shared {
     }
 }
 
-pub const CSV_HEADER: [&str; 20] = [
+pub const CSV_HEADER: [&str; 21] = [
     "round",
     "node",
     "name",
@@ -239,10 +239,11 @@ pub const CSV_HEADER: [&str; 20] = [
     "verify_seconds",
     "aggregate_seconds",
     "distill_seconds",
+    "teacher_rows_kept",
 ];
 
 /// The fields of one row of [`CSV_HEADER`].
-fn csv_fields(m: &RoundMetrics) -> [String; 20] {
+fn csv_fields(m: &RoundMetrics) -> [String; 21] {
     [
         m.round.to_string(),
         m.node.to_hex(),
@@ -264,6 +265,7 @@ fn csv_fields(m: &RoundMetrics) -> [String; 20] {
         format!("{:.4}", m.verify_seconds),
         format!("{:.4}", m.aggregate_seconds),
         format!("{:.3}", m.distill_seconds),
+        format!("{:.4}", m.teacher_rows_kept),
     ]
 }
 
@@ -837,6 +839,7 @@ mod tests {
             shares_sent: 1,
             shares_aggregated: 1,
             distilled: true,
+            teacher_rows_kept: 0.75,
             ..RoundMetrics::new(&manifest.federation_id, round, member.key, &member.name)
         }
     }
@@ -1027,6 +1030,10 @@ mod tests {
         let text = std::fs::read(dir.path().join("metrics.csv")).unwrap();
         let mut reader = csv::Reader::from_reader(text.as_slice());
         assert_eq!(reader.headers().unwrap().len(), CSV_HEADER.len());
+        assert_eq!(
+            reader.headers().unwrap().iter().last(),
+            Some("teacher_rows_kept")
+        );
         let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
         assert_eq!(rows.len(), 6, "3 rounds × 2 members");
         for row in &rows {
@@ -1034,6 +1041,7 @@ mod tests {
             let round: f64 = row[0].parse().unwrap();
             let accuracy: f64 = row[3].parse().unwrap();
             assert!((accuracy - 0.1 * round).abs() < 1e-9, "{row:?}");
+            assert_eq!(&row[CSV_HEADER.len() - 1], "0.7500", "teacher_rows_kept");
         }
         let names: Vec<&str> = rows.iter().map(|r| &r[2]).collect();
         assert_eq!(names.iter().filter(|n| **n == b.member.name).count(), 3);

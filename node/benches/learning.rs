@@ -180,6 +180,7 @@ fn aggregation(c: &mut Criterion) {
         .map(|(i, l)| Contribution {
             logits: l,
             samples: 100 + i as u64,
+            row_weights: None,
         })
         .collect();
     let mut group = c.benchmark_group("aggregate_100x1000x10");

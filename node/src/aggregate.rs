@@ -29,6 +29,8 @@ use std::cmp::Ordering;
 
 use serde::{Deserialize, Serialize};
 
+use crate::knowledge::TeacherFilter;
+
 /// One member's logits (rows × classes) and its private sample count.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Contribution<'a> {
@@ -37,6 +39,21 @@ pub struct Contribution<'a> {
     /// reads it. Self-reported by peers (signed, but unverifiable), so a
     /// member that lies about it gets a larger vote under `Weighted`.
     pub samples: u64,
+    /// The contributor's knowledge weight of each row in [0, 1] (its
+    /// signed share's `row_weights`; `None`: 1 everywhere). Read by the
+    /// probability-based aggregators; the logit-based ones ignore it.
+    pub row_weights: Option<&'a [f32]>,
+}
+
+impl<'a> Contribution<'a> {
+    /// A contribution without row weights.
+    pub fn new(logits: &'a [f32], samples: u64) -> Self {
+        Contribution {
+            logits,
+            samples,
+            row_weights: None,
+        }
+    }
 }
 
 /// How the teacher is formed from the contributors' logits.
@@ -87,6 +104,20 @@ pub struct EnsembleTeacher {
     /// How many logit matrices went into it (under `Weighted`, including any
     /// with zero samples and so zero weight).
     pub contributors: usize,
+    /// Rows to distil (`rows` entries): false where no contributor vouched
+    /// for the row (all its row weights 0) or the [`TeacherFilter`]
+    /// dropped it. Such a row's logits are uniform and must not be used.
+    pub kept: Vec<bool>,
+}
+
+impl EnsembleTeacher {
+    /// Fraction of rows kept for distillation.
+    pub fn kept_fraction(&self) -> f64 {
+        if self.rows == 0 {
+            return 0.0;
+        }
+        self.kept.iter().filter(|k| **k).count() as f64 / self.rows as f64
+    }
 }
 
 /// Why contributions could not be aggregated.
@@ -108,6 +139,8 @@ pub enum AggregateError {
     },
     #[error("contribution {index} has a non-finite value at position {position}")]
     NonFinite { index: usize, position: usize },
+    #[error("contribution {index} has a row weight outside [0, 1] at row {position}")]
+    RowWeight { index: usize, position: usize },
     #[error("weighted aggregation over contributors whose sample counts sum to zero")]
     ZeroWeight,
     #[error("invalid aggregator: {0}")]
@@ -131,11 +164,39 @@ impl Aggregator {
         }
     }
 
+    /// Whether row weights change this aggregator's teacher: the
+    /// probability-based ones weigh each row's vote by them; `mean`,
+    /// `median` and `trimmed-mean` combine raw logits and ignore them.
+    pub fn uses_row_weights(self) -> bool {
+        matches!(
+            self,
+            Aggregator::MeanProbabilities | Aggregator::Weighted | Aggregator::Era { .. }
+        )
+    }
+
+    /// The teacher of `contributions`, every row kept unless no contributor
+    /// vouched for it (see [`Self::aggregate_filtered`]).
     pub fn aggregate(
         self,
         contributions: &[Contribution],
         rows: usize,
         classes: usize,
+    ) -> Result<EnsembleTeacher, AggregateError> {
+        self.aggregate_filtered(contributions, rows, classes, TeacherFilter::default())
+    }
+
+    /// The teacher of `contributions`, with rows the ensemble is not sure
+    /// of dropped by `filter`. For the probability-based aggregators each
+    /// row is Σ_k v_k·w_k,r·p_k,r / Σ_k v_k·w_k,r (v_k: the member's vote,
+    /// 1/n or its sample share; w_k,r: its row weight), and the filter
+    /// reads that mean before ERA sharpens it; for the logit-based ones it
+    /// reads the softmax of the teacher's logits.
+    pub fn aggregate_filtered(
+        self,
+        contributions: &[Contribution],
+        rows: usize,
+        classes: usize,
+        filter: TeacherFilter,
     ) -> Result<EnsembleTeacher, AggregateError> {
         self.validate().map_err(AggregateError::Invalid)?;
         if contributions.is_empty() {
@@ -153,12 +214,25 @@ impl Aggregator {
             if let Some(position) = c.logits.iter().position(|v| !v.is_finite()) {
                 return Err(AggregateError::NonFinite { index, position });
             }
+            if let Some(weights) = c.row_weights {
+                if weights.len() != rows {
+                    return Err(AggregateError::Length {
+                        what: "row_weights",
+                        expected: rows,
+                        got: weights.len(),
+                    });
+                }
+                if let Some(position) = weights.iter().position(|w| !(0.0..=1.0).contains(w)) {
+                    return Err(AggregateError::RowWeight { index, position });
+                }
+            }
         }
+        let mut kept = vec![true; rows];
         let logits = match self {
             Aggregator::Mean => mean_logits(contributions, len),
             Aggregator::MeanProbabilities => {
                 let n = contributions.len() as f64;
-                let probs = mean_probabilities(contributions, classes, |_| 1.0 / n);
+                let probs = mean_probabilities(contributions, classes, |_| 1.0 / n, filter, &mut kept);
                 log_floored(probs)
             }
             Aggregator::Weighted => {
@@ -170,13 +244,19 @@ impl Aggregator {
                 // Normalise the weights first: with equal counts every weight
                 // is exactly fl(1/n), the same as MeanProbabilities'.
                 let total = total as f64;
-                let probs =
-                    mean_probabilities(contributions, classes, |c| c.samples as f64 / total);
+                let probs = mean_probabilities(
+                    contributions,
+                    classes,
+                    |c| c.samples as f64 / total,
+                    filter,
+                    &mut kept,
+                );
                 log_floored(probs)
             }
             Aggregator::Era { temperature } => {
                 let n = contributions.len() as f64;
-                let mut q = mean_probabilities(contributions, classes, |_| 1.0 / n);
+                let mut q =
+                    mean_probabilities(contributions, classes, |_| 1.0 / n, filter, &mut kept);
                 for row in q.chunks_mut(classes) {
                     log_softmax_scaled(row, 1.0 / temperature);
                 }
@@ -188,11 +268,19 @@ impl Aggregator {
                 coordinate_wise(contributions, len, |values| trimmed_mean(values, trim))
             }
         };
+        if !self.uses_row_weights() && !filter.is_off() {
+            let mut p = vec![0f64; classes];
+            for (row, keep) in logits.chunks(classes).zip(kept.iter_mut()) {
+                softmax_into(row, &mut p);
+                *keep = filter.keeps(&p);
+            }
+        }
         Ok(EnsembleTeacher {
             logits,
             rows,
             classes,
             contributors: contributions.len(),
+            kept,
         })
     }
 
@@ -232,6 +320,7 @@ impl Aggregator {
             .map(|(i, (_, &samples))| Contribution {
                 logits: &stack[i * len..(i + 1) * len],
                 samples,
+                row_weights: None,
             })
             .collect();
         self.aggregate(&contributions, rows, classes)
@@ -251,25 +340,58 @@ fn mean_logits(contributions: &[Contribution], len: usize) -> Vec<f32> {
     sum.into_iter().map(|s| (s / n) as f32).collect()
 }
 
-/// Σ weight(c) · softmax(c's row), row by row, in f64.
+/// Σ vote(c) · softmax(c's row), row by row, in f64: the mean of the
+/// contributors' probabilities under `vote`. With row weights, row r is
+/// Σ vote·w_r·p_r / Σ vote·w_r instead; a row nobody vouches for (the sum of
+/// its weights is 0) becomes uniform and is marked not kept. Rows the
+/// `filter` rejects are marked not kept too.
 fn mean_probabilities(
     contributions: &[Contribution],
     classes: usize,
-    weight: impl Fn(&Contribution) -> f64,
+    vote: impl Fn(&Contribution) -> f64,
+    filter: TeacherFilter,
+    kept: &mut [bool],
 ) -> Vec<f64> {
     let len = contributions.first().map_or(0, |c| c.logits.len());
     let mut acc = vec![0f64; len];
     let mut probs = vec![0f64; classes];
+    let weighted = contributions.iter().any(|c| c.row_weights.is_some());
+    let mut norm = vec![0f64; if weighted { kept.len() } else { 0 }];
     for c in contributions {
-        let w = weight(c);
-        if w == 0.0 {
+        let v = vote(c);
+        if v == 0.0 {
             continue;
         }
-        for (row, acc) in c.logits.chunks(classes).zip(acc.chunks_mut(classes)) {
+        for (r, (row, acc)) in c.logits.chunks(classes).zip(acc.chunks_mut(classes)).enumerate() {
+            let w = match c.row_weights {
+                Some(weights) => v * f64::from(weights[r]),
+                None => v,
+            };
+            if weighted {
+                norm[r] += w;
+            }
+            if w == 0.0 {
+                continue;
+            }
             softmax_into(row, &mut probs);
             for (a, p) in acc.iter_mut().zip(&probs) {
                 *a += w * p;
             }
+        }
+    }
+    for (r, (row, keep)) in acc.chunks_mut(classes).zip(kept.iter_mut()).enumerate() {
+        if weighted {
+            if norm[r] <= 0.0 {
+                row.fill(1.0 / classes as f64);
+                *keep = false;
+                continue;
+            }
+            for a in row.iter_mut() {
+                *a /= norm[r];
+            }
+        }
+        if !filter.is_off() && !filter.keeps(row) {
+            *keep = false;
         }
     }
     acc
@@ -375,10 +497,7 @@ mod tests {
     fn each<'a>(logits: &[&'a [f32]]) -> Vec<Contribution<'a>> {
         logits
             .iter()
-            .map(|l| Contribution {
-                logits: l,
-                samples: 1,
-            })
+            .map(|l| Contribution::new(l, 1))
             .collect()
     }
 
@@ -397,6 +516,115 @@ mod tests {
         Aggregator::TrimmedMean { beta: 0.0 },
         Aggregator::TrimmedMean { beta: 0.3 },
     ];
+
+    /// Two members on two rows of 3 classes: A knows row 0 (class 0), B
+    /// knows row 1 (class 2); each answers the other's row wrongly and
+    /// confidently.
+    fn vouched() -> ([f32; 6], [f32; 6]) {
+        ([9.0, 0.0, 0.0, 9.0, 0.0, 0.0], [0.0, 9.0, 0.0, 0.0, 0.0, 9.0])
+    }
+
+    #[test]
+    fn row_weights_leave_only_the_members_who_know_a_row_in_it() {
+        let (a, b) = vouched();
+        let (wa, wb) = ([1.0, 0.0], [0.0, 1.0]);
+        let weighted = [
+            Contribution { logits: &a, samples: 1, row_weights: Some(&wa) },
+            Contribution { logits: &b, samples: 1, row_weights: Some(&wb) },
+        ];
+        for aggregator in [
+            Aggregator::MeanProbabilities,
+            Aggregator::Weighted,
+            Aggregator::Era { temperature: 0.5 },
+        ] {
+            let t = aggregator.aggregate(&weighted, 2, 3).unwrap();
+            assert_eq!(t.kept, vec![true, true]);
+            let rows: Vec<usize> = t.logits.chunks(3).map(crate::learner::argmax).collect();
+            assert_eq!(rows, vec![0, 2], "{aggregator:?}");
+            // Row 0 is A's answer alone: B's wrong, confident vote is gone.
+            let p0 = softmax(&t.logits[..3]);
+            let a0 = softmax(&a[..3]);
+            if aggregator != (Aggregator::Era { temperature: 0.5 }) {
+                assert!((p0[0] - a0[0]).abs() < 1e-6, "{aggregator:?}: {p0:?} vs {a0:?}");
+            }
+            // Without weights the same rows are a tie between the two answers.
+            let plain = aggregator.aggregate(&each(&[&a, &b]), 2, 3).unwrap();
+            let p = softmax(&plain.logits[..3]);
+            assert!((p[0] - p[1]).abs() < 1e-6, "{aggregator:?}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn a_row_nobody_vouches_for_is_not_kept() {
+        let (a, b) = vouched();
+        let (wa, wb) = ([1.0, 0.0], [0.0, 0.0]);
+        let t = Aggregator::MeanProbabilities
+            .aggregate(
+                &[
+                    Contribution { logits: &a, samples: 1, row_weights: Some(&wa) },
+                    Contribution { logits: &b, samples: 1, row_weights: Some(&wb) },
+                ],
+                2,
+                3,
+            )
+            .unwrap();
+        assert_eq!(t.kept, vec![true, false]);
+        assert_eq!(t.kept_fraction(), 0.5);
+        assert!(t.logits.iter().all(|l| l.is_finite()));
+    }
+
+    #[test]
+    fn logit_aggregators_ignore_row_weights() {
+        let (a, b) = vouched();
+        let (wa, wb) = ([1.0, 0.0], [0.0, 1.0]);
+        let weighted = [
+            Contribution { logits: &a, samples: 1, row_weights: Some(&wa) },
+            Contribution { logits: &b, samples: 1, row_weights: Some(&wb) },
+        ];
+        for aggregator in [Aggregator::Mean, Aggregator::Median, Aggregator::TrimmedMean { beta: 0.0 }] {
+            assert!(!aggregator.uses_row_weights());
+            let with = aggregator.aggregate(&weighted, 2, 3).unwrap();
+            let without = aggregator.aggregate(&each(&[&a, &b]), 2, 3).unwrap();
+            assert_eq!(with, without, "{aggregator:?}");
+        }
+    }
+
+    #[test]
+    fn bad_row_weights_are_refused() {
+        let (a, _) = vouched();
+        let short = [1.0];
+        let Err(AggregateError::Length { what: "row_weights", .. }) = Aggregator::MeanProbabilities
+            .aggregate(&[Contribution { logits: &a, samples: 1, row_weights: Some(&short) }], 2, 3)
+        else {
+            panic!("a short weight vector must be refused");
+        };
+        let wild = [0.5, 1.5];
+        assert_eq!(
+            Aggregator::MeanProbabilities
+                .aggregate(&[Contribution { logits: &a, samples: 1, row_weights: Some(&wild) }], 2, 3)
+                .unwrap_err(),
+            AggregateError::RowWeight { index: 0, position: 1 }
+        );
+    }
+
+    #[test]
+    fn the_filter_drops_rows_the_ensemble_is_not_sure_of() {
+        // Row 0: both agree on class 0; row 1: they disagree (0.5 / 0.5).
+        let a = [9.0, 0.0, 0.0, 9.0, 0.0, 0.0];
+        let b = [9.0, 0.0, 0.0, 0.0, 9.0, 0.0];
+        let filter = TeacherFilter { min_confidence: 0.8, max_entropy: 0.0 };
+        for aggregator in EVERY {
+            let t = aggregator
+                .aggregate_filtered(&each(&[&a, &b]), 2, 3, filter)
+                .unwrap();
+            // ERA filters before it sharpens; with two members, median
+            // and trimmed mean are the mean of logits, [4.5, 4.5, 0] in row 1.
+            assert_eq!(t.kept, vec![true, false], "{aggregator:?}");
+            let unfiltered = aggregator.aggregate(&each(&[&a, &b]), 2, 3).unwrap();
+            assert_eq!(unfiltered.kept, vec![true, true]);
+            assert_eq!(unfiltered.logits, t.logits, "the filter only marks rows");
+        }
+    }
 
     #[test]
     fn mean_of_probabilities_bounds_each_vote() {
@@ -478,10 +706,12 @@ mod tests {
                         Contribution {
                             logits: &a,
                             samples: sa,
+                            row_weights: None,
                         },
                         Contribution {
                             logits: &b,
                             samples: sb,
+                            row_weights: None,
                         },
                     ],
                     1,
@@ -604,10 +834,12 @@ mod tests {
                         Contribution {
                             logits: &stack[0..2],
                             samples: 1,
+                            row_weights: None,
                         },
                         Contribution {
                             logits: &stack[4..6],
                             samples: 3,
+                            row_weights: None,
                         },
                     ],
                     1,
@@ -694,10 +926,7 @@ mod tests {
     fn borrow(owned: &[(Vec<f32>, u64)]) -> Vec<Contribution<'_>> {
         owned
             .iter()
-            .map(|(logits, samples)| Contribution {
-                logits,
-                samples: *samples,
-            })
+            .map(|(logits, samples)| Contribution::new(logits, *samples))
             .collect()
     }
 
@@ -743,7 +972,7 @@ mod tests {
             aggregator in any_aggregator(),
         ) {
             let x = &owned[0].0;
-            let same = vec![Contribution { logits: x, samples: owned[0].1 }; copies];
+            let same = vec![Contribution::new(x, owned[0].1); copies];
             let t = aggregator.aggregate(&same, rows, classes).unwrap();
             match aggregator {
                 Aggregator::Mean | Aggregator::Median | Aggregator::TrimmedMean { .. } => {
@@ -778,7 +1007,7 @@ mod tests {
             let len = rows * classes;
             let adversary: Vec<f32> = adversary.iter().cycle().take(len).copied().collect();
             let mut all = borrow(&owned);
-            all.insert(at.index(all.len() + 1), Contribution { logits: &adversary, samples: u64::MAX });
+            all.insert(at.index(all.len() + 1), Contribution::new(&adversary, u64::MAX));
             let n = all.len();
             // The smallest beta that trims at least one from each end, up to 0.5.
             let low = (1.0 / n as f64) * (1.0 + 1e-9);
@@ -802,7 +1031,7 @@ mod tests {
         ) {
             let equal: Vec<Contribution> = owned
                 .iter()
-                .map(|(logits, _)| Contribution { logits, samples: count })
+                .map(|(logits, _)| Contribution::new(logits, count))
                 .collect();
             prop_assert_eq!(
                 Aggregator::Weighted.aggregate(&equal, rows, classes).unwrap(),

@@ -15,6 +15,7 @@ use crate::data::partition::Partitioner;
 use crate::data::public::{public_set_digest, split_public};
 use crate::data::{DataSource, DataSplits};
 use crate::device::DeviceKind;
+use crate::knowledge::KnowledgeConfig;
 use crate::learner::TrainingConfig;
 use crate::model::ModelConfig;
 
@@ -96,6 +97,17 @@ momentum = 0.9                        # SGD momentum (ignored by adam)
 seed = 0                              # weight init and shuffling
 eval_samples = 0                      # test samples to evaluate on (0 = all)
 threads = 1                           # CPU threads; 1 = bit-identical reruns, more = faster
+
+[knowledge]                           # which public samples this node says it knows (docs/results.md)
+selector = "all"                      # all (no weights sent) | confidence | class-coverage
+                                      # | density (k-NN in the student's feature space vs private data)
+density = { k = 5, quantile = 0.95, anchors = 1000 }   # density: weight 1 within the quantile of the
+                                      # private anchors' own k-NN distances, (radius/d)^2 beyond
+                                      # weights are used by mean-probabilities, weighted and era;
+                                      # mean, median and trimmed-mean ignore them
+min_confidence = 0.0                  # receiver: distil only rows whose teacher's max probability is >= this
+max_entropy = 0.0                     # receiver: distil only rows whose teacher's entropy (nats) is <= this
+                                      # (0 = off)
 "#;
 
 /// Errors reading or checking a config file; each names the file and field.
@@ -326,6 +338,8 @@ pub struct NodeConfig {
     pub model: ModelConfig,
     #[serde(default)]
     pub training: TrainingConfig,
+    #[serde(default)]
+    pub knowledge: KnowledgeConfig,
 }
 
 fn default_listen() -> String {
@@ -444,6 +458,9 @@ impl NodeConfig {
         self.training
             .validate()
             .map_err(|r| invalid("training", r))?;
+        self.knowledge
+            .validate()
+            .map_err(|r| invalid("knowledge", r))?;
         Ok(())
     }
 }

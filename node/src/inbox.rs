@@ -27,6 +27,8 @@ use fd_protocol::{
     ShareExpectation,
 };
 
+use crate::knowledge::SharedKnowledge;
+
 pub struct ShareInbox {
     manifest: FederationManifest,
     members: HashMap<PublicKey, Member>,
@@ -36,8 +38,8 @@ pub struct ShareInbox {
     announced: u64,
     /// Rounds beyond `announced` whose shares are accepted anyway.
     window: u64,
-    /// Per round, per sender: the decoded logits and the share's sample count.
-    accepted: BTreeMap<u64, BTreeMap<PublicKey, (Vec<f32>, u64)>>,
+    /// Per round, per sender: the decoded logits, sample count and row weights.
+    accepted: BTreeMap<u64, BTreeMap<PublicKey, SharedKnowledge>>,
     rejected: BTreeMap<RejectReason, u64>,
     rejected_total: u64,
 }
@@ -119,7 +121,7 @@ impl ShareInbox {
         self.accepted
             .entry(share.round)
             .or_default()
-            .insert(share.sender, (logits, share.samples));
+            .insert(share.sender, SharedKnowledge::of_share(share, logits));
         Ok(())
     }
 
@@ -165,16 +167,14 @@ impl ShareInbox {
         self.accepted.get(&round).map_or(0, |r| r.len())
     }
 
-    /// Closes `round` (and every earlier one) and hands its accepted logits
-    /// over, each with its sender and the sample count the share declared.
-    pub fn take_round(&mut self, round: u64) -> Vec<(PublicKey, Vec<f32>, u64)> {
+    /// Closes `round` (and every earlier one) and hands its accepted
+    /// knowledge over (logits, declared sample count, row weights), each
+    /// with its sender, in the order of the senders' keys.
+    pub fn take_round(&mut self, round: u64) -> Vec<(PublicKey, SharedKnowledge)> {
         self.open_round = self.open_round.max(round + 1);
         let taken = self.accepted.remove(&round).unwrap_or_default();
         self.accepted.retain(|r, _| *r > round);
-        taken
-            .into_iter()
-            .map(|(sender, (logits, samples))| (sender, logits, samples))
-            .collect()
+        taken.into_iter().collect()
     }
 
     /// Counts a share refused before it could be offered (an oversize frame,
@@ -323,8 +323,11 @@ mod tests {
             taken,
             vec![(
                 bob.public_key(),
-                vec![1.0, 2.0, 3.0, 4.0],
-                u64::from(bob.public_key().0[0])
+                SharedKnowledge::new(
+                    vec![1.0, 2.0, 3.0, 4.0],
+                    u64::from(bob.public_key().0[0]),
+                    None
+                )
             )]
         );
         // Round 1 is closed: a replay is refused; round 2 is still waiting.

@@ -269,11 +269,8 @@ impl Learner {
                 ))
                 .init(),
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(config.threads.max(1))
-            .thread_name(|i| format!("fd-learner-{i}"))
-            .build()
-            .expect("cannot start the learner's threads");
+        // Its threads flush denormals: see `fpenv` for why.
+        let pool = crate::fpenv::computing_pool(config.threads, "fd-learner");
         Learner {
             pool: Arc::new(pool),
             student: Some(student),
@@ -366,6 +363,22 @@ impl Learner {
             out.extend(model.forward(x).into_data().iter::<f32>());
         }
         out
+    }
+
+    /// Penultimate-layer features on `indices` of `data`: row-major
+    /// `indices.len() × dim`, and `dim`.
+    pub fn features(&self, data: &Dataset, indices: &[usize]) -> (Vec<f32>, usize) {
+        self.pool.install(|| {
+            let model = self.student().valid();
+            let (mut out, mut dim) = (Vec::new(), 0);
+            for chunk in indices.chunks(1024) {
+                let x = self.batch(data, chunk, &self.inference_device);
+                let f = model.features(x);
+                dim = f.dims()[1];
+                out.extend(f.into_data().iter::<f32>());
+            }
+            (out, dim)
+        })
     }
 
     /// Distils the teacher's logits (`indices.len() × classes`, aligned with

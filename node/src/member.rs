@@ -11,6 +11,7 @@ use std::time::Instant;
 use fd_protocol::{Digest, FederationManifest, PublicKey};
 
 use crate::aggregate::{AggregateError, Aggregator, Contribution, EnsembleTeacher};
+use crate::knowledge::{self, KnowledgeConfig, Selector, SharedKnowledge};
 use crate::checkpoint::Checkpoint;
 use crate::config::NodeConfig;
 use crate::data::DataSplits;
@@ -25,6 +26,8 @@ pub struct StepTimes {
     pub predict: f64,
     pub aggregate: f64,
     pub distill: f64,
+    /// Scoring the public rows with the knowledge selector.
+    pub select: f64,
 }
 
 /// Where a member's samples come from: the data (shared, read-only, so a
@@ -99,6 +102,13 @@ pub struct LocalMember {
     pub learner: Learner,
     pub manifest: FederationManifest,
     pub aggregator: Aggregator,
+    /// What this member says it knows, and which teacher rows it distils.
+    pub knowledge: KnowledgeConfig,
+    /// Private samples per class: read by the `class-coverage` selector,
+    /// never shared.
+    label_counts: Vec<usize>,
+    /// Private samples the `density` selector measures distances to.
+    anchors: Vec<usize>,
     pub times: StepTimes,
 }
 
@@ -152,6 +162,21 @@ impl LocalMember {
             input,
             data.train.classes,
         );
+        if config.knowledge.selector != Selector::All && !config.aggregator.uses_row_weights() {
+            tracing::warn!(
+                node = %config.name,
+                selector = config.knowledge.selector.name(),
+                aggregator = ?config.aggregator,
+                "this aggregator combines raw logits and ignores row weights: the member's weights travel, but its own teacher does not use anyone's"
+            );
+        }
+        let label_counts =
+            knowledge::label_counts(data.train.labels_of(&private), data.train.classes);
+        let anchors = knowledge::density_anchors(
+            &private,
+            config.knowledge.density.anchors,
+            config.training.seed,
+        );
         Ok(LocalMember {
             name: config.name.clone(),
             public: shared.public.clone(),
@@ -159,6 +184,9 @@ impl LocalMember {
             learner,
             manifest: shared.manifest.clone(),
             aggregator: config.aggregator,
+            knowledge: config.knowledge.clone(),
+            label_counts,
+            anchors,
             data,
             times: StepTimes::default(),
         })
@@ -199,30 +227,59 @@ impl LocalMember {
         logits
     }
 
-    /// Step 4: the teacher from own and accepted peer logits, each peer's
-    /// with the sample count its share declared.
+    /// Step 2½: this member's knowledge weight of each row of `logits`
+    /// (its prediction on the round's subset) under its selector, quantised
+    /// as they travel; `None` under `all`.
+    pub fn select(&mut self, round: u64, logits: &[f32]) -> Option<fd_protocol::RowWeights> {
+        let start = Instant::now();
+        self.times.select = 0.0;
+        let classes = self.classes();
+        let weights = match self.knowledge.selector {
+            Selector::All => return None,
+            Selector::Confidence => knowledge::confidence_weights(logits, classes),
+            Selector::ClassCoverage => {
+                knowledge::class_coverage_weights(logits, classes, &self.label_counts)
+            }
+            Selector::Density => {
+                let (rows, dim) = self
+                    .learner
+                    .features(&self.data.train, &self.subset_indices(round));
+                let (anchors, _) = self.learner.features(&self.data.train, &self.anchors);
+                knowledge::density_weights(&rows, &anchors, dim, &self.knowledge.density).0
+            }
+        };
+        self.times.select = start.elapsed().as_secs_f64();
+        Some(
+            fd_protocol::RowWeights::quantize(&weights)
+                .expect("every selector scores in [0, 1]"),
+        )
+    }
+
+    /// Step 4: the teacher from this member's own knowledge and the
+    /// accepted peers', each weighted per row as its share says, filtered
+    /// by `[knowledge]`.
     pub fn teacher(
         &self,
-        own: &[f32],
-        peers: &[(Vec<f32>, u64)],
+        own: &SharedKnowledge,
+        peers: &[SharedKnowledge],
     ) -> Result<EnsembleTeacher, AggregateError> {
-        let mut all = vec![Contribution {
-            logits: own,
-            samples: self.private.len() as u64,
-        }];
-        all.extend(peers.iter().map(|(logits, samples)| Contribution {
-            logits,
-            samples: *samples,
-        }));
-        self.aggregator
-            .aggregate(&all, self.manifest.subset_size as usize, self.classes())
+        let all: Vec<Contribution> = std::iter::once(own)
+            .chain(peers)
+            .map(SharedKnowledge::contribution)
+            .collect();
+        self.aggregator.aggregate_filtered(
+            &all,
+            self.manifest.subset_size as usize,
+            self.classes(),
+            self.knowledge.filter(),
+        )
     }
 
     /// [`Self::teacher`], recording its time in [`StepTimes::aggregate`].
     pub fn teacher_timed(
         &mut self,
-        own: &[f32],
-        peers: &[(Vec<f32>, u64)],
+        own: &SharedKnowledge,
+        peers: &[SharedKnowledge],
     ) -> Result<EnsembleTeacher, AggregateError> {
         let start = Instant::now();
         let teacher = self.teacher(own, peers);
@@ -230,17 +287,35 @@ impl LocalMember {
         teacher
     }
 
-    /// Step 5: distil the teacher into the student on the round's subset.
+    /// Step 5: distil the teacher into the student on the round's subset,
+    /// on the rows the teacher kept only (none kept: the student is left
+    /// as it is and the loss is 0).
     pub fn distill(&mut self, round: u64, teacher: &EnsembleTeacher) -> f64 {
         let start = Instant::now();
         let t = self.learner.temperature(round, self.manifest.rounds);
-        let loss = self.learner.distill(
-            &self.data.train,
-            &self.subset_indices(round),
-            &teacher.logits,
-            t,
-            &self.private,
-        );
+        let mut indices = self.subset_indices(round);
+        let classes = self.classes();
+        let loss = if teacher.kept.iter().all(|k| *k) {
+            self.learner
+                .distill(&self.data.train, &indices, &teacher.logits, t, &self.private)
+        } else {
+            let mut logits = Vec::with_capacity(teacher.logits.len());
+            let mut row = 0;
+            indices.retain(|_| {
+                let keep = teacher.kept[row];
+                if keep {
+                    logits.extend_from_slice(&teacher.logits[row * classes..(row + 1) * classes]);
+                }
+                row += 1;
+                keep
+            });
+            if indices.is_empty() {
+                0.0
+            } else {
+                self.learner
+                    .distill(&self.data.train, &indices, &logits, t, &self.private)
+            }
+        };
         self.times.distill = start.elapsed().as_secs_f64();
         loss
     }
@@ -344,7 +419,9 @@ local_epochs = 2
     fn solo_round(m: &mut LocalMember, round: u64) -> f64 {
         m.train();
         let own = m.predict(round);
-        let teacher = m.teacher(&own, &[]).unwrap();
+        let teacher = m
+            .teacher(&SharedKnowledge::new(own, m.private.len() as u64, None), &[])
+            .unwrap();
         m.distill(round, &teacher);
         m.evaluate()
     }
@@ -454,8 +531,12 @@ local_epochs = 2
                     encoding.decode(&payload, 1000, 10).unwrap()
                 })
                 .collect();
-            let peers: Vec<(Vec<f32>, u64)> = decoded[1..].iter().map(|l| (l.clone(), 1)).collect();
-            let teacher = members[0].teacher(&decoded[0], &peers).unwrap();
+            let peers: Vec<SharedKnowledge> = decoded[1..]
+                .iter()
+                .map(|l| SharedKnowledge::new(l.clone(), 1, None))
+                .collect();
+            let own = SharedKnowledge::new(decoded[0].clone(), 1, None);
+            let teacher = members[0].teacher(&own, &peers).unwrap();
             let correct = teacher
                 .logits
                 .chunks(10)

@@ -354,12 +354,15 @@ pub struct Mlp {
 impl Mlp {
     pub fn forward(&self, input: Tensor<2>) -> Tensor<2> {
         let last = self.layers.len() - 1;
+        self.layers[last].forward(self.features(input))
+    }
+
+    /// The last hidden layer's activations (the input without hidden layers).
+    pub fn features(&self, input: Tensor<2>) -> Tensor<2> {
+        let last = self.layers.len() - 1;
         let mut x = input;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x);
-            if i < last {
-                x = self.activation.forward(x);
-            }
+        for layer in &self.layers[..last] {
+            x = self.activation.forward(layer.forward(x));
         }
         x
     }
@@ -412,12 +415,17 @@ impl ConvNet {
     }
 
     pub fn forward(&self, input: Tensor<2>) -> Tensor<2> {
+        self.output.forward(self.features(input))
+    }
+
+    /// The hidden fully connected layer's activations.
+    pub fn features(&self, input: Tensor<2>) -> Tensor<2> {
         let mut x = unflatten(input, self.input);
         for conv in &self.convs {
             x = relu(max_pool2x2(conv.forward(x)));
         }
         let x: Tensor<2> = x.flatten(1, 3);
-        self.output.forward(relu(self.hidden.forward(x)))
+        relu(self.hidden.forward(x))
     }
 }
 
@@ -520,6 +528,11 @@ impl ResNet {
     }
 
     pub fn forward(&self, input: Tensor<2>) -> Tensor<2> {
+        self.output.forward(self.features(input))
+    }
+
+    /// The globally average-pooled activations of the last block.
+    pub fn features(&self, input: Tensor<2>) -> Tensor<2> {
         let x = unflatten(input, self.input);
         let mut x = relu(self.stem_norm.forward(self.stem.forward(x)));
         for block in &self.blocks {
@@ -527,8 +540,7 @@ impl ResNet {
         }
         let [batch, channels, _, _] = x.dims();
         // Global average pooling.
-        let x = x.mean_dim(3).mean_dim(2).reshape([batch, channels]);
-        self.output.forward(x)
+        x.mean_dim(3).mean_dim(2).reshape([batch, channels])
     }
 
     /// Values in running statistics (mean and variance per batch-norm channel):
@@ -557,6 +569,16 @@ impl Student {
             Student::Mlp(m) => m.forward(input),
             Student::SmallCnn(m) | Student::FedAvgCnn(m) => m.forward(input),
             Student::ResNet(m) => m.forward(input),
+        }
+    }
+
+    /// Penultimate-layer features `[batch, dim]`: what the output layer
+    /// reads (used by the `density` knowledge selector).
+    pub fn features(&self, input: Tensor<2>) -> Tensor<2> {
+        match self {
+            Student::Mlp(m) => m.features(input),
+            Student::SmallCnn(m) | Student::FedAvgCnn(m) => m.features(input),
+            Student::ResNet(m) => m.features(input),
         }
     }
 

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::gate::VerifyPool;
 use crate::inbox::{ShareInbox, subset_for};
+use crate::knowledge::SharedKnowledge;
 use crate::member::LocalMember;
 use crate::net::Traffic;
 
@@ -298,12 +299,15 @@ impl RoundEngine {
         self.inbox.announce(round);
         transport.begin_round(plan);
 
-        // 1–2: train on private data, predict on the public subset.
-        let (train_loss, local_accuracy, own) = self
+        // 1–2: train on private data, predict on the public subset, score
+        // which rows this member knows.
+        let (train_loss, local_accuracy, own, row_weights) = self
             .learn(move |m| {
                 let loss = m.train();
                 let accuracy = m.evaluate();
-                (loss, accuracy, m.predict(round))
+                let own = m.predict(round);
+                let weights = m.select(round, &own);
+                (loss, accuracy, own, weights)
             })
             .await?;
 
@@ -314,14 +318,23 @@ impl RoundEngine {
         }
         let encode_start = std::time::Instant::now();
         let manifest = &self.member().manifest;
-        let share = LogitShare::new_signed(
+        let samples = self.member().private.len() as u64;
+        // The member's own vote is weighted like the peers': by the
+        // quantised weights its share carries.
+        let own = SharedKnowledge::new(
+            own,
+            samples,
+            row_weights.as_ref().map(fd_protocol::RowWeights::to_f32),
+        );
+        let share = LogitShare::new_signed_weighted(
             &self.key,
             &manifest.federation_id,
             subset_for(manifest, round),
             manifest.classes,
-            self.member().private.len() as u64,
+            samples,
             self.encoding,
             &shared,
+            row_weights,
         )?;
         let share_bytes = crate::net::frame_len(&fd_protocol::Message::Share(share.clone()))?;
         let encode_seconds = encode_start.elapsed().as_secs_f64();
@@ -346,10 +359,10 @@ impl RoundEngine {
         let network_seconds = network_start.elapsed().as_secs_f64();
         let (peers, rejections, rejected_total) = {
             let mut inbox = self.inbox.lock();
-            let taken: Vec<(Vec<f32>, u64)> = inbox
+            let taken: Vec<SharedKnowledge> = inbox
                 .take_round(round)
                 .into_iter()
-                .map(|(_, logits, samples)| (logits, samples))
+                .map(|(_, knowledge)| knowledge)
                 .collect();
             (taken, inbox.rejections(), inbox.rejected_total())
         };
@@ -363,15 +376,15 @@ impl RoundEngine {
 
         // 4–5: aggregate and distil; then evaluate.
         let aggregated = if distilled { peers.len() as u32 } else { 0 };
-        let (distill_loss, accuracy) = if distilled {
+        let (distill_loss, accuracy, teacher_rows_kept) = if distilled {
             self.learn(move |m| -> anyhow::Result<_> {
                 let teacher = m.teacher_timed(&own, &peers)?;
                 let loss = m.distill(round, &teacher);
-                Ok((loss, m.evaluate()))
+                Ok((loss, m.evaluate(), teacher.kept_fraction()))
             })
             .await??
         } else {
-            (0.0, local_accuracy)
+            (0.0, local_accuracy, 0.0)
         };
 
         let traffic = transport.round_traffic(round);
@@ -389,13 +402,14 @@ impl RoundEngine {
             train_loss,
             distill_loss,
             train_seconds: times.train,
-            predict_seconds: times.predict,
+            predict_seconds: times.predict + times.select,
             encode_seconds,
             network_seconds,
             verify_seconds: self.inbox.take_verify_seconds(round),
             distill_seconds: if distilled { times.distill } else { 0.0 },
             aggregate_seconds: if distilled { times.aggregate } else { 0.0 },
             distilled,
+            teacher_rows_kept,
             ..self.metrics(round)
         };
         self.rejected_reported = rejected_total;

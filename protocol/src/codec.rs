@@ -20,7 +20,9 @@ use crate::transfer::MAX_SHARE_BYTES;
 /// The protocol version this build speaks.
 /// 2: control messages are signed by the coordinator ([`crate::control`]),
 /// `Refused` answers non-share requests.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: a [`LogitShare`] may carry signed per-row knowledge weights
+/// ([`crate::share::RowWeights`]; signing domain `fd/logit-share/v2`).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest frame accepted or produced: 4 MiB. Room for one chunk
 /// ([`CHUNK_BYTES`](crate::transfer::CHUNK_BYTES)) or one inline share
@@ -159,6 +161,24 @@ mod tests {
         assert!(matches!(
             decode(&trailing),
             Err(ProtocolError::Malformed(_))
+        ));
+
+        // A frame of the previous version (2: shares without row weights)
+        // is refused as `version`, before its body is read.
+        let mut previous = frame.clone();
+        previous[..2].copy_from_slice(&2u16.to_le_bytes());
+        let err = decode(&previous).unwrap_err();
+        assert_eq!(
+            err,
+            ProtocolError::UnsupportedVersion {
+                got: 2,
+                expected: 3
+            }
+        );
+        assert_eq!(err.reason(), crate::RejectReason::Version);
+        assert!(matches!(
+            decode_share(&previous),
+            Err(ProtocolError::UnsupportedVersion { got: 2, .. })
         ));
 
         assert!(matches!(decode(&[1]), Err(ProtocolError::Malformed(_))));

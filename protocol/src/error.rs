@@ -26,6 +26,8 @@ pub enum ProtocolError {
         expected: String,
         got: String,
     },
+    #[error("share has {got} row weights for {rows} rows (one per row, or none)")]
+    BadWeights { rows: u32, got: usize },
     #[error("non-finite value at position {index} of the payload")]
     NonFinite { index: usize },
     #[error("share belongs to federation `{got}`, expected `{expected}`")]
@@ -66,6 +68,7 @@ pub enum RejectReason {
     Malformed,
     BadSignature,
     Shape,
+    BadWeights,
     NonFinite,
     WrongFederation,
     WrongRound,
@@ -89,6 +92,7 @@ impl RejectReason {
             RejectReason::Malformed => "malformed",
             RejectReason::BadSignature => "bad_signature",
             RejectReason::Shape => "shape",
+            RejectReason::BadWeights => "bad_weights",
             RejectReason::NonFinite => "non_finite",
             RejectReason::WrongFederation => "wrong_federation",
             RejectReason::WrongRound => "wrong_round",
@@ -120,6 +124,7 @@ impl ProtocolError {
             ProtocolError::Malformed(_) | ProtocolError::Encode(_) => RejectReason::Malformed,
             ProtocolError::BadSignature { .. } => RejectReason::BadSignature,
             ProtocolError::ShapeMismatch { .. } => RejectReason::Shape,
+            ProtocolError::BadWeights { .. } => RejectReason::BadWeights,
             ProtocolError::NonFinite { .. } => RejectReason::NonFinite,
             ProtocolError::WrongFederation { .. } => RejectReason::WrongFederation,
             ProtocolError::WrongRound { .. } => RejectReason::WrongRound,

@@ -11,7 +11,8 @@
 //! - [`check_decode`] (target `decode_message`): arbitrary bytes as a frame
 //!   and as a share encoded on its own (the chunked-transfer form).
 //! - [`check_share_mutation`] (target `share_verify`): a valid signed share
-//!   with the input applied as edits to its frame or to its own encoding.
+//!   (one per encoding, and one with row weights) with the input applied as
+//!   edits to its frame or to its own encoding.
 //!
 //! The fixed federation both targets expect a share from is
 //! [`expectation`]; [`signing_key`] signs the shares in the seed inputs
@@ -25,7 +26,7 @@ use crate::control::{Control, SignedControl};
 use crate::digest::sha256;
 use crate::identity::{Signature, SigningKey};
 use crate::message::*;
-use crate::share::{LogitShare, PayloadEncoding, PublicSubset, ShareExpectation};
+use crate::share::{LogitShare, PayloadEncoding, PublicSubset, RowWeights, ShareExpectation};
 use crate::transfer::{CHUNK_BYTES, MAX_CHUNKS, ShareAnnouncement};
 
 /// Federation id of the fixed [`expectation`].
@@ -40,7 +41,8 @@ pub const CLASSES: u32 = 3;
 pub const KEY_SEED: [u8; 32] = [0x5e; 32];
 /// The logits of the fixed shares, rows × classes.
 pub const LOGITS: [f32; 6] = [0.5, -1.0, 2.0, 3.25, 0.0, -7.5];
-/// The encodings a `share_verify` input chooses from with its first byte.
+/// The encodings of the fixed unweighted shares, in the order a
+/// `share_verify` input chooses them with its first byte.
 pub const ENCODINGS: [PayloadEncoding; 6] = [
     PayloadEncoding::F32Le,
     PayloadEncoding::F16Le,
@@ -49,6 +51,11 @@ pub const ENCODINGS: [PayloadEncoding; 6] = [
     PayloadEncoding::TopK { k: 2 },
     PayloadEncoding::TopK { k: 3 },
 ];
+/// The row weights of the fixed weighted share (f32 logits), one per row.
+pub const WEIGHTS: [f32; ROWS as usize] = [1.0, 0.25];
+/// Number of fixed shares a `share_verify` input chooses from: one per
+/// [`ENCODINGS`] entry, then the weighted one.
+pub const SHARES: usize = ENCODINGS.len() + 1;
 
 /// The round subset of the fixed [`expectation`].
 pub fn subset() -> PublicSubset {
@@ -76,8 +83,19 @@ pub fn signing_key() -> SigningKey {
 }
 
 /// A share for the fixed [`expectation`] carrying `payload` as it is
-/// (valid or not), correctly signed by [`signing_key`].
+/// (valid or not), without row weights, correctly signed by [`signing_key`].
 pub fn signed_with_payload(encoding: PayloadEncoding, payload: Vec<u8>) -> LogitShare {
+    signed_with(encoding, payload, None)
+}
+
+/// A share for the fixed [`expectation`] carrying `payload` and
+/// `row_weights` as they are (valid or not: any number of weights),
+/// correctly signed by [`signing_key`].
+pub fn signed_with(
+    encoding: PayloadEncoding,
+    payload: Vec<u8>,
+    row_weights: Option<RowWeights>,
+) -> LogitShare {
     let key = signing_key();
     let mut share = LogitShare {
         federation_id: FEDERATION_ID.into(),
@@ -89,39 +107,50 @@ pub fn signed_with_payload(encoding: PayloadEncoding, payload: Vec<u8>) -> Logit
         samples: 1000,
         encoding,
         payload,
+        row_weights,
         signature: Signature([0; 64]),
     };
     share.signature = key.sign(&share.signing_bytes().expect("a small share encodes"));
     share
 }
 
-/// One original share of `share_verify`: its frame, its own encoding
-/// ([`encode_share`]) and its decoded logits.
+/// One original share of `share_verify`: its name in seed inputs, the share,
+/// its frame, its own encoding ([`encode_share`]) and its decoded logits.
 struct Original {
+    name: String,
     share: LogitShare,
     frame: Vec<u8>,
     standalone: Vec<u8>,
     logits: Vec<f32>,
 }
 
-/// The valid signed shares of [`LOGITS`], one per [`ENCODINGS`] entry, built
-/// (and signed) once per process.
+/// The [`SHARES`] valid signed shares of [`LOGITS`]: one per [`ENCODINGS`]
+/// entry without row weights, then f32 with [`WEIGHTS`]; built (and signed)
+/// once per process.
 fn originals() -> &'static [Original] {
     static ORIGINALS: OnceLock<Vec<Original>> = OnceLock::new();
     ORIGINALS.get_or_init(|| {
+        let weights = RowWeights::quantize(&WEIGHTS).expect("the fixed weights quantise");
         ENCODINGS
             .iter()
-            .map(|&encoding| {
+            .map(|&encoding| (encoding, None))
+            .chain([(PayloadEncoding::F32Le, Some(weights))])
+            .map(|(encoding, row_weights)| {
+                let mut name = encoding.name().replace(':', "");
+                if row_weights.is_some() {
+                    name.push_str("-weighted");
+                }
                 let payload = encoding
                     .encode(&LOGITS, CLASSES)
                     .expect("the fixed logits encode");
-                let share = signed_with_payload(encoding, payload);
+                let share = signed_with(encoding, payload, row_weights);
                 let frame = encode(&Message::Share(share.clone())).expect("the share encodes");
                 let standalone = encode_share(&share).expect("the share encodes");
                 let logits = share
                     .validate(&expectation())
                     .expect("the original share validates");
                 Original {
+                    name,
                     share,
                     frame,
                     standalone,
@@ -143,7 +172,8 @@ fn originals() -> &'static [Original] {
 ///   share decoded on its own;
 /// - for a share (either way): [`LogitShare::validate`] against
 ///   [`expectation`] either rejects it or returns rows × classes finite
-///   logits equal to what the payload decoder gives for the expected shape;
+///   logits equal to what the payload decoder gives for the expected shape,
+///   and the share it accepts has no row weights or one per row;
 ///   and the payload decoder run with the share's own claimed shape (no
 ///   signature needed, so the fuzzer reaches it with any payload) returns
 ///   rows × classes finite values or an error;
@@ -224,6 +254,10 @@ fn check_share(share: &LogitShare) {
             .decode(&share.payload, ROWS, CLASSES)
             .expect("a validated payload decodes");
         assert_eq!(bits(&direct), bits(&logits));
+        if let Some(weights) = &share.row_weights {
+            assert_eq!(weights.len(), ROWS as usize, "validated weights per row");
+            assert!(weights.to_f32().iter().all(|w| (0.0..=1.0).contains(w)));
+        }
     }
     if let Ok(values) = share
         .encoding
@@ -248,8 +282,9 @@ fn bits(values: &[f32]) -> Vec<u32> {
     values.iter().map(|v| v.to_bits()).collect()
 }
 
-/// Target `share_verify`: `bytes[0] % 6` picks one of the fixed valid
-/// signed shares ([`ENCODINGS`]) and `bytes[0] >= 128` its form: a
+/// Target `share_verify`: `(bytes[0] & 0x7f) % SHARES` picks one of the
+/// fixed valid signed shares (one per [`ENCODINGS`] entry, then the f32
+/// share with [`WEIGHTS`]) and `bytes[0] >= 128` its form: a
 /// `Message::Share` frame below 128, the share's own encoding
 /// ([`encode_share`], as pulled in chunks) from 128. The rest of the input
 /// are edits applied to those bytes (see [`mutate`]); the edited bytes then go
@@ -263,7 +298,7 @@ pub fn check_share_mutation(bytes: &[u8]) {
     let Some((&which, edits)) = bytes.split_first() else {
         return;
     };
-    let original = &originals()[usize::from(which) % ENCODINGS.len()];
+    let original = &originals()[usize::from(which & 0x7f) % SHARES];
     let standalone = which >= 128;
     let edited = mutate(
         if standalone {
@@ -371,9 +406,10 @@ fn pos(input: &mut impl Iterator<Item = u8>, len: usize) -> Option<usize> {
 
 /// Named seed inputs for each target, `(target, name, bytes)`: for
 /// `decode_message` a frame of every message kind, the valid signed shares
-/// and signed shares whose payload each decoder must reject (each both as a
-/// frame and encoded on its own); for `share_verify` each original share, in
-/// both forms, unedited and with a few edits.
+/// (with and without row weights) and signed shares whose payload each
+/// decoder must reject or whose row weights are not one per row (each both
+/// as a frame and encoded on its own); for `share_verify` each original
+/// share, in both forms, unedited and with a few edits.
 /// `protocol/tests/fuzz_corpus.rs` replays them and can write them out as a
 /// starting corpus.
 pub fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
@@ -472,6 +508,7 @@ pub fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
             distill_seconds: 1.0,
             checkpoint_seconds: 1.0,
             distilled: true,
+            teacher_rows_kept: 0.5,
             ..RoundMetrics::new(FEDERATION_ID, ROUND, key, "alice")
         }),
     );
@@ -526,10 +563,9 @@ pub fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
             reason: "gone".into(),
         },
     );
-    for (original, encoding) in originals().iter().zip(ENCODINGS) {
-        let name = encoding.name().replace(':', "");
+    for original in originals() {
         frame(
-            &format!("share-{name}"),
+            &format!("share-{}", original.name),
             Message::Share(original.share.clone()),
         );
     }
@@ -604,20 +640,35 @@ pub fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
             Message::Share(signed_with_payload(encoding, payload)),
         );
     }
+    // Signed f32 shares with one weight too few and one too many
+    // (`bad_weights`; refused before the signature, but a signed seed shows
+    // that the count alone decides).
+    let f32_logits = PayloadEncoding::F32Le.encode(&LOGITS, CLASSES).unwrap();
+    for (name, levels) in [("short", vec![255]), ("long", vec![255, 64, 0])] {
+        frame(
+            &format!("signed-weights-{name}"),
+            Message::Share(signed_with(
+                PayloadEncoding::F32Le,
+                f32_logits.clone(),
+                Some(RowWeights::from_levels(levels)),
+            )),
+        );
+    }
 
-    for ((which, encoding), standalone) in ENCODINGS
-        .iter()
-        .enumerate()
-        .flat_map(|e| [(e, false), (e, true)])
-    {
+    for (which, standalone) in (0..SHARES).flat_map(|w| [(w, false), (w, true)]) {
         let original = &originals()[which];
         let (which, form, len) = if standalone {
             (which as u8 + 128, "pulled-", original.standalone.len())
         } else {
             (which as u8, "", original.frame.len())
         };
-        let name = format!("{form}{}", encoding.name().replace(':', ""));
-        let payload_end = (len - 64 - 2) as u16;
+        let name = format!("{form}{}", original.name);
+        // The frame ends with the payload, the row weights (an option) and
+        // the signature (a length byte and 64 bytes).
+        let weights_len = crate::codec::canonical_bytes(&original.share.row_weights)
+            .expect("the weights encode")
+            .len();
+        let payload_end = (len - 65 - weights_len - 1) as u16;
         let [lo, hi] = payload_end.to_le_bytes();
         let edits: [(&str, Vec<u8>); 4] = [
             ("original", vec![]),
@@ -668,7 +719,11 @@ mod tests {
                 continue;
             };
             let reason = share.validate(&expectation()).unwrap_err().reason();
-            let want = if expected.ends_with("nan")
+            let want = if expected.starts_with("weights-") {
+                // Correctly signed: the count alone is refused.
+                share.verify_signature().expect("a signed seed");
+                RejectReason::BadWeights
+            } else if expected.ends_with("nan")
                 || expected.ends_with("inf")
                 || expected.ends_with("overflow")
             {
@@ -679,7 +734,41 @@ mod tests {
             assert_eq!(reason, want, "{name}");
             seen += 1;
         }
-        assert_eq!(seen, 18);
+        assert_eq!(seen, 22);
+    }
+
+    #[test]
+    fn xor_seeds_flip_the_last_payload_byte() {
+        let mut seen = 0;
+        for (target, name, bytes) in seed_inputs() {
+            if target != "share_verify" || !name.ends_with("-xor") {
+                continue;
+            }
+            let original = &originals()[usize::from(bytes[0] & 0x7f) % SHARES];
+            assert!(name.contains(&original.name), "{name}");
+            let standalone = bytes[0] >= 128;
+            let edited = mutate(
+                if standalone {
+                    &original.standalone
+                } else {
+                    &original.frame
+                },
+                &bytes[1..],
+            );
+            let share = if standalone {
+                decode_share(&edited).unwrap()
+            } else {
+                match decode(&edited).unwrap() {
+                    Message::Share(share) => share,
+                    other => panic!("{name}: {other:?}"),
+                }
+            };
+            let mut want = original.share.clone();
+            *want.payload.last_mut().unwrap() ^= 0x01;
+            assert_eq!(share, want, "{name}");
+            seen += 1;
+        }
+        assert_eq!(seen, 2 * SHARES);
     }
 
     #[test]
@@ -704,6 +793,19 @@ mod tests {
         check_share_mutation(&[2, 0, 9, 0, 0]);
         check_share_mutation(&[128]);
         check_share_mutation(&[131, 0, 9, 0, 0]);
+        // The weighted share, in both forms.
+        check_share_mutation(&[SHARES as u8 - 1]);
+        check_share_mutation(&[128 + SHARES as u8 - 1, 0, 9, 0, 0]);
+        assert!(originals()[SHARES - 1].share.row_weights.is_some());
+        assert_eq!(
+            originals()[SHARES - 1]
+                .share
+                .row_weights
+                .as_ref()
+                .unwrap()
+                .levels(),
+            [255, 64]
+        );
         let original = &originals()[0];
         assert!(original.frame.len() > 100, "{} bytes", original.frame.len());
     }

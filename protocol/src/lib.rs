@@ -32,5 +32,7 @@ pub use digest::Digest;
 pub use error::{ProtocolError, RejectReason};
 pub use identity::{PublicKey, Signature, SigningKey};
 pub use message::*;
-pub use share::{LogitShare, PayloadEncoding, PayloadEncodingName, PublicSubset, ShareExpectation};
+pub use share::{
+    LogitShare, PayloadEncoding, PayloadEncodingName, PublicSubset, RowWeights, ShareExpectation,
+};
 pub use transfer::{CHUNK_BYTES, INLINE_SHARE_BYTES, MAX_SHARE_BYTES, ShareAnnouncement};

@@ -168,6 +168,11 @@ pub struct RoundMetrics {
     /// kept its locally trained student for this round).
     #[serde(default)]
     pub distilled: bool,
+    /// Fraction of the round's public rows kept in the teacher after the
+    /// receiver's filter (e.g. on the peers' [`crate::RowWeights`]), in
+    /// [0, 1]: 1 when nothing is filtered, 0 when the member did not distil.
+    #[serde(default)]
+    pub teacher_rows_kept: f64,
 }
 
 impl RoundMetrics {
@@ -199,6 +204,7 @@ impl RoundMetrics {
             distill_seconds: 0.0,
             checkpoint_seconds: 0.0,
             distilled: false,
+            teacher_rows_kept: 0.0,
         }
     }
 }

@@ -7,8 +7,11 @@
 //!
 //! [`LogitShare::validate`] is the single gate between the network and
 //! aggregation: it checks the cheap, structural facts first (federation,
-//! round, subset, shape) and then the signature, and only then decodes the
-//! payload and rejects non-finite values.
+//! round, subset, shape, the number of row weights) and then the signature,
+//! and only then decodes the payload and rejects non-finite values.
+//!
+//! A share may also carry [`RowWeights`]: one knowledge weight per row (how
+//! much the sender knows that public sample), signed with the rest.
 //!
 //! The payload is one of several [`PayloadEncoding`]s, from lossless f32 to
 //! sparse top-k probabilities. Every decoder returns exactly rows × classes
@@ -27,7 +30,9 @@ use crate::digest::Digest;
 use crate::error::ProtocolError;
 use crate::identity::{PublicKey, Signature, SigningKey};
 
-const SIGNING_DOMAIN: &[u8] = b"fd/logit-share/v1\0";
+/// Domain-separation prefix of a share's signature. v2: the signed fields
+/// include the optional row weights (protocol version 3).
+const SIGNING_DOMAIN: &[u8] = b"fd/logit-share/v2\0";
 
 /// Which public samples a share's rows refer to. Both sides derive the
 /// sample indices from it (`fd-node`'s `round_subset`), so only the recipe
@@ -483,6 +488,73 @@ impl From<PayloadEncodingName> for PayloadEncoding {
     }
 }
 
+/// One knowledge weight per public row, quantised to u8: level / 255.
+///
+/// How much the sender knows each public sample of the round's subset, in
+/// [0, 1] (1: fully, 0: not at all), for a receiver that weights or filters
+/// the sender's rows in its teacher. On the wire it is a byte string, one
+/// level per row (bincode: a varint length, then the levels), inside an
+/// `Option` of the signed share.
+///
+/// Every level is a valid weight (0 ≤ level / 255 ≤ 1), so a receiver
+/// checks only the count ([`LogitShare::validate`]: one per row, else
+/// [`ProtocolError::BadWeights`], code `bad_weights`), never the range; the
+/// range is checked where weights are made, by [`RowWeights::quantize`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowWeights(Vec<u8>);
+
+impl RowWeights {
+    /// Quantises weights in [0, 1] to levels `(w × 255).round()`, so a
+    /// weight comes back ([`Self::to_f32`]) within 1/510 of itself and 0 and
+    /// 1 exactly. A weight that is not finite or outside [0, 1] is refused
+    /// ([`ProtocolError::InvalidField`] `row_weights`, naming its index and
+    /// value) rather than clamped: it is a bug on the sender's side.
+    pub fn quantize(weights: &[f32]) -> Result<Self, ProtocolError> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(index, &w)| {
+                if w.is_finite() && (0.0..=1.0).contains(&w) {
+                    Ok((w * 255.0).round() as u8)
+                } else {
+                    Err(ProtocolError::InvalidField {
+                        field: "row_weights",
+                        reason: format!("weight {w} at row {index} is not in [0, 1]"),
+                    })
+                }
+            })
+            .collect::<Result<Vec<u8>, _>>()
+            .map(RowWeights)
+    }
+
+    /// Weights given as their levels (weight = level / 255).
+    pub fn from_levels(levels: Vec<u8>) -> Self {
+        RowWeights(levels)
+    }
+
+    /// The levels, one per row (weight = level / 255).
+    pub fn levels(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The weights, `level as f32 / 255.0`, each in [0, 1].
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.0
+            .iter()
+            .map(|&level| f32::from(level) / 255.0)
+            .collect()
+    }
+
+    /// Number of weights (rows).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// A node's logits on one round's public subset, signed by the node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogitShare {
@@ -500,6 +572,9 @@ pub struct LogitShare {
     pub samples: u64,
     pub encoding: PayloadEncoding,
     pub payload: Vec<u8>,
+    /// Optional knowledge weight of each row (`rows` of them when present),
+    /// signed like the payload. `None`: the sender gives no weights.
+    pub row_weights: Option<RowWeights>,
     pub signature: Signature,
 }
 
@@ -515,6 +590,7 @@ struct SignedFields<'a> {
     samples: u64,
     encoding: PayloadEncoding,
     payload: &'a [u8],
+    row_weights: Option<&'a RowWeights>,
 }
 
 /// What a receiver expects of a share in the round it is collecting.
@@ -526,8 +602,19 @@ pub struct ShareExpectation {
     pub classes: u32,
 }
 
+/// [`ProtocolError::BadWeights`] unless `weights` has one entry per row.
+fn check_weights(weights: Option<&RowWeights>, rows: u32) -> Result<(), ProtocolError> {
+    match weights {
+        Some(w) if w.len() != rows as usize => {
+            Err(ProtocolError::BadWeights { rows, got: w.len() })
+        }
+        _ => Ok(()),
+    }
+}
+
 impl LogitShare {
-    /// Encodes `logits` (rows × classes, row-major) and signs the share with `key`.
+    /// Encodes `logits` (rows × classes, row-major) and signs the share with
+    /// `key`, without row weights.
     pub fn new_signed(
         key: &SigningKey,
         federation_id: &str,
@@ -537,6 +624,33 @@ impl LogitShare {
         encoding: PayloadEncoding,
         logits: &[f32],
     ) -> Result<Self, ProtocolError> {
+        Self::new_signed_weighted(
+            key,
+            federation_id,
+            subset,
+            classes,
+            samples,
+            encoding,
+            logits,
+            None,
+        )
+    }
+
+    /// Encodes `logits` (rows × classes, row-major) and signs the share,
+    /// with `row_weights` when given: exactly one per row (`subset.size`),
+    /// else [`ProtocolError::BadWeights`], as [`Self::validate`] would say.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_signed_weighted(
+        key: &SigningKey,
+        federation_id: &str,
+        subset: PublicSubset,
+        classes: u32,
+        samples: u64,
+        encoding: PayloadEncoding,
+        logits: &[f32],
+        row_weights: Option<RowWeights>,
+    ) -> Result<Self, ProtocolError> {
+        check_weights(row_weights.as_ref(), subset.size)?;
         let expected = subset.size as usize * classes as usize;
         if logits.len() != expected {
             return Err(ProtocolError::ShapeMismatch {
@@ -555,6 +669,7 @@ impl LogitShare {
             samples,
             encoding,
             payload: encoding.encode(logits, classes)?,
+            row_weights,
             signature: Signature([0; 64]),
         };
         share.signature = key.sign(&share.signing_bytes()?);
@@ -574,6 +689,7 @@ impl LogitShare {
             samples: self.samples,
             encoding: self.encoding,
             payload: &self.payload,
+            row_weights: self.row_weights.as_ref(),
         })?);
         Ok(bytes)
     }
@@ -584,7 +700,11 @@ impl LogitShare {
     }
 
     /// The gate before aggregation: returns the decoded logits
-    /// (rows × classes) only if every check passes.
+    /// (rows × classes) only if every check passes. The row weights, when
+    /// present, are checked for their count only (one per row, before the
+    /// signature; [`ProtocolError::BadWeights`]): every u8 level is a weight
+    /// in [0, 1], so there is no range to check. Read them from
+    /// [`Self::row_weights`] once the share has passed.
     pub fn validate(&self, expect: &ShareExpectation) -> Result<Vec<f32>, ProtocolError> {
         if self.federation_id != expect.federation_id {
             return Err(ProtocolError::WrongFederation {
@@ -628,6 +748,7 @@ impl LogitShare {
                 got: format!("{} bytes", self.payload.len()),
             });
         }
+        check_weights(self.row_weights.as_ref(), self.rows)?;
         self.verify_signature()?;
         self.encoding.decode(&self.payload, self.rows, self.classes)
     }
@@ -668,6 +789,151 @@ mod tests {
     }
 
     const LOGITS: [f32; 6] = [0.5, -1.0, 2.0, 3.25, 0.0, -7.5];
+
+    fn weighted_share(key: &SigningKey, levels: Vec<u8>) -> LogitShare {
+        LogitShare::new_signed_weighted(
+            key,
+            "fed",
+            subset(2),
+            3,
+            1234,
+            PayloadEncoding::F32Le,
+            &LOGITS,
+            Some(RowWeights::from_levels(levels)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn quantize_maps_the_unit_interval_to_levels() {
+        let w = RowWeights::quantize(&[0.0, 1.0, 0.5, 0.25, 1.0 / 255.0]).unwrap();
+        assert_eq!(w.levels(), [0, 255, 128, 64, 1]);
+        assert_eq!(w.len(), 5);
+        assert!(!w.is_empty());
+        assert_eq!(w.to_f32()[..2], [0.0, 1.0]);
+        assert_eq!(w.to_f32()[2], 128.0 / 255.0);
+        assert_eq!(RowWeights::from_levels(vec![0, 255, 128]).to_f32()[1], 1.0);
+        assert!(RowWeights::quantize(&[]).unwrap().is_empty());
+        for (bad, shown) in [(-0.1f32, "-0.1"), (1.5, "1.5"), (f32::NAN, "NaN")] {
+            let reason = match RowWeights::quantize(&[0.5, bad]) {
+                Err(ProtocolError::InvalidField {
+                    field: "row_weights",
+                    reason,
+                }) => reason,
+                other => panic!("{bad}: {other:?}"),
+            };
+            assert!(
+                reason.contains("row 1") && reason.contains(shown),
+                "{reason}"
+            );
+        }
+        for bad in [f32::INFINITY, f32::NEG_INFINITY, 1.0 + f32::EPSILON] {
+            assert!(RowWeights::quantize(&[bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn weighted_share_round_trips_and_validates() {
+        let key = SigningKey::from_seed([7; 32]);
+        let weights = RowWeights::quantize(&[1.0, 0.25]).unwrap();
+        let s = LogitShare::new_signed_weighted(
+            &key,
+            "fed",
+            subset(2),
+            3,
+            1234,
+            PayloadEncoding::F32Le,
+            &LOGITS,
+            Some(weights.clone()),
+        )
+        .unwrap();
+        assert_eq!(s.row_weights.as_ref(), Some(&weights));
+        let frame = encode(&Message::Share(s.clone())).unwrap();
+        let Message::Share(back) = decode(&frame).unwrap() else {
+            panic!("not a share")
+        };
+        assert_eq!(back, s);
+        assert_eq!(back.validate(&expectation(2)).unwrap(), LOGITS.to_vec());
+        assert_eq!(back.row_weights.unwrap().levels(), [255, 64]);
+        let pulled = crate::codec::decode_share(&crate::codec::encode_share(&s).unwrap()).unwrap();
+        assert_eq!(pulled, s);
+        assert_eq!(pulled.validate(&expectation(2)).unwrap(), LOGITS.to_vec());
+        // On the wire: an option tag, the count and one byte per row, just
+        // before the signature (a length byte and 64 bytes).
+        let unweighted = encode(&Message::Share(share(&key, &LOGITS))).unwrap();
+        assert_eq!(frame.len(), unweighted.len() + 3);
+        assert_eq!(
+            frame[frame.len() - 65 - 4..frame.len() - 65],
+            [1, 2, 255, 64]
+        );
+        assert_eq!(unweighted[unweighted.len() - 66], 0);
+    }
+
+    #[test]
+    fn row_weights_are_signed() {
+        let key = SigningKey::from_seed([7; 32]);
+        let s = weighted_share(&key, vec![255, 64]);
+        assert!(s.validate(&expectation(2)).is_ok());
+        let bad_signature = |t: &LogitShare, what: &str| {
+            assert_eq!(
+                t.validate(&expectation(2)).unwrap_err().reason(),
+                RejectReason::BadSignature,
+                "{what}"
+            );
+        };
+        for (row, bit) in [(0, 0x01), (1, 0x01), (1, 0x80)] {
+            let mut levels = s.row_weights.as_ref().unwrap().levels().to_vec();
+            levels[row] ^= bit;
+            let mut t = s.clone();
+            t.row_weights = Some(RowWeights::from_levels(levels));
+            bad_signature(&t, &format!("level {row} ^ {bit:#x}"));
+        }
+        let mut t = s.clone();
+        t.row_weights = None;
+        bad_signature(&t, "weights dropped");
+        let mut t = share(&key, &LOGITS);
+        t.row_weights = Some(RowWeights::from_levels(vec![255, 255]));
+        bad_signature(&t, "weights added");
+    }
+
+    #[test]
+    fn wrong_number_of_weights_is_bad_weights_before_the_signature() {
+        let key = SigningKey::from_seed([7; 32]);
+        for levels in [vec![], vec![255], vec![255, 64, 0]] {
+            let got = levels.len();
+            // Correctly signed or not, the count is refused first.
+            let signed = weighted_share(&key, vec![255, 64]);
+            let mut t = signed.clone();
+            t.row_weights = Some(RowWeights::from_levels(levels.clone()));
+            t.signature = Signature([0; 64]);
+            let err = t.validate(&expectation(2)).unwrap_err();
+            assert_eq!(err, ProtocolError::BadWeights { rows: 2, got });
+            assert_eq!(err.reason(), RejectReason::BadWeights);
+            assert_eq!(err.reason().as_str(), "bad_weights");
+            assert_eq!(
+                LogitShare::new_signed_weighted(
+                    &key,
+                    "fed",
+                    subset(2),
+                    3,
+                    0,
+                    PayloadEncoding::F32Le,
+                    &LOGITS,
+                    Some(RowWeights::from_levels(levels)),
+                )
+                .unwrap_err(),
+                ProtocolError::BadWeights { rows: 2, got }
+            );
+        }
+        // The structural checks before it still come first.
+        let mut t = weighted_share(&key, vec![255, 64]);
+        t.row_weights = Some(RowWeights::from_levels(vec![255]));
+        t.round = 3;
+        assert_eq!(
+            t.validate(&expectation(2)).unwrap_err().reason(),
+            RejectReason::WrongRound
+        );
+    }
 
     #[test]
     fn valid_share_round_trips_and_validates() {
@@ -1247,13 +1513,21 @@ mod tests {
             values in proptest::collection::vec(-30f32..30.0, 6),
             samples in any::<u64>(),
             which in 0usize..ALL.len(),
+            weights in proptest::option::of(proptest::collection::vec(0f32..=1.0, 2)),
         ) {
             let key = SigningKey::from_seed([9; 32]);
             let encoding = ALL[which];
-            let s = LogitShare::new_signed(&key, "fed", subset(2), 3, samples, encoding, &values).unwrap();
+            let row_weights = weights.as_deref().map(|w| RowWeights::quantize(w).unwrap());
+            let s = LogitShare::new_signed_weighted(&key, "fed", subset(2), 3, samples, encoding, &values, row_weights.clone()).unwrap();
             let frame = encode(&Message::Share(s.clone())).unwrap();
             let Message::Share(back) = decode(&frame).unwrap() else { panic!("not a share") };
             prop_assert_eq!(back.samples, samples);
+            prop_assert_eq!(&back.row_weights, &row_weights);
+            if let (Some(w), Some(q)) = (&weights, &row_weights) {
+                for (w, back) in w.iter().zip(q.to_f32()) {
+                    prop_assert!((w - back).abs() <= 0.5 / 255.0 + 1e-6, "{} → {}", w, back);
+                }
+            }
             let decoded = back.validate(&expectation(2)).unwrap();
             prop_assert_eq!(decoded.len(), 6);
             prop_assert!(decoded.iter().all(|v| v.is_finite()));
@@ -1274,9 +1548,14 @@ mod tests {
         }
 
         #[test]
-        fn encode_decode_round_trip(values in proptest::collection::vec(-1e6f32..1e6, 6), seed in any::<[u8; 32]>()) {
+        fn encode_decode_round_trip(
+            values in proptest::collection::vec(-1e6f32..1e6, 6),
+            seed in any::<[u8; 32]>(),
+            levels in proptest::option::of(proptest::collection::vec(any::<u8>(), 2)),
+        ) {
             let key = SigningKey::from_seed(seed);
-            let s = share(&key, &values);
+            let row_weights = levels.map(RowWeights::from_levels);
+            let s = LogitShare::new_signed_weighted(&key, "fed", subset(2), 3, 1234, PayloadEncoding::F32Le, &values, row_weights).unwrap();
             let frame = encode(&Message::Share(s.clone())).unwrap();
             prop_assert_eq!(decode(&frame).unwrap(), Message::Share(s.clone()));
             prop_assert_eq!(s.validate(&expectation(2)).unwrap(), values);
@@ -1284,7 +1563,7 @@ mod tests {
 
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let mut frame = 1u16.to_le_bytes().to_vec();
+            let mut frame = crate::codec::PROTOCOL_VERSION.to_le_bytes().to_vec();
             frame.extend(bytes);
             let _ = decode(&frame);
         }

@@ -21,6 +21,7 @@ use fd_node::config::{FederationConfig, NodeConfig, PartitionConfig};
 use fd_node::data::DataSource;
 use fd_node::data::partition::Partitioner;
 use fd_node::device::DeviceKind;
+use fd_node::knowledge::KnowledgeConfig;
 use fd_node::learner::TrainingConfig;
 use fd_node::model::ModelConfig;
 use fd_protocol::PayloadEncodingName;
@@ -65,6 +66,10 @@ hidden = [200, 200]
 [training]                  # round recipe, as in fd-node's config; member i's seed is seed + i
 local_epochs = 1
 distill_epochs = 10
+
+[knowledge]                 # fd: as in fd-node's config
+selector = "all"            # all | confidence | class-coverage | density
+min_confidence = 0.0        # receiver: distil only rows whose teacher is at least this sure (0 = all)
 
 [topology]                  # fd: who hears whom
 kind = "full"               # full | random (each member hears k random others: k = 3) | ring
@@ -191,6 +196,9 @@ pub struct Experiment {
     pub groups: Vec<Group>,
     #[serde(default)]
     pub training: TrainingConfig,
+    /// fd: what members say they know and which teacher rows they distil.
+    #[serde(default)]
+    pub knowledge: KnowledgeConfig,
     #[serde(default)]
     pub topology: Topology,
     #[serde(default)]
@@ -259,6 +267,7 @@ impl Experiment {
                 seed: self.seed.wrapping_add(index as u64),
                 ..self.training.clone()
             },
+            knowledge: self.knowledge.clone(),
         }
     }
 

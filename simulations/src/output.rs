@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::experiment::Experiment;
 use crate::runner::{NodeRow, RunResult, peak_rss_bytes};
 
-pub const METRICS_HEADER: &str = "round,node,model,active,byzantine,test_accuracy,local_accuracy,train_loss,distill_loss,bytes_sent,bytes_received,shares_aggregated,shares_rejected,shares_late,sim_seconds";
+pub const METRICS_HEADER: &str = "round,node,model,active,byzantine,test_accuracy,local_accuracy,train_loss,distill_loss,bytes_sent,bytes_received,shares_aggregated,shares_rejected,shares_late,teacher_rows_kept,sim_seconds";
 pub const TIMINGS_HEADER: &str = "round,node,train_seconds,predict_seconds,encode_seconds,network_seconds,verify_seconds,aggregate_seconds,distill_seconds";
 
 pub fn metrics_csv(rows: &[NodeRow]) -> String {
@@ -38,7 +38,7 @@ pub fn metrics_csv(rows: &[NodeRow]) -> String {
     for r in rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{},{},{:.3}",
+            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{},{},{:.4},{:.3}",
             r.round,
             r.node,
             r.model,
@@ -53,6 +53,7 @@ pub fn metrics_csv(rows: &[NodeRow]) -> String {
             r.shares_aggregated,
             r.shares_rejected,
             r.shares_late,
+            r.teacher_rows_kept,
             r.sim_seconds
         );
     }
@@ -416,5 +417,121 @@ pub fn sweep_table(summaries: &[(String, Summary)]) -> String {
             per_round
         );
     }
+    if summaries.iter().any(|(cell, _)| seed_of(cell).is_some()) {
+        out.push('\n');
+        out.push_str(&over_seeds_table(summaries));
+    }
     out
+}
+
+/// The `seed=…` component of a sweep cell's name.
+fn seed_of(cell: &str) -> Option<&str> {
+    cell.split(',').find(|part| part.starts_with("seed="))
+}
+
+/// A cell's name without its seed component: the cells that differ only
+/// by seed share it.
+fn without_seed(cell: &str) -> String {
+    cell.split(',')
+        .filter(|part| !part.starts_with("seed="))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Mean and sample standard deviation (0 for a single value).
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n.max(1.0);
+    if values.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+/// The first round from which `curve` stays within `tolerance` of its
+/// last value: where it flattens.
+pub fn flat_from(curve: &[f64], tolerance: f64) -> usize {
+    let Some(&last) = curve.last() else {
+        return 0;
+    };
+    let mut from = curve.len();
+    for (i, v) in curve.iter().enumerate().rev() {
+        if (v - last).abs() > tolerance {
+            break;
+        }
+        from = i + 1;
+    }
+    from
+}
+
+/// Cells that differ only by seed, as mean ± std over their seeds: final
+/// accuracy, bytes a member sent and received, and where the seed-mean
+/// accuracy curve flattens (within 0.005 of its last value).
+pub fn over_seeds_table(summaries: &[(String, Summary)]) -> String {
+    let mut groups: Vec<(String, Vec<&Summary>)> = Vec::new();
+    for (cell, s) in summaries {
+        let key = without_seed(cell);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(s),
+            None => groups.push((key, vec![s])),
+        }
+    }
+    let mut out = String::from(
+        "| cell (over seeds) | algorithm | seeds | final mean acc | MB sent + received/member | flat from round |\n|---|---|---:|---:|---:|---:|\n",
+    );
+    for (cell, runs) in groups {
+        let finals: Vec<f64> = runs.iter().map(|s| s.final_mean_accuracy).collect();
+        let bytes: Vec<f64> = runs
+            .iter()
+            .map(|s| (s.bytes_sent_per_node + s.bytes_received_per_node) / 1e6)
+            .collect();
+        let rounds = runs.iter().map(|s| s.mean_accuracy_per_round.len()).min().unwrap_or(0);
+        let curve: Vec<f64> = (0..rounds)
+            .map(|r| runs.iter().map(|s| s.mean_accuracy_per_round[r]).sum::<f64>() / runs.len() as f64)
+            .collect();
+        let (acc, acc_std) = mean_std(&finals);
+        let (mb, _) = mean_std(&bytes);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.4} ± {:.4} | {:.2} | {} |",
+            if cell.is_empty() { "-" } else { &cell },
+            runs[0].algorithm,
+            runs.len(),
+            acc,
+            acc_std,
+            mb,
+            flat_from(&curve, 0.005)
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_sample_std() {
+        let (m, s) = mean_std(&[0.80, 0.82, 0.84]);
+        assert!((m - 0.82).abs() < 1e-12);
+        assert!((s - 0.02).abs() < 1e-12, "sample std: {s}");
+        assert_eq!(mean_std(&[0.5]), (0.5, 0.0));
+    }
+
+    #[test]
+    fn a_curve_flattens_where_it_stays_near_its_last_value() {
+        assert_eq!(flat_from(&[0.1, 0.5, 0.70, 0.801, 0.80], 0.005), 4);
+        assert_eq!(flat_from(&[0.1, 0.5, 0.9], 0.005), 3);
+        assert_eq!(flat_from(&[0.8, 0.8], 0.005), 1);
+        // A dip after the plateau moves the point back.
+        assert_eq!(flat_from(&[0.8, 0.8, 0.7, 0.8], 0.005), 4);
+    }
+
+    #[test]
+    fn cells_that_differ_only_by_seed_share_a_row() {
+        assert_eq!(without_seed("partition=iid,seed=2,variant=fd"), "partition=iid,variant=fd");
+        assert_eq!(seed_of("partition=iid,seed=2"), Some("seed=2"));
+        assert_eq!(seed_of("partition=iid"), None);
+    }
 }

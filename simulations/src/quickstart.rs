@@ -103,6 +103,7 @@ fn node_config(
             distill_alpha: o.distill_alpha,
             ..TrainingConfig::default()
         },
+        knowledge: Default::default(),
     }
 }
 

@@ -49,6 +49,9 @@ pub struct NodeRow {
     pub shares_aggregated: u32,
     pub shares_rejected: u32,
     pub shares_late: u64,
+    /// Fraction of the round's public rows the member distilled (fd; 0 when
+    /// it did not distil).
+    pub teacher_rows_kept: f64,
     /// Simulated clock at the end of the round (memory network; wall clock over libp2p).
     pub sim_seconds: f64,
 }
@@ -225,6 +228,7 @@ fn row_from(e: &Experiment, round: u64, node: usize, m: &RoundMetrics) -> NodeRo
         shares_aggregated: m.shares_aggregated,
         shares_rejected: m.shares_rejected,
         shares_late: 0,
+        teacher_rows_kept: m.teacher_rows_kept,
         sim_seconds: 0.0,
     }
 }
@@ -246,6 +250,7 @@ fn idle_row(e: &Experiment, round: u64, node: usize, previous: Option<&NodeRow>)
         shares_aggregated: 0,
         shares_rejected: 0,
         shares_late: 0,
+        teacher_rows_kept: 0.0,
         sim_seconds: 0.0,
     }
 }
@@ -630,6 +635,7 @@ async fn run_fedavg(
                         shares_aggregated: 0,
                         shares_rejected: 0,
                         shares_late: 0,
+                        teacher_rows_kept: 0.0,
                         sim_seconds: 0.0,
                     }
                 }

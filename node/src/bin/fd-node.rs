@@ -60,6 +60,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread exists, so every thread starts flushing (see fpenv).
+    fd_node::fpenv::flush_denormals();
+    fd_node::fpenv::install_global_pool();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -79,9 +82,7 @@ fn main() -> anyhow::Result<()> {
                 config.name,
                 runtime::peer_id_string(&key.public_key())
             );
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = fd_node::fpenv::runtime()?;
             let metrics = if isolated {
                 rt.block_on(runtime::run_isolated(&config, &key))?
             } else {

@@ -37,17 +37,16 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread exists, so every thread starts flushing (see fpenv).
+    fd_node::fpenv::flush_denormals();
+    fd_node::fpenv::install_global_pool();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-    };
+    let rt = fd_node::fpenv::runtime;
     match Cli::parse().command {
         Command::Quickstart(options) => {
             rt()?.block_on(quickstart::run(options))?;
