@@ -62,7 +62,7 @@ impl<'a> Contribution<'a> {
 /// plain strings (`aggregator = "median"`) and the others tables
 /// (`aggregator = { trimmed-mean = { beta = 0.2 } }`). Parameters are checked
 /// by [`Aggregator::validate`] (and again by every aggregation).
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Aggregator {
     /// Element-wise mean of logits (FedMD's consensus).
@@ -74,7 +74,6 @@ pub enum Aggregator {
     /// lets the most confident member dominate (see the test
     /// `mean_of_probabilities_bounds_each_vote`; docs/results.md has the
     /// measured effect on accuracy).
-    #[default]
     MeanProbabilities,
     /// Mean of probabilities weighted by each contributor's sample count
     /// (FedAvg's weighting applied to predictions). Contributors with zero
@@ -92,6 +91,15 @@ pub enum Aggregator {
     /// highest values of each coordinate and average the rest. `beta` is in
     /// [0, 0.5), so at least one value always remains.
     TrimmedMean { beta: f64 },
+}
+
+/// The default is ERA at temperature 0.1: with `density` row weights and
+/// the default recipe it was the best teacher measured (docs/results.md,
+/// "How the default recipe was chosen").
+impl Default for Aggregator {
+    fn default() -> Self {
+        Aggregator::Era { temperature: 0.1 }
+    }
 }
 
 /// The aggregated logits a student is distilled towards.
@@ -901,7 +909,7 @@ mod tests {
             assert_eq!(back, parsed);
         }
         assert!(toml::from_str::<Config>(r#"aggregator = "trimmed-mean""#).is_err());
-        assert_eq!(Aggregator::default(), Aggregator::MeanProbabilities);
+        assert_eq!(Aggregator::default(), Aggregator::Era { temperature: 0.1 });
     }
 
     /// `n` contributions of `rows × classes` logits in [-20, 20], with sample counts.

@@ -336,9 +336,13 @@ mod tests {
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
         for model in [ModelConfig::default(), ModelConfig::FedAvgCnn {}] {
+            // Adam: the largest state (weights and two moments).
             let mut learner = Learner::new(
                 &model,
-                TrainingConfig::default(),
+                TrainingConfig {
+                    optimizer: crate::learner::OptimizerKind::Adam,
+                    ..TrainingConfig::default()
+                },
                 DeviceKind::Flex,
                 InputShape::new(data.train.shape),
                 data.train.classes,

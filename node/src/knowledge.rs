@@ -47,14 +47,14 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "kebab-case")]
 pub enum Selector {
     /// Every row weight 1: no weights travel.
-    #[default]
     All,
     /// The row's (rescaled) max probability.
     Confidence,
     /// Probability mass on the classes the member holds, by how much it holds.
     ClassCoverage,
     /// In-distribution score against the member's private data (k-NN in
-    /// the student's feature space).
+    /// the student's feature space). The default: the best measured.
+    #[default]
     Density,
 }
 

@@ -2,7 +2,8 @@
 //!
 //! An experiment names everything a result depends on: members, rounds,
 //! data, public set, partition, each member's student, the round recipe,
-//! aggregator, payload encoding, algorithm, topology, scenario and seed.
+//! aggregator, payload encoding, algorithm, topology, scenario and seed,
+//! and whether a curious member audits what the shares leak ([`AuditConfig`]).
 //! Each member's configuration is derived as an ordinary
 //! [`NodeConfig`] ([`Experiment::node_config`]) and checked by the same
 //! validation `fd-node` applies, so a simulated member is configured exactly
@@ -27,6 +28,7 @@ use fd_node::model::ModelConfig;
 use fd_protocol::PayloadEncodingName;
 use serde::{Deserialize, Serialize};
 
+use crate::audit::AuditConfig;
 use crate::scenario::Scenario;
 use crate::topology::Topology;
 
@@ -38,8 +40,8 @@ nodes = 10                  # members
 rounds = 5
 algorithm = "fd"            # fd | isolated | fedavg | centralized
 network = "memory"          # memory (in-process, simulated time) | libp2p (real stack on 127.0.0.1)
-aggregator = "mean-probabilities"   # fd: mean | mean-probabilities | weighted | median
-                                    #   | { era = { temperature = 0.1 } } | { trimmed-mean = { beta = 0.2 } }
+aggregator = { era = { temperature = 0.1 } }   # fd: era | mean | mean-probabilities | weighted
+                                    #   | median | { trimmed-mean = { beta = 0.2 } }
 encoding = "f32"            # fd: shared payload, f32 | f16 | int8 | top-k:K
 device = "flex"             # flex | ndarray | wgpu
 jobs = 2                    # members computing at once (results do not depend on it)
@@ -64,11 +66,16 @@ hidden = [200, 200]
 # model = { kind = "cnn", channels = [16, 32], fc = 128 }
 
 [training]                  # round recipe, as in fd-node's config; member i's seed is seed + i
-local_epochs = 1
-distill_epochs = 10
+local_epochs = 1            # the defaults are the best recipe measured (docs/results.md)
+distill_epochs = 2
+batch_size = 32
+learning_rate = 0.01
+optimizer = "sgd"
+temperature = 1.0
+distill_alpha = 0.5
 
 [knowledge]                 # fd: as in fd-node's config
-selector = "all"            # all | confidence | class-coverage | density
+selector = "density"        # density | all | confidence | class-coverage
 min_confidence = 0.0        # receiver: distil only rows whose teacher is at least this sure (0 = all)
 
 [topology]                  # fd: who hears whom
@@ -85,6 +92,12 @@ latency = 0.0               # seconds per share on a link (memory network)
 bandwidth = 0.0             # bytes per second of a link, 0 = unlimited (memory network)
 byzantine = 0.0             # fraction of members that attack (fd shares)
 attack = "random"           # random | label-flip | { scaled = { factor = -10.0 } } | { constant-class = { class = 0 } }
+
+[audit]                     # leakage audit (fd over the memory network only): a curious member estimates
+                            #   every other member's label distribution from the shares it receives
+enabled = false             # adds `audit_tv` to metrics.csv and `audit` to summary.json
+curious = 0                 # index of the curious member
+estimator = "mean-probabilities"    # mean-probabilities (mean softmax over the public rows) | argmax (histogram)
 
 # [sweep]                   # lists of values for dotted keys; one cell per combination
 # "partition.alpha" = [0.1, 0.5]
@@ -203,6 +216,9 @@ pub struct Experiment {
     pub topology: Topology,
     #[serde(default)]
     pub scenario: Scenario,
+    /// fd over the memory network: the leakage audit.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Only in files: expanded by [`expand_sweep`] before a cell runs.
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub sweep: toml::Table,
@@ -322,6 +338,31 @@ impl Experiment {
                     "libp2p carries fd shares; algorithm {} runs in memory",
                     self.algorithm.name()
                 ),
+            ));
+        }
+        if self.audit.curious >= self.nodes {
+            return Err(field(
+                "audit.curious",
+                format!(
+                    "must be a member index below nodes = {}, got {}",
+                    self.nodes, self.audit.curious
+                ),
+            ));
+        }
+        if self.audit.enabled && self.algorithm != Algorithm::Fd {
+            return Err(field(
+                "audit.enabled",
+                format!(
+                    "audits the shares of fd; algorithm {} shares none",
+                    self.algorithm.name()
+                ),
+            ));
+        }
+        if self.audit.enabled && self.network != Network::Memory {
+            return Err(field(
+                "audit.enabled",
+                "needs network = \"memory\": the audit taps the in-memory network's deliveries"
+                    .into(),
             ));
         }
         if !self.sweep.is_empty() {
@@ -488,7 +529,8 @@ mod tests {
         let e = parse(table, Path::new("/x/e.toml")).unwrap();
         assert_eq!(e.nodes, 10);
         assert_eq!(e.partition, Partitioner::Dirichlet { alpha: 0.1 });
-        assert_eq!(e.training.distill_epochs, 10);
+        assert_eq!(e.training.distill_epochs, 2);
+        assert_eq!(e.training, fd_node::learner::TrainingConfig::default());
         let c = e.node_config(3);
         assert_eq!(c.partition.index, 3);
         assert_eq!(c.training.seed, 45);
@@ -523,6 +565,37 @@ mod tests {
             let err = parse(toml::from_str(&text).unwrap(), Path::new("e.toml"))
                 .map(|_| ())
                 .unwrap_err();
+            let err = format!("{err:#}");
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_audit_is_validated() {
+        let audited = EXAMPLE_EXPERIMENT.replace("enabled = false", "enabled = true");
+        let e = parse(toml::from_str(&audited).unwrap(), Path::new("e.toml")).unwrap();
+        assert!(e.audit.enabled);
+        for (from, to, field) in [
+            ("curious = 0", "curious = 10", "audit.curious"),
+            (
+                "algorithm = \"fd\"",
+                "algorithm = \"isolated\"",
+                "audit.enabled",
+            ),
+            (
+                "network = \"memory\"",
+                "network = \"libp2p\"",
+                "audit.enabled",
+            ),
+            (
+                "estimator = \"mean-probabilities\"",
+                "estimator = \"mode\"",
+                "estimator",
+            ),
+        ] {
+            let text = audited.replace(from, to);
+            assert_ne!(text, audited, "{from}");
+            let err = parse(toml::from_str(&text).unwrap(), Path::new("e.toml")).unwrap_err();
             let err = format!("{err:#}");
             assert!(err.contains(field), "{field}: {err}");
         }

@@ -10,6 +10,8 @@
 //!   split; [`memnet`] is the in-memory network with its simulated clock,
 //!   [`scenario`] the seeded participation, dropouts, stragglers and attacks,
 //!   [`topology`] who hears whom.
+//! * [`audit`]: the leakage audit, a curious member's estimates of the
+//!   others' label distributions against the truth.
 //! * [`output`]: `metrics.csv`, `timings.csv`, `summary.json`, plots and the
 //!   sweep table.
 //! * [`bench`]: `fd-sim bench`, the bytes, throughput, round-breakdown,
@@ -17,6 +19,7 @@
 //! * [`quickstart`]: a coordinator and N members over real libp2p in one
 //!   process, exactly the `fd-node` and `fd-coordinator` code paths.
 
+pub mod audit;
 pub mod bench;
 pub mod experiment;
 pub mod memnet;

@@ -13,9 +13,12 @@
 //!
 //! A round closes for everyone once every active member has pushed its
 //! shares (a barrier): nothing else can arrive in time after that.
+//!
+//! A delivery hook ([`MemoryNetwork::on_delivery`]) sees every share a
+//! receiver accepted; the leakage audit ([`crate::audit`]) is one.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::bail;
 use fd_node::net::{Traffic, frame_len};
@@ -46,8 +49,13 @@ pub struct RoundTiming {
     pub arrivals: Vec<Vec<f64>>,
 }
 
+/// Called with (sender, receiver, share) for every share a receiver's inbox
+/// accepted, on the pushing member's task.
+pub type DeliveryHook = Box<dyn Fn(usize, usize, &LogitShare) + Send + Sync>;
+
 pub struct MemoryNetwork {
     inboxes: Vec<Arc<SharedInbox>>,
+    delivered: OnceLock<DeliveryHook>,
     index_of: HashMap<PublicKey, usize>,
     scenario: Scenario,
     state: Mutex<RoundState>,
@@ -64,6 +72,7 @@ impl MemoryNetwork {
         let n = members.len();
         Arc::new(MemoryNetwork {
             inboxes,
+            delivered: OnceLock::new(),
             index_of: members
                 .iter()
                 .enumerate()
@@ -104,6 +113,14 @@ impl MemoryNetwork {
         RoundTiming {
             late: s.late.clone(),
             arrivals: s.arrivals.clone(),
+        }
+    }
+
+    /// Sets the hook that sees every accepted share; one per network, set
+    /// before the first round.
+    pub fn on_delivery(&self, hook: DeliveryHook) {
+        if self.delivered.set(hook).is_err() {
+            panic!("a memory network has one delivery hook");
         }
     }
 
@@ -169,6 +186,9 @@ impl ShareTransport for MemoryEndpoint {
         match net.inboxes[to].offer(share) {
             Ok(()) => {
                 net.state.lock().unwrap().arrivals[to].push(arrival);
+                if let Some(hook) = net.delivered.get() {
+                    hook(self.index, to, share);
+                }
                 Ok(())
             }
             Err(e) => bail!(

@@ -1,13 +1,14 @@
 //! What a run leaves in its folder, and the sweep's comparison table.
 //!
 //! * `metrics.csv`: one row per (round, member) of deterministic numbers
-//!   (accuracies, losses, bytes, shares, simulated clock). Two runs of the
-//!   same experiment and seed give byte-identical files.
+//!   (accuracies, losses, bytes, shares, the leakage audit's error,
+//!   simulated clock). Two runs of the same experiment and seed give
+//!   byte-identical files.
 //! * `timings.csv`: the measured wall-clock seconds of each member's train,
 //!   predict, aggregate and distil steps. They differ from run to run, which
 //!   is why they are not in `metrics.csv`.
 //! * `summary.json`: the experiment, final accuracies (honest members), bytes
-//!   per member, wall time per round, peak memory. Written last: a cell with
+//!   per member, wall time per round, peak memory, the leakage audit. Written last: a cell with
 //!   a `summary.json` is finished, which is how a sweep resumes.
 //! * `accuracy_vs_round` and `accuracy_vs_bytes` plots (SVG with text, PNG
 //!   without; see [`fd_node::data::heatmap`] for why), and the partition's
@@ -27,10 +28,11 @@ use fd_node::member::MemberData;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::audit::AuditSummary;
 use crate::experiment::Experiment;
 use crate::runner::{NodeRow, RunResult, peak_rss_bytes};
 
-pub const METRICS_HEADER: &str = "round,node,model,active,byzantine,test_accuracy,local_accuracy,train_loss,distill_loss,bytes_sent,bytes_received,shares_aggregated,shares_rejected,shares_late,teacher_rows_kept,sim_seconds";
+pub const METRICS_HEADER: &str = "round,node,model,active,byzantine,test_accuracy,local_accuracy,train_loss,distill_loss,bytes_sent,bytes_received,shares_aggregated,shares_rejected,shares_late,teacher_rows_kept,audit_tv,sim_seconds";
 pub const TIMINGS_HEADER: &str = "round,node,train_seconds,predict_seconds,encode_seconds,network_seconds,verify_seconds,aggregate_seconds,distill_seconds";
 
 pub fn metrics_csv(rows: &[NodeRow]) -> String {
@@ -38,7 +40,7 @@ pub fn metrics_csv(rows: &[NodeRow]) -> String {
     for r in rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{},{},{:.4},{:.3}",
+            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{},{},{:.4},{},{:.3}",
             r.round,
             r.node,
             r.model,
@@ -54,6 +56,7 @@ pub fn metrics_csv(rows: &[NodeRow]) -> String {
             r.shares_rejected,
             r.shares_late,
             r.teacher_rows_kept,
+            r.audit_tv.map_or(String::new(), |tv| format!("{tv:.6}")),
             r.sim_seconds
         );
     }
@@ -95,6 +98,9 @@ pub struct Summary {
     pub sim_seconds: f64,
     /// Peak resident memory of the process when the run ended (Linux VmHWM).
     pub peak_rss_bytes: Option<u64>,
+    /// The leakage audit (`[audit]`), when enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditSummary>,
     pub experiment: Experiment,
 }
 
@@ -163,6 +169,7 @@ impl Summary {
             wall_seconds_per_round: r.round_wall_seconds.clone(),
             sim_seconds: r.rows.last().map_or(0.0, |x| x.sim_seconds),
             peak_rss_bytes: peak_rss_bytes(),
+            audit: r.audit.clone(),
             experiment: e.clone(),
         }
     }

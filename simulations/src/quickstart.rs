@@ -79,7 +79,7 @@ fn node_config(
         key_file: o.out.join(format!("node-{index}.key")),
         coordinator,
         device: DeviceKind::Flex,
-        aggregator: Aggregator::MeanProbabilities,
+        aggregator: Aggregator::default(),
         encoding: Default::default(),
         metrics_file: None,
         checkpoint_file: None,

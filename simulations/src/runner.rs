@@ -26,6 +26,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::audit::{AuditSummary, Eavesdropper, Truth};
 use crate::experiment::{Algorithm, Experiment, Network};
 use crate::memnet::{MemoryEndpoint, MemoryNetwork};
 use crate::scenario::stream;
@@ -52,6 +53,11 @@ pub struct NodeRow {
     /// Fraction of the round's public rows the member distilled (fd; 0 when
     /// it did not distil).
     pub teacher_rows_kept: f64,
+    /// Leakage audit ([`crate::audit`]): TV distance between the curious
+    /// member's estimate of this member's label distribution and the truth;
+    /// `None` when not audited, for the curious member itself, or when it
+    /// heard nothing from this member this round.
+    pub audit_tv: Option<f64>,
     /// Simulated clock at the end of the round (memory network; wall clock over libp2p).
     pub sim_seconds: f64,
 }
@@ -81,6 +87,8 @@ pub struct RunResult {
     /// Private samples per member.
     pub private_sizes: Vec<usize>,
     pub byzantine: Vec<usize>,
+    /// The leakage audit, when `[audit]` is enabled.
+    pub audit: Option<AuditSummary>,
 }
 
 /// Progress display: rounds and members of the current round.
@@ -229,6 +237,7 @@ fn row_from(e: &Experiment, round: u64, node: usize, m: &RoundMetrics) -> NodeRo
         shares_rejected: m.shares_rejected,
         shares_late: 0,
         teacher_rows_kept: m.teacher_rows_kept,
+        audit_tv: None,
         sim_seconds: 0.0,
     }
 }
@@ -251,6 +260,7 @@ fn idle_row(e: &Experiment, round: u64, node: usize, previous: Option<&NodeRow>)
         shares_rejected: 0,
         shares_late: 0,
         teacher_rows_kept: 0.0,
+        audit_tv: None,
         sim_seconds: 0.0,
     }
 }
@@ -384,6 +394,19 @@ async fn run_fd(
     for engine in engines.iter().flatten() {
         engine.inbox().set_members(&members);
     }
+    // The leakage audit: the curious member's notes, taken on delivery.
+    let audit = match &memory {
+        Some(network) if e.audit.enabled => {
+            let spy = Arc::new(Eavesdropper::new(&e.audit, classes));
+            let notes = spy.clone();
+            network.on_delivery(Box::new(move |from, to, share| {
+                notes.observe(from, to, share)
+            }));
+            let truth = Truth::new(&shared.data.train.labels, classes, &shared.parts);
+            Some((spy, truth))
+        }
+        _ => None,
+    };
 
     let hears = e.topology.in_neighbours(n, e.seed);
     let tells = out_neighbours(&hears);
@@ -469,6 +492,10 @@ async fn run_fd(
             None => (vec![0; n], wall),
         };
         clock += round_seconds;
+        let heard = audit
+            .as_ref()
+            .map(|(spy, _)| spy.round(round))
+            .unwrap_or_default();
         let mut rows = Vec::with_capacity(n);
         for i in 0..n {
             let mut row = match &metrics[i] {
@@ -480,6 +507,12 @@ async fn run_fd(
             };
             row.byzantine = byzantine.contains(&i);
             row.shares_late = late[i];
+            if let Some((spy, truth)) = &audit {
+                row.audit_tv = heard
+                    .get(&i)
+                    .filter(|_| i != spy.curious)
+                    .map(|guess| crate::audit::total_variation(guess, &truth.members[i]));
+            }
             row.sim_seconds = clock;
             last[i] = Some(row.clone());
             rows.push(row);
@@ -487,6 +520,9 @@ async fn run_fd(
         progress.round_done(mean_accuracy(&rows));
         result.rows.extend(rows);
         result.round_wall_seconds.push(wall);
+    }
+    if let Some((_, truth)) = &audit {
+        result.audit = Some(AuditSummary::new(&e.audit, truth, &result.rows, e.rounds));
     }
     Ok(result)
 }
@@ -636,6 +672,7 @@ async fn run_fedavg(
                         shares_rejected: 0,
                         shares_late: 0,
                         teacher_rows_kept: 0.0,
+                        audit_tv: None,
                         sim_seconds: 0.0,
                     }
                 }

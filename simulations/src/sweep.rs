@@ -128,6 +128,9 @@ pub async fn run_file(path: &Path, options: &RunOptions) -> anyhow::Result<Vec<C
             summary.bytes_sent_per_node / 1e6,
             summary.wall_seconds
         );
+        if let Some(audit) = &summary.audit {
+            println!("{:<40} {}", "", audit.line());
+        }
         outcomes.push(CellOutcome {
             cell: cell.name.clone(),
             dir,

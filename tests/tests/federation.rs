@@ -45,7 +45,9 @@ fn three_node_processes_beat_isolated_training_and_send_only_logits() {
 
     // 784-200-200-10 MLP: what FedAvg would send per round, per peer.
     let weight_bytes = ((784 * 200 + 200) + (200 * 200 + 200) + (200 * 10 + 10)) * 4;
-    let logit_payload = 1000 * 10 * 4;
+    // 1,000 rows × 10 f32 logits, and one knowledge weight per row (the
+    // default `density` selector).
+    let logit_payload = 1000 * 10 * 4 + 1000;
     for i in 0..NODES {
         let fd = read_metrics(&dir.join(format!("fd-{i}.jsonl")));
         let alone = read_metrics(&dir.join(format!("isolated-{i}.jsonl")));
