@@ -424,11 +424,16 @@ pub fn sweep_table(summaries: &[(String, Summary)]) -> String {
             per_round
         );
     }
-    if summaries.iter().any(|(cell, _)| seed_of(cell).is_some()) {
+    if has_seeds(summaries) {
         out.push('\n');
         out.push_str(&over_seeds_table(summaries));
     }
     out
+}
+
+/// Whether the sweep varies the seed.
+pub fn has_seeds(summaries: &[(String, Summary)]) -> bool {
+    summaries.iter().any(|(cell, _)| seed_of(cell).is_some())
 }
 
 /// The `seed=…` component of a sweep cell's name.
@@ -472,10 +477,9 @@ pub fn flat_from(curve: &[f64], tolerance: f64) -> usize {
     from
 }
 
-/// Cells that differ only by seed, as mean ± std over their seeds: final
-/// accuracy, bytes a member sent and received, and where the seed-mean
-/// accuracy curve flattens (within 0.005 of its last value).
-pub fn over_seeds_table(summaries: &[(String, Summary)]) -> String {
+/// Cells that differ only by seed, grouped under their name without the
+/// seed, in the order they first appear.
+fn seed_groups(summaries: &[(String, Summary)]) -> Vec<(String, Vec<&Summary>)> {
     let mut groups: Vec<(String, Vec<&Summary>)> = Vec::new();
     for (cell, s) in summaries {
         let key = without_seed(cell);
@@ -484,8 +488,58 @@ pub fn over_seeds_table(summaries: &[(String, Summary)]) -> String {
             None => groups.push((key, vec![s])),
         }
     }
+    groups
+}
+
+/// Per group of seeds, the seed-mean accuracy after each round against
+/// the round (`by_bytes` false) or against the megabytes a member sent and
+/// received by then (`by_bytes` true: a run's bytes spread evenly over its
+/// rounds, exact when every member takes part in every round).
+pub fn seed_mean_curves(
+    summaries: &[(String, Summary)],
+    by_bytes: bool,
+) -> Vec<(String, Vec<(f64, f64)>)> {
+    seed_groups(summaries)
+        .into_iter()
+        .map(|(cell, runs)| {
+            let rounds = runs
+                .iter()
+                .map(|s| s.mean_accuracy_per_round.len())
+                .min()
+                .unwrap_or(0);
+            let n = runs.len() as f64;
+            let mb_per_round = runs
+                .iter()
+                .map(|s| {
+                    (s.bytes_sent_per_node + s.bytes_received_per_node)
+                        / 1e6
+                        / s.mean_accuracy_per_round.len().max(1) as f64
+                })
+                .sum::<f64>()
+                / n;
+            let points = (0..rounds)
+                .map(|r| {
+                    let acc = runs.iter().map(|s| s.mean_accuracy_per_round[r]).sum::<f64>() / n;
+                    let x = if by_bytes {
+                        mb_per_round * (r + 1) as f64
+                    } else {
+                        (r + 1) as f64
+                    };
+                    (x, acc)
+                })
+                .collect();
+            (if cell.is_empty() { "-".into() } else { cell }, points)
+        })
+        .collect()
+}
+
+/// Cells that differ only by seed, as mean ± std over their seeds: final
+/// accuracy, bytes a member sent and received, and where the seed-mean
+/// accuracy curve flattens (within 0.005 of its last value).
+pub fn over_seeds_table(summaries: &[(String, Summary)]) -> String {
+    let groups = seed_groups(summaries);
     let mut out = String::from(
-        "| cell (over seeds) | algorithm | seeds | final mean acc | MB sent + received/member | flat from round |\n|---|---|---:|---:|---:|---:|\n",
+        "| cell (over seeds) | algorithm | seeds | final mean acc | mean acc, last 5 rounds | MB sent + received/member | flat from round |\n|---|---|---:|---:|---:|---:|---:|\n",
     );
     for (cell, runs) in groups {
         let finals: Vec<f64> = runs.iter().map(|s| s.final_mean_accuracy).collect();
@@ -497,16 +551,30 @@ pub fn over_seeds_table(summaries: &[(String, Summary)]) -> String {
         let curve: Vec<f64> = (0..rounds)
             .map(|r| runs.iter().map(|s| s.mean_accuracy_per_round[r]).sum::<f64>() / runs.len() as f64)
             .collect();
+        // Under skew FedAvg's accuracy swings from round to round, so the
+        // last round alone can flatter or hurt it: the mean of the last
+        // five rounds is the steadier figure.
+        let tails: Vec<f64> = runs
+            .iter()
+            .map(|s| {
+                let acc = &s.mean_accuracy_per_round;
+                let tail = &acc[acc.len().saturating_sub(5)..];
+                tail.iter().sum::<f64>() / tail.len().max(1) as f64
+            })
+            .collect();
         let (acc, acc_std) = mean_std(&finals);
+        let (tail, tail_std) = mean_std(&tails);
         let (mb, _) = mean_std(&bytes);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.4} ± {:.4} | {:.2} | {} |",
+            "| {} | {} | {} | {:.4} ± {:.4} | {:.4} ± {:.4} | {:.2} | {} |",
             if cell.is_empty() { "-" } else { &cell },
             runs[0].algorithm,
             runs.len(),
             acc,
             acc_std,
+            tail,
+            tail_std,
             mb,
             flat_from(&curve, 0.005)
         );

@@ -171,6 +171,28 @@ pub async fn run_file(path: &Path, options: &RunOptions) -> anyhow::Result<Vec<C
                 0o644,
             )?;
         }
+        if output::has_seeds(&rows) {
+            for (by_bytes, file, x_label) in [
+                (false, "sweep_seed_mean_accuracy", "round"),
+                (true, "sweep_seed_mean_accuracy_vs_bytes", "MB sent + received per member"),
+            ] {
+                let series = output::seed_mean_curves(&rows, by_bytes);
+                for ext in ["svg", "png"] {
+                    let chart = output::line_chart(
+                        &format!("{} (mean over seeds)", experiments[0].name),
+                        x_label,
+                        "mean test accuracy",
+                        &series,
+                        ext,
+                    )?;
+                    fd_node::fsutil::write_atomic(
+                        &base.join(format!("{file}.{ext}")),
+                        &chart,
+                        0o644,
+                    )?;
+                }
+            }
+        }
         println!("\n{table}");
         println!("written: {}", base.join("sweep.md").display());
     }
