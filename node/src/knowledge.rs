@@ -356,7 +356,7 @@ impl SharedKnowledge {
     }
 }
 
-/// Label counts of `indices` (labels below `classes`).
+/// How many of `labels` fall in each of `classes` classes (others are ignored).
 pub fn label_counts(labels: impl IntoIterator<Item = u8>, classes: usize) -> Vec<usize> {
     let mut counts = vec![0; classes];
     for l in labels {

@@ -361,29 +361,33 @@ impl Learner {
     }
 
     fn predict_here(&self, data: &Dataset, indices: &[usize]) -> Vec<f32> {
-        let model = self.student().valid();
-        let mut out = Vec::with_capacity(indices.len() * self.classes);
-        for chunk in indices.chunks(1024) {
-            let x = self.batch(data, chunk, &self.inference_device);
-            out.extend(model.forward(x).into_data().iter::<f32>());
-        }
-        out
+        self.infer(data, indices, Student::forward).0
     }
 
     /// Penultimate-layer features on `indices` of `data`: row-major
     /// `indices.len() × dim`, and `dim`.
     pub fn features(&self, data: &Dataset, indices: &[usize]) -> (Vec<f32>, usize) {
-        self.pool.install(|| {
-            let model = self.student().valid();
-            let (mut out, mut dim) = (Vec::new(), 0);
-            for chunk in indices.chunks(1024) {
-                let x = self.batch(data, chunk, &self.inference_device);
-                let f = model.features(x);
-                dim = f.dims()[1];
-                out.extend(f.into_data().iter::<f32>());
-            }
-            (out, dim)
-        })
+        self.pool
+            .install(|| self.infer(data, indices, Student::features))
+    }
+
+    /// `layer` of the student in inference mode over `indices` of `data`,
+    /// in batches of 1,024: row-major outputs and their width.
+    fn infer(
+        &self,
+        data: &Dataset,
+        indices: &[usize],
+        layer: impl Fn(&Student, Tensor<2>) -> Tensor<2>,
+    ) -> (Vec<f32>, usize) {
+        let model = self.student().valid();
+        let (mut out, mut width) = (Vec::new(), 0);
+        for chunk in indices.chunks(1024) {
+            let x = self.batch(data, chunk, &self.inference_device);
+            let y = layer(&model, x);
+            width = y.dims()[1];
+            out.extend(y.into_data().iter::<f32>());
+        }
+        (out, width)
     }
 
     /// Distils the teacher's logits (`indices.len() × classes`, aligned with

@@ -293,28 +293,25 @@ impl LocalMember {
     pub fn distill(&mut self, round: u64, teacher: &EnsembleTeacher) -> f64 {
         let start = Instant::now();
         let t = self.learner.temperature(round, self.manifest.rounds);
-        let mut indices = self.subset_indices(round);
         let classes = self.classes();
-        let loss = if teacher.kept.iter().all(|k| *k) {
-            self.learner
-                .distill(&self.data.train, &indices, &teacher.logits, t, &self.private)
-        } else {
-            let mut logits = Vec::with_capacity(teacher.logits.len());
-            let mut row = 0;
-            indices.retain(|_| {
-                let keep = teacher.kept[row];
-                if keep {
-                    logits.extend_from_slice(&teacher.logits[row * classes..(row + 1) * classes]);
-                }
-                row += 1;
-                keep
-            });
-            if indices.is_empty() {
-                0.0
-            } else {
-                self.learner
-                    .distill(&self.data.train, &indices, &logits, t, &self.private)
+        let mut indices = Vec::with_capacity(teacher.rows);
+        let mut logits = Vec::with_capacity(teacher.logits.len());
+        for ((index, row), kept) in self
+            .subset_indices(round)
+            .into_iter()
+            .zip(teacher.logits.chunks(classes))
+            .zip(&teacher.kept)
+        {
+            if *kept {
+                indices.push(index);
+                logits.extend_from_slice(row);
             }
+        }
+        let loss = if indices.is_empty() {
+            0.0
+        } else {
+            self.learner
+                .distill(&self.data.train, &indices, &logits, t, &self.private)
         };
         self.times.distill = start.elapsed().as_secs_f64();
         loss
