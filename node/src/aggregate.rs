@@ -29,6 +29,8 @@ use std::cmp::Ordering;
 
 use serde::{Deserialize, Serialize};
 
+use fd_protocol::secagg::KnowledgeSums;
+
 use crate::knowledge::TeacherFilter;
 
 /// One member's logits (rows × classes) and its private sample count.
@@ -292,6 +294,71 @@ impl Aggregator {
         })
     }
 
+    /// Whether this aggregator can run under secure aggregation, where a
+    /// member only ever sees the round's sums Σ w and Σ w·p (see
+    /// [`fd_protocol::secagg`]): the mean of probabilities and ERA can;
+    /// `mean` (of logits, unbounded), `weighted` (the sample counts would
+    /// have to be encoded too) and the robust `median` and `trimmed-mean`
+    /// (order statistics of individual values, which masking hides) cannot.
+    pub fn supports_secure_aggregation(self) -> bool {
+        matches!(self, Aggregator::MeanProbabilities | Aggregator::Era { .. })
+    }
+
+    /// The teacher from the unmasked sums of a securely aggregated round:
+    /// row r is Σ w·p / Σ w, exactly what [`Self::aggregate_filtered`]
+    /// computes from the individual contributions (up to the fixed-point
+    /// encoding), then filtered and, for ERA, sharpened the same way.
+    pub fn aggregate_sums(
+        self,
+        sums: &KnowledgeSums,
+        contributors: usize,
+        filter: TeacherFilter,
+    ) -> Result<EnsembleTeacher, AggregateError> {
+        self.validate().map_err(AggregateError::Invalid)?;
+        if !self.supports_secure_aggregation() {
+            return Err(AggregateError::Invalid(format!(
+                "aggregator {self:?} cannot run on securely aggregated shares (use mean-probabilities or era)"
+            )));
+        }
+        if contributors == 0 {
+            return Err(AggregateError::Empty);
+        }
+        let (rows, classes) = (sums.rows, sums.classes);
+        let mut kept = vec![true; rows];
+        let mut q = sums.weighted_probabilities.clone();
+        for (r, (row, keep)) in q.chunks_mut(classes).zip(kept.iter_mut()).enumerate() {
+            let norm = sums.weight[r];
+            // The sums are exact integers: 0 means every weight was 0.
+            if norm <= 0.0 {
+                row.fill(1.0 / classes as f64);
+                *keep = false;
+                continue;
+            }
+            for a in row.iter_mut() {
+                *a /= norm;
+            }
+            if !filter.is_off() && !filter.keeps(row) {
+                *keep = false;
+            }
+        }
+        let logits = match self {
+            Aggregator::Era { temperature } => {
+                for row in q.chunks_mut(classes) {
+                    log_softmax_scaled(row, 1.0 / temperature);
+                }
+                q.into_iter().map(|l| l as f32).collect()
+            }
+            _ => log_floored(q),
+        };
+        Ok(EnsembleTeacher {
+            logits,
+            rows,
+            classes,
+            contributors,
+            kept,
+        })
+    }
+
     /// The same over a dense `[peers, rows, classes]` stack with a mask of
     /// peers that arrived: peer `i`'s logits are
     /// `stack[i·rows·classes .. (i+1)·rows·classes]` and its sample count is
@@ -494,6 +561,18 @@ fn softmax_into(row: &[f32], out: &mut [f64]) {
     for o in out.iter_mut() {
         *o /= total;
     }
+}
+
+/// Each row's softmax, as f32: what a member encodes for secure
+/// aggregation (the same softmax the probability-based aggregators apply).
+pub fn probabilities(logits: &[f32], classes: usize) -> Vec<f32> {
+    let mut p = vec![0f64; classes];
+    let mut out = Vec::with_capacity(logits.len());
+    for row in logits.chunks(classes) {
+        softmax_into(row, &mut p);
+        out.extend(p.iter().map(|v| *v as f32));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1067,5 +1146,78 @@ mod tests {
             let got = trimmed_mean(&mut values, trim);
             prop_assert!((got - want_trimmed).abs() <= 1e-9 * want_trimmed.abs().max(1.0), "{} vs {}", got, want_trimmed);
         }
+    }
+
+    #[test]
+    fn teacher_from_secure_sums_matches_the_plain_teacher() {
+        use fd_protocol::secagg::{KnowledgeSums, encode_knowledge};
+        let (rows, classes, members) = (50, 10, 7);
+        let mut state = 12345u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as f64 / (1u64 << 31) as f64) as f32
+        };
+        let logits: Vec<Vec<f32>> = (0..members)
+            .map(|_| (0..rows * classes).map(|_| next() * 12.0 - 6.0).collect())
+            .collect();
+        // Quantised row weights as shares carry them; some rows unvouched.
+        let weights: Vec<Vec<f32>> = (0..members)
+            .map(|m| {
+                (0..rows)
+                    .map(|r| if r < 3 { 0.0 } else { ((next() * 255.0).round() / 255.0).max(if m == 0 { 0.2 } else { 0.0 }) })
+                    .collect()
+            })
+            .collect();
+        for weighted in [false, true] {
+            let contributions: Vec<Contribution> = logits
+                .iter()
+                .zip(&weights)
+                .map(|(l, w)| Contribution {
+                    logits: l,
+                    samples: 1,
+                    row_weights: weighted.then_some(&w[..]),
+                })
+                .collect();
+            let mut sum = vec![0u32; rows * (classes + 1)];
+            for c in &contributions {
+                let encoded =
+                    encode_knowledge(&probabilities(c.logits, classes), c.row_weights, classes).unwrap();
+                for (s, v) in sum.iter_mut().zip(encoded) {
+                    *s = s.wrapping_add(v);
+                }
+            }
+            let sums = KnowledgeSums::decode(&sum, classes).unwrap();
+            for aggregator in [Aggregator::MeanProbabilities, Aggregator::Era { temperature: 0.1 }] {
+                let plain = aggregator.aggregate(&contributions, rows, classes).unwrap();
+                let secure = aggregator
+                    .aggregate_sums(&sums, members, TeacherFilter::default())
+                    .unwrap();
+                assert_eq!(plain.kept, secure.kept, "{aggregator:?} weighted {weighted}");
+                let mut worst = 0f64;
+                for ((a, b), kept) in plain
+                    .logits
+                    .chunks(classes)
+                    .zip(secure.logits.chunks(classes))
+                    .zip(&plain.kept)
+                {
+                    if !kept {
+                        continue;
+                    }
+                    let (pa, pb) = (softmax(a), softmax(b));
+                    for (x, y) in pa.iter().zip(&pb) {
+                        worst = worst.max((x - y).abs());
+                    }
+                }
+                // Fixed point: each value within 2^-21, the mean within a
+                // few steps; ERA at T = 0.1 amplifies differences tenfold.
+                assert!(worst < 1e-4, "{aggregator:?} weighted {weighted}: max |Δp| {worst}");
+            }
+        }
+        let Err(AggregateError::Invalid(m)) =
+            Aggregator::Median.aggregate_sums(&KnowledgeSums::decode(&[0; 11], 10).unwrap(), 2, TeacherFilter::default())
+        else {
+            panic!("median must refuse masked sums");
+        };
+        assert!(m.contains("securely aggregated"), "{m}");
     }
 }

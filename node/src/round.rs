@@ -17,6 +17,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::Context as _;
+use fd_protocol::secagg::{KnowledgeSums, encode_knowledge};
 use fd_protocol::{
     FederationManifest, LogitShare, Member, PayloadEncoding, ProtocolError, RoundMetrics,
     SigningKey,
@@ -181,6 +182,32 @@ pub trait ShareTransport: Send + Sync {
     ) -> impl Future<Output = ()> + Send;
     /// Share traffic of this member in `round` so far.
     fn round_traffic(&self, round: u64) -> Traffic;
+    /// Secure aggregation ([`fd_protocol::secagg`]): hands this member's
+    /// encoded knowledge into the round's protocol and resolves with the
+    /// unmasked sum of the survivors, or an error when the round cannot be
+    /// unmasked (then the member keeps its local student). Carriers that
+    /// do not run the protocol refuse.
+    fn secure_sum(
+        &self,
+        plan: &RoundPlan,
+        key: &SigningKey,
+        encoded: Vec<u32>,
+    ) -> impl Future<Output = anyhow::Result<SecureSum>> + Send {
+        let _ = (plan, key, encoded);
+        async { anyhow::bail!("this share carrier does not run secure aggregation") }
+    }
+}
+
+/// What a securely aggregated round gives a member.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecureSum {
+    /// Σ w and Σ w·p over the survivors (this member included).
+    pub sums: KnowledgeSums,
+    /// How many members' inputs are in the sum.
+    pub contributors: usize,
+    /// Bytes of secure-aggregation messages this member sent and received.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 /// Rewrites a member's own logits before they are shared: how the simulator
@@ -196,6 +223,8 @@ pub struct RoundEngine {
     tamper: Option<ShareTamper>,
     slots: Option<Arc<Semaphore>>,
     rejected_reported: u64,
+    /// Aggregate through [`ShareTransport::secure_sum`] instead of plain shares.
+    secure: bool,
 }
 
 impl RoundEngine {
@@ -209,6 +238,7 @@ impl RoundEngine {
             tamper: None,
             slots: None,
             rejected_reported: 0,
+            secure: false,
         }
     }
 
@@ -222,6 +252,19 @@ impl RoundEngine {
     pub fn with_learning_slots(mut self, slots: Arc<Semaphore>) -> Self {
         self.slots = Some(slots);
         self
+    }
+
+    /// Rounds aggregate by secure aggregation: no plain share leaves the
+    /// member; it learns only the sum of the round's contributions. Refused
+    /// for aggregators that cannot run on sums.
+    pub fn with_secure_aggregation(mut self) -> anyhow::Result<Self> {
+        let aggregator = self.member().aggregator;
+        anyhow::ensure!(
+            aggregator.supports_secure_aggregation(),
+            "`aggregator` = {aggregator:?} cannot run under secure aggregation: members only see the sum of the round's probabilities; use \"mean-probabilities\" or {{ era = {{ temperature = … }} }} (median and trimmed mean need individual values, which is what secure aggregation hides)"
+        );
+        self.secure = true;
+        Ok(self)
     }
 
     pub fn member(&self) -> &LocalMember {
@@ -310,6 +353,12 @@ impl RoundEngine {
                 (loss, accuracy, own, weights)
             })
             .await?;
+
+        if self.secure {
+            return self
+                .finish_secure_round(plan, transport, train_loss, local_accuracy, own, row_weights)
+                .await;
+        }
 
         // 3: sign and push the share.
         let mut shared = own.clone();
@@ -414,5 +463,90 @@ impl RoundEngine {
         };
         self.rejected_reported = rejected_total;
         Ok(metrics)
+    }
+
+    /// Steps 3–5 under secure aggregation: encode this member's knowledge
+    /// (probabilities, weighted per row), take part in the round's
+    /// protocol, and distil the teacher of the unmasked sum.
+    async fn finish_secure_round<T: ShareTransport>(
+        &mut self,
+        plan: &RoundPlan,
+        transport: &T,
+        train_loss: f64,
+        local_accuracy: f64,
+        mut own: Vec<f32>,
+        row_weights: Option<fd_protocol::RowWeights>,
+    ) -> anyhow::Result<RoundMetrics> {
+        let round = plan.round;
+        if let Some(tamper) = &mut self.tamper {
+            tamper(round, &mut own);
+        }
+        let encode_start = std::time::Instant::now();
+        let classes = self.member().classes();
+        let weights = row_weights.as_ref().map(fd_protocol::RowWeights::to_f32);
+        let encoded = encode_knowledge(
+            &crate::aggregate::probabilities(&own, classes),
+            weights.as_deref(),
+            classes,
+        )?;
+        let share_bytes = 4 * encoded.len() as u64;
+        let encode_seconds = encode_start.elapsed().as_secs_f64();
+        let name = self.member().name.clone();
+        let network_start = std::time::Instant::now();
+        let outcome = transport.secure_sum(plan, &self.key, encoded).await;
+        let network_seconds = network_start.elapsed().as_secs_f64();
+        let (distill_loss, accuracy, teacher_rows_kept, contributors, sent, received) = match outcome {
+            Ok(secure) if secure.contributors > plan.quorum => {
+                let SecureSum {
+                    sums,
+                    contributors,
+                    bytes_sent,
+                    bytes_received,
+                } = secure;
+                let (loss, accuracy, kept) = self
+                    .learn(move |m| -> anyhow::Result<_> {
+                        let start = std::time::Instant::now();
+                        let teacher =
+                            m.aggregator
+                                .aggregate_sums(&sums, contributors, m.knowledge.filter())?;
+                        m.times.aggregate = start.elapsed().as_secs_f64();
+                        let loss = m.distill(round, &teacher);
+                        Ok((loss, m.evaluate(), teacher.kept_fraction()))
+                    })
+                    .await??;
+                (loss, accuracy, kept, contributors, bytes_sent, bytes_received)
+            }
+            Ok(secure) => {
+                tracing::warn!(node = %name, round, contributors = secure.contributors, quorum = plan.quorum, "quorum not met: keeping the locally trained student this round");
+                (0.0, local_accuracy, 0.0, 0, secure.bytes_sent, secure.bytes_received)
+            }
+            Err(e) => {
+                tracing::warn!(node = %name, round, "secure aggregation failed, keeping the locally trained student this round: {e:#}");
+                (0.0, local_accuracy, 0.0, 0, 0, 0)
+            }
+        };
+        let distilled = contributors > 0;
+        let times = self.member().times;
+        Ok(RoundMetrics {
+            test_accuracy: accuracy,
+            local_accuracy,
+            bytes_sent: sent,
+            bytes_received: received,
+            share_bytes,
+            shares_sent: 0,
+            // The peers whose knowledge is in the sum (this member excluded).
+            shares_aggregated: contributors.saturating_sub(1) as u32,
+            train_loss,
+            distill_loss,
+            train_seconds: times.train,
+            predict_seconds: times.predict + times.select,
+            encode_seconds,
+            network_seconds,
+            distill_seconds: if distilled { times.distill } else { 0.0 },
+            aggregate_seconds: if distilled { times.aggregate } else { 0.0 },
+            distilled,
+            teacher_rows_kept,
+            ..self.metrics(round)
+        })
     }
 }

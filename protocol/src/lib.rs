@@ -15,6 +15,8 @@
 //! - [`message`]: the messages (join, manifest, round announcement, metrics).
 //! - [`control`]: the coordinator's signed control messages (rounds, done).
 //! - [`share`]: the signed [`LogitShare`] and its validation.
+//! - [`secagg`]: secure aggregation of shares among peers (pairwise masks,
+//!   Shamir recovery of dropouts), as messages and a per-round state machine.
 
 pub mod codec;
 pub mod control;
@@ -23,6 +25,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod identity;
 pub mod message;
+pub mod secagg;
 pub mod share;
 pub mod transfer;
 

@@ -257,6 +257,17 @@ impl Eavesdropper {
             .or_insert(guess);
     }
 
+    /// Notes `guess` as the curious member's estimate of `sender` in
+    /// `round`, however it was made (under secure aggregation: from the
+    /// sum, the same guess for every sender).
+    pub fn note(&self, round: u64, sender: usize, guess: Vec<f64>) {
+        self.estimates
+            .lock()
+            .unwrap()
+            .entry((round, sender))
+            .or_insert(guess);
+    }
+
     /// The estimates of `round`, by sender.
     pub fn round(&self, round: u64) -> BTreeMap<usize, Vec<f64>> {
         self.estimates

@@ -1,6 +1,6 @@
 //! `fd-sim bench`: where the time and the bytes go.
 //!
-//! Prints five tables and writes them between the markers
+//! Prints six tables and writes them between the markers
 //! `<!-- fd-sim bench: begin -->` / `<!-- fd-sim bench: end -->` of
 //! `docs/performance.md` (the rest of that file is left as it is):
 //!
@@ -12,7 +12,9 @@
 //!    127.0.0.1 (from the members' own per-round metrics);
 //! 4. simulation scale: `fd-sim run` in a child process per size, so each
 //!    peak-memory figure is that run's own;
-//! 5. codec throughput: encode+sign and verify+decode next to a memcpy.
+//! 5. codec throughput: encode+sign and verify+decode next to a memcpy;
+//! 6. secure aggregation: bytes and milliseconds per member and round for
+//!    10 and 100 members against plain shares, and the fixed-point error.
 //!
 //! Every timing is the median of `--repeats` runs.
 
@@ -44,7 +46,7 @@ pub struct BenchOptions {
     /// Repetitions per measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-    /// Sections to run (1–5, comma separated); all by default.
+    /// Sections to run (1–6, comma separated); all by default.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u8>,
     /// Member counts of the simulation-scale table.
@@ -604,6 +606,166 @@ pub fn codec_table(repeats: usize) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// Secure aggregation's cost per member and round, for 10 and 100
+/// members: bytes on the wire against plain f32 shares, the milliseconds of
+/// each step, and the teacher's precision loss from the fixed-point
+/// encoding. Every member runs its own participant of the protocol; the
+/// times are each member's own steps (the median member), not the round's.
+pub fn secure_table(repeats: usize) -> anyhow::Result<String> {
+    use fd_node::aggregate::{Aggregator, Contribution, probabilities};
+    use fd_node::knowledge::TeacherFilter;
+    use fd_protocol::secagg::{KnowledgeSums, Participant, RoundContext, encode_knowledge, wire_len};
+    use rand_chacha::ChaCha20Rng;
+
+    let classes = 10usize;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Each member's own steps in a round where all deliver, median member of the median of {repeats} runs; threshold = smallest majority. Plain: one signed f32 share frame to each of the n − 1 others (what it sends; it receives as much). Secure: advertisement, sealed key shares, masked input (rows × (classes + 1) u32) and reveal, to each other member. Precision: max |Δp| between the teacher from the unmasked sums and the plain teacher of the same contributions (mean of probabilities, random logits with density-like row weights).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| members | rows | plain sent | secure sent | × | advertise + key shares ms | mask ms | unmask ms | max \\|Δp\\| |"
+    );
+    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for n in [10usize, 100] {
+        for rows in [1000usize, 5000] {
+            let keys: Vec<SigningKey> = (0..n)
+                .map(|i| {
+                    let mut seed = [0u8; 32];
+                    seed[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+                    SigningKey::from_seed(seed)
+                })
+                .collect();
+            let public: Vec<_> = keys.iter().map(SigningKey::public_key).collect();
+            let logits: Vec<Vec<f32>> = (0..n)
+                .map(|i| random_logits(rows, classes, 100 + i as u64))
+                .collect();
+            let weights: Vec<Vec<f32>> = (0..n)
+                .map(|i| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(500 + i as u64);
+                    (0..rows).map(|_| f32::from(rng.random_range(0u8..=255)) / 255.0).collect()
+                })
+                .collect();
+            let encoded: Vec<Vec<u32>> = logits
+                .iter()
+                .zip(&weights)
+                .map(|(l, w)| encode_knowledge(&probabilities(l, classes), Some(w), classes))
+                .collect::<Result<_, _>>()?;
+            let ctx = RoundContext::new("bench", 1, &public, RoundContext::minimum_threshold(n))?;
+            let mut runs = Vec::new();
+            let mut sent_secure = 0usize;
+            let mut worst = 0f64;
+            for repeat in 0..repeats.max(1) {
+                let mut rng = ChaCha20Rng::seed_from_u64(repeat as u64);
+                let mut setup = vec![0f64; n];
+                let mut mask = vec![0f64; n];
+                let mut unmask = vec![0f64; n];
+                let mut sent = vec![0usize; n];
+                let mut parts = Vec::with_capacity(n);
+                let mut adverts = Vec::with_capacity(n);
+                for (i, key) in keys.iter().enumerate() {
+                    let start = Instant::now();
+                    let (p, a) = Participant::new(ctx.clone(), key, &mut rng)?;
+                    setup[i] += start.elapsed().as_secs_f64();
+                    sent[i] += wire_len(&a) * (n - 1);
+                    parts.push(p);
+                    adverts.push(a);
+                }
+                for (i, p) in parts.iter_mut().enumerate() {
+                    let start = Instant::now();
+                    for a in &adverts {
+                        p.accept_advertisement(a.clone())?;
+                    }
+                    setup[i] += start.elapsed().as_secs_f64();
+                }
+                let mut sealed = Vec::new();
+                for (i, p) in parts.iter_mut().enumerate() {
+                    let start = Instant::now();
+                    let messages = p.key_shares(&mut rng)?;
+                    setup[i] += start.elapsed().as_secs_f64();
+                    sent[i] += messages.iter().map(wire_len).sum::<usize>();
+                    sealed.extend(messages);
+                }
+                for m in &sealed {
+                    let to = public.iter().position(|k| *k == m.to).expect("a member");
+                    let start = Instant::now();
+                    parts[to].accept_key_shares(m)?;
+                    setup[to] += start.elapsed().as_secs_f64();
+                }
+                let mut inputs = Vec::with_capacity(n);
+                for (i, p) in parts.iter_mut().enumerate() {
+                    let start = Instant::now();
+                    let input = p.masked_input(&encoded[i])?;
+                    mask[i] += start.elapsed().as_secs_f64();
+                    sent[i] += wire_len(&input) * (n - 1);
+                    inputs.push(input);
+                }
+                let mut reveals = Vec::with_capacity(n);
+                for (i, p) in parts.iter_mut().enumerate() {
+                    let start = Instant::now();
+                    for input in &inputs {
+                        p.accept_masked_input(input)?;
+                    }
+                    let reveal = p.reveal(&public)?;
+                    unmask[i] += start.elapsed().as_secs_f64();
+                    sent[i] += wire_len(&reveal) * (n - 1);
+                    reveals.push(reveal);
+                }
+                // Every member unmasks in a real round; time a few, they are alike.
+                let timed = n.min(5);
+                let mut sum = Vec::new();
+                for (i, p) in parts.iter().enumerate().take(timed) {
+                    let start = Instant::now();
+                    sum = p.unmask(&public, &inputs, &reveals)?.sum;
+                    unmask[i] += start.elapsed().as_secs_f64();
+                }
+                let sums = KnowledgeSums::decode(&sum, classes)?;
+                let contributions: Vec<Contribution> = logits
+                    .iter()
+                    .zip(&weights)
+                    .map(|(l, w)| Contribution {
+                        logits: l,
+                        samples: 1,
+                        row_weights: Some(w),
+                    })
+                    .collect();
+                let plain = Aggregator::MeanProbabilities.aggregate(&contributions, rows, classes)?;
+                let secure = Aggregator::MeanProbabilities.aggregate_sums(&sums, n, TeacherFilter::default())?;
+                for (a, b) in plain.logits.iter().zip(&secure.logits) {
+                    worst = worst.max((f64::from(a.exp()) - f64::from(b.exp())).abs());
+                }
+                sent_secure = median(sent.iter().map(|&b| b as f64).collect()) as usize;
+                runs.push((
+                    median(setup),
+                    median(mask),
+                    median(unmask[..timed].to_vec()),
+                ));
+            }
+            let pick = |f: fn(&(f64, f64, f64)) -> f64| median(runs.iter().map(f).collect()) * 1e3;
+            let plain_frame = frame_len(&Message::Share(share(
+                &keys[0],
+                rows,
+                classes,
+                PayloadEncoding::F32Le,
+                &logits[0],
+            )?))?;
+            let plain_sent = plain_frame as usize * (n - 1);
+            let _ = writeln!(
+                out,
+                "| {n} | {rows} | {:.2} MB | {:.2} MB | {:.2} | {:.1} | {:.1} | {:.1} | {worst:.1e} |",
+                plain_sent as f64 / 1e6,
+                sent_secure as f64 / 1e6,
+                sent_secure as f64 / plain_sent as f64,
+                pick(|r| r.0),
+                pick(|r| r.1),
+                pick(|r| r.2),
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Replaces the bench section of `path` (or appends one).
 pub fn write_section(path: &Path, body: &str) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -694,6 +856,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
         scale_table(&o.scratch, &o.scale)
     })?;
     section(5, "Codec throughput", &mut || codec_table(o.repeats))?;
+    section(6, "Secure aggregation cost", &mut || secure_table(o.repeats))?;
     if !o.no_write {
         write_section(&o.write, &body)?;
         eprintln!("written: {}", o.write.display());

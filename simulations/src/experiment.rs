@@ -29,6 +29,7 @@ use fd_protocol::PayloadEncodingName;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditConfig;
+use crate::secure::SecureAggregationConfig;
 use crate::scenario::Scenario;
 use crate::topology::Topology;
 
@@ -98,6 +99,11 @@ attack = "random"           # random | label-flip | { scaled = { factor = -10.0 
 enabled = false             # adds `audit_tv` to metrics.csv and `audit` to summary.json
 curious = 0                 # index of the curious member
 estimator = "mean-probabilities"    # mean-probabilities (mean softmax over the public rows) | argmax (histogram)
+
+[secure_aggregation]        # fd over the memory network: members see only the round's sum of knowledge
+enabled = false             #   (pairwise masks + Shamir recovery, fd_protocol::secagg); aggregator must be
+                            #   mean-probabilities or era; `threshold = 6` overrides the default majority
+dropout_after_key_shares = 0.0  # probability a member stops mid-protocol (its masks are recovered)
 
 # [sweep]                   # lists of values for dotted keys; one cell per combination
 # "partition.alpha" = [0.1, 0.5]
@@ -219,6 +225,9 @@ pub struct Experiment {
     /// fd over the memory network: the leakage audit.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// fd: aggregate by secure aggregation (memory network).
+    #[serde(default)]
+    pub secure_aggregation: SecureAggregationConfig,
     /// Only in files: expanded by [`expand_sweep`] before a cell runs.
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub sweep: toml::Table,
@@ -364,6 +373,46 @@ impl Experiment {
                 "needs network = \"memory\": the audit taps the in-memory network's deliveries"
                     .into(),
             ));
+        }
+        if self.secure_aggregation.enabled {
+            let why = if self.algorithm != Algorithm::Fd {
+                Some(format!(
+                    "secures fd's shares; algorithm {} shares none",
+                    self.algorithm.name()
+                ))
+            } else if self.network != Network::Memory {
+                Some("runs over network = \"memory\" in the simulator".into())
+            } else if !self.aggregator.supports_secure_aggregation() {
+                Some(format!(
+                    "needs an aggregator that runs on sums (mean-probabilities or era), not {:?}: median and trimmed mean need individual values, which secure aggregation hides",
+                    self.aggregator
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(field("secure_aggregation.enabled", why));
+            }
+        }
+        let p = self.secure_aggregation.dropout_after_key_shares;
+        if !(0.0..=1.0).contains(&p) {
+            return Err(field(
+                "secure_aggregation.dropout_after_key_shares",
+                format!("must be a probability in [0, 1], got {p}"),
+            ));
+        }
+        if let Some(t) = self.secure_aggregation.threshold {
+            if t > self.nodes || t < fd_protocol::secagg::RoundContext::minimum_threshold(self.nodes) {
+                return Err(field(
+                    "secure_aggregation.threshold",
+                    format!(
+                        "must be a majority of the {} members and at most all of them ({}..={}), got {t}",
+                        self.nodes,
+                        fd_protocol::secagg::RoundContext::minimum_threshold(self.nodes),
+                        self.nodes
+                    ),
+                ));
+            }
         }
         if !self.sweep.is_empty() {
             return Err(field(

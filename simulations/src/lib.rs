@@ -12,6 +12,8 @@
 //!   [`topology`] who hears whom.
 //! * [`audit`]: the leakage audit, a curious member's estimates of the
 //!   others' label distributions against the truth.
+//! * [`secure`]: secure aggregation among the simulated members (each runs
+//!   its own `fd_protocol::secagg` participant; the hub carries messages).
 //! * [`output`]: `metrics.csv`, `timings.csv`, `summary.json`, plots and the
 //!   sweep table.
 //! * [`bench`]: `fd-sim bench`, the bytes, throughput, round-breakdown,
@@ -27,5 +29,6 @@ pub mod output;
 pub mod quickstart;
 pub mod runner;
 pub mod scenario;
+pub mod secure;
 pub mod sweep;
 pub mod topology;

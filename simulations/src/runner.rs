@@ -19,7 +19,7 @@ use anyhow::{Context as _, bail};
 use fd_node::gate::VerifyPool;
 use fd_node::member::{LocalMember, MemberData};
 use fd_node::net::{self, Traffic};
-use fd_node::round::{RoundEngine, RoundPlan, ShareTransport, SharedInbox};
+use fd_node::round::{RoundEngine, RoundPlan, SecureSum, ShareTransport, SharedInbox};
 use fd_node::runtime::{Inbound, Libp2pTransport, pull_announced_shares, serve_inbound};
 use fd_protocol::{LogitShare, Member, RoundMetrics, SigningKey, digest};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -30,6 +30,7 @@ use crate::audit::{AuditSummary, Eavesdropper, Truth};
 use crate::experiment::{Algorithm, Experiment, Network};
 use crate::memnet::{MemoryEndpoint, MemoryNetwork};
 use crate::scenario::stream;
+use crate::secure::SecureHub;
 use crate::topology::out_neighbours;
 
 /// One member in one round: the deterministic numbers (`metrics.csv`).
@@ -274,10 +275,13 @@ fn mean_accuracy(rows: &[NodeRow]) -> f64 {
     honest.iter().sum::<f64>() / honest.len().max(1) as f64
 }
 
-/// Shares over the in-memory network or libp2p: one round engine, two carriers.
+/// Shares over the in-memory network or libp2p, or secure aggregation
+/// through the hub: one round engine, three carriers.
 enum SimTransport {
     Memory(MemoryEndpoint),
     Libp2p(Libp2pTransport),
+    /// Member `.1`'s side of the secure-aggregation hub (no plain shares).
+    Secure(Arc<SecureHub>, usize),
 }
 
 impl ShareTransport for SimTransport {
@@ -285,6 +289,7 @@ impl ShareTransport for SimTransport {
         match self {
             SimTransport::Memory(t) => t.begin_round(plan),
             SimTransport::Libp2p(t) => t.begin_round(plan),
+            SimTransport::Secure(..) => {}
         }
     }
 
@@ -297,6 +302,7 @@ impl ShareTransport for SimTransport {
         match self {
             SimTransport::Memory(t) => t.push(plan, peer, share).await,
             SimTransport::Libp2p(t) => t.push(plan, peer, share).await,
+            SimTransport::Secure(..) => bail!("no plain shares under secure aggregation"),
         }
     }
 
@@ -304,6 +310,7 @@ impl ShareTransport for SimTransport {
         match self {
             SimTransport::Memory(t) => t.wait_for_shares(plan, inbox).await,
             SimTransport::Libp2p(t) => t.wait_for_shares(plan, inbox).await,
+            SimTransport::Secure(..) => {}
         }
     }
 
@@ -311,6 +318,19 @@ impl ShareTransport for SimTransport {
         match self {
             SimTransport::Memory(t) => t.round_traffic(round),
             SimTransport::Libp2p(t) => t.round_traffic(round),
+            SimTransport::Secure(..) => Traffic::default(),
+        }
+    }
+
+    async fn secure_sum(
+        &self,
+        plan: &RoundPlan,
+        key: &SigningKey,
+        encoded: Vec<u32>,
+    ) -> anyhow::Result<SecureSum> {
+        match self {
+            SimTransport::Secure(hub, index) => hub.submit(*index, plan.round, key, encoded).await,
+            _ => bail!("secure aggregation needs the hub (`[secure_aggregation] enabled = true`)"),
         }
     }
 }
@@ -338,10 +358,31 @@ async fn run_fd(
         });
     }
 
-    // The carrier: one in-memory network, or one swarm per member on 127.0.0.1.
+    if e.secure_aggregation.enabled {
+        for engine in engines.iter_mut() {
+            let secure = engine.take().map(RoundEngine::with_secure_aggregation).transpose()?;
+            *engine = secure;
+        }
+    }
+    let spy = e
+        .audit
+        .enabled
+        .then(|| Arc::new(Eavesdropper::new(&e.audit, classes)));
+    let hub = e.secure_aggregation.enabled.then(|| {
+        SecureHub::new(&e.name, e.seed, &e.secure_aggregation, classes, spy.clone())
+    });
+
+    // The carrier: one in-memory network, or one swarm per member on
+    // 127.0.0.1, or the secure-aggregation hub.
     let mut members = members(e);
     let mut memory = None;
     let transports: Vec<Arc<SimTransport>> = match e.network {
+        Network::Memory if hub.is_some() => {
+            let hub = hub.clone().expect("checked");
+            (0..n)
+                .map(|i| Arc::new(SimTransport::Secure(hub.clone(), i)))
+                .collect()
+        }
         Network::Memory => {
             let inboxes = engines
                 .iter()
@@ -395,18 +436,17 @@ async fn run_fd(
         engine.inbox().set_members(&members);
     }
     // The leakage audit: the curious member's notes, taken on delivery.
-    let audit = match &memory {
-        Some(network) if e.audit.enabled => {
-            let spy = Arc::new(Eavesdropper::new(&e.audit, classes));
+    // (Under secure aggregation the hub takes the notes instead.)
+    let audit = spy.map(|spy| {
+        if let Some(network) = &memory {
             let notes = spy.clone();
             network.on_delivery(Box::new(move |from, to, share| {
                 notes.observe(from, to, share)
             }));
-            let truth = Truth::new(&shared.data.train.labels, classes, &shared.parts);
-            Some((spy, truth))
         }
-        _ => None,
-    };
+        let truth = Truth::new(&shared.data.train.labels, classes, &shared.parts);
+        (spy, truth)
+    });
 
     let hears = e.topology.in_neighbours(n, e.seed);
     let tells = out_neighbours(&hears);
@@ -422,6 +462,9 @@ async fn run_fd(
         let active = draw.active();
         if let Some(network) = &memory {
             network.start_round(round, active.len(), draw.delays.clone());
+        }
+        if let Some(hub) = &hub {
+            hub.start_round(round, active.clone());
         }
         progress.start_round(active.len());
         let deadline = match e.network {
@@ -488,6 +531,23 @@ async fn run_fd(
                     })
                     .fold(0.0, f64::max);
                 (t.late, close)
+            }
+            // Secure aggregation: four message steps, each one link's
+            // latency plus the largest inbound volume over its bandwidth
+            // (learning time is not simulated, as over the memory network).
+            None if hub.is_some() => {
+                let inbound = metrics
+                    .iter()
+                    .flatten()
+                    .map(|m| m.bytes_received)
+                    .max()
+                    .unwrap_or(0);
+                let transfer = if e.scenario.bandwidth > 0.0 {
+                    inbound as f64 / e.scenario.bandwidth
+                } else {
+                    0.0
+                };
+                (vec![0; n], 4.0 * e.scenario.latency + transfer)
             }
             None => (vec![0; n], wall),
         };

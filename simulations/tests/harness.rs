@@ -173,6 +173,69 @@ fn a_curious_member_learns_label_distributions_from_plain_shares() {
 }
 
 #[test]
+fn secure_aggregation_keeps_the_teacher_and_hides_each_member() {
+    // The same federation with plain shares and with secure aggregation,
+    // both with the mean of probabilities (an aggregator that runs on sums)
+    // and the curious member 0 auditing.
+    let text = |secure: bool| {
+        experiment_text(&format!(
+            "aggregator = \"mean-probabilities\"\n[audit]\nenabled = true\n[secure_aggregation]\nenabled = {secure}\n"
+        ))
+    };
+    let plain = run(&parse(&text(false)));
+    let secure = run(&parse(&text(true)));
+    let (p, s) = (final_mean(&plain, false), final_mean(&secure, false));
+    println!("accuracy: plain {p:.4}, secure {s:.4}");
+    // The teacher differs only by the fixed-point encoding (< 1e-4 per
+    // probability), so the students end within a hair of each other.
+    assert!((p - s).abs() < 0.01, "plain {p:.4} vs secure {s:.4}");
+    // Every member distilled the sum of all four, and its protocol
+    // messages were counted.
+    for row in &secure.rows {
+        assert_eq!(row.shares_aggregated, 3, "{row:?}");
+        assert!(row.bytes_sent > 0 && row.bytes_received > 0, "{row:?}");
+    }
+    // The audit: plain shares tell member 0 each member's classes; under
+    // secure aggregation it only has the sum, so its guess is the same for
+    // everyone and no better than the federation-wide distribution.
+    let (tv_plain, _, _) = plain.audit.as_ref().unwrap().last().unwrap();
+    let audit = secure.audit.as_ref().unwrap();
+    let (tv_secure, uniform, federation) = audit.last().unwrap();
+    println!(
+        "audit TV: plain {tv_plain:.4}, secure {tv_secure:.4}, federation-wide guess {federation:.4}, uniform {uniform:.4}"
+    );
+    assert!(tv_secure > tv_plain + 0.15, "secure {tv_secure:.4} vs plain {tv_plain:.4}");
+    assert!(tv_secure > federation - 0.05, "secure {tv_secure:.4} vs federation-wide {federation:.4}");
+    // Same config and seed, same numbers.
+    assert_eq!(metrics_csv(&secure.rows), metrics_csv(&run(&parse(&text(true))).rows));
+    // Members that stop after sharing their keys: the others recover their
+    // pair masks and still distil the sum of the survivors; the dropped keep
+    // their local students that round.
+    let dropping = run(&parse(&text(true).replace(
+        "[secure_aggregation]\nenabled = true\n",
+        "[secure_aggregation]\nenabled = true\ndropout_after_key_shares = 0.3\n",
+    )));
+    let dropped = dropping.rows.iter().filter(|r| r.shares_aggregated == 0).count();
+    let recovered = dropping
+        .rows
+        .iter()
+        .filter(|r| (1..3).contains(&r.shares_aggregated))
+        .count();
+    println!("mid-protocol dropouts: {dropped} member-rounds dropped, {recovered} distilled a partial sum");
+    assert!(dropped > 0 && recovered > 0, "{dropped} dropped, {recovered} recovered");
+    for r in dropping.rows.iter().filter(|r| r.shares_aggregated == 0) {
+        assert_eq!(r.test_accuracy, r.local_accuracy, "a dropped member keeps its local student");
+    }
+    // Median cannot run on sums: refused with the field named.
+    let table: toml::Table = toml::from_str(
+        &text(true).replace("aggregator = \"mean-probabilities\"", "aggregator = \"median\""),
+    )
+    .unwrap();
+    let e = experiment::parse(table, Path::new("t.toml")).unwrap_err();
+    assert!(format!("{e:#}").contains("secure_aggregation.enabled"), "{e:#}");
+}
+
+#[test]
 fn the_libp2p_network_gives_the_same_numbers_as_the_memory_network() {
     let memory = run(&parse(&experiment_text("network = \"memory\"")));
     let libp2p = run(&parse(&experiment_text("network = \"libp2p\"")));
