@@ -11,11 +11,11 @@ use std::time::Instant;
 use fd_protocol::{Digest, FederationManifest, PublicKey};
 
 use crate::aggregate::{AggregateError, Aggregator, Contribution, EnsembleTeacher};
-use crate::knowledge::{self, KnowledgeConfig, Selector, SharedKnowledge};
 use crate::checkpoint::Checkpoint;
 use crate::config::NodeConfig;
 use crate::data::DataSplits;
 use crate::data::public::{round_subset, split_public};
+use crate::knowledge::{self, KnowledgeConfig, Selector, SharedKnowledge};
 use crate::learner::{Learner, LearnerStateError};
 use crate::model::InputShape;
 
@@ -109,6 +109,8 @@ pub struct LocalMember {
     label_counts: Vec<usize>,
     /// Private samples the `density` selector measures distances to.
     anchors: Vec<usize>,
+    /// δ of the ε the learner reports under DP-SGD (`[dp] delta`).
+    pub dp_delta: f64,
     pub times: StepTimes,
 }
 
@@ -155,13 +157,18 @@ impl LocalMember {
                 .probe()
                 .map_err(|reason| anyhow::anyhow!("field `device`: {reason}"))?;
         }
-        let learner = Learner::new(
+        let mut learner = Learner::new(
             &config.model,
             config.training.clone(),
             config.device,
             input,
             data.train.classes,
         );
+        if config.dp.enabled {
+            learner
+                .enable_dp(config.dp.clone(), private.len())
+                .map_err(|e| anyhow::anyhow!("[dp]: {e}"))?;
+        }
         if config.knowledge.selector != Selector::All && !config.aggregator.uses_row_weights() {
             tracing::warn!(
                 node = %config.name,
@@ -187,6 +194,7 @@ impl LocalMember {
             knowledge: config.knowledge.clone(),
             label_counts,
             anchors,
+            dp_delta: config.dp.delta,
             data,
             times: StepTimes::default(),
         })
@@ -249,10 +257,7 @@ impl LocalMember {
             }
         };
         self.times.select = start.elapsed().as_secs_f64();
-        Some(
-            fd_protocol::RowWeights::quantize(&weights)
-                .expect("every selector scores in [0, 1]"),
-        )
+        Some(fd_protocol::RowWeights::quantize(&weights).expect("every selector scores in [0, 1]"))
     }
 
     /// Step 4: the teacher from this member's own knowledge and the
@@ -417,7 +422,10 @@ local_epochs = 2
         m.train();
         let own = m.predict(round);
         let teacher = m
-            .teacher(&SharedKnowledge::new(own, m.private.len() as u64, None), &[])
+            .teacher(
+                &SharedKnowledge::new(own, m.private.len() as u64, None),
+                &[],
+            )
             .unwrap();
         m.distill(round, &teacher);
         m.evaluate()

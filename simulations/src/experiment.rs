@@ -25,6 +25,7 @@ use fd_node::device::DeviceKind;
 use fd_node::knowledge::KnowledgeConfig;
 use fd_node::learner::TrainingConfig;
 use fd_node::model::ModelConfig;
+use fd_node::privacy::DpConfig;
 use fd_protocol::PayloadEncodingName;
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +99,14 @@ attack = "random"           # random | label-flip | { scaled = { factor = -10.0 
 enabled = false             # adds `audit_tv` to metrics.csv and `audit` to summary.json
 curious = 0                 # index of the curious member
 estimator = "mean-probabilities"    # mean-probabilities (mean softmax over the public rows) | argmax (histogram)
+
+[dp]                        # fd, isolated: DP-SGD on every member's private data, as in fd-node's config
+enabled = false             # adds `dp_epsilon` (epsilon spent at delta) to metrics.csv; needs
+                            #   [knowledge] selector = "all" or "confidence" and no resnet
+clip_norm = 1.0             # C: per-sample gradient norm bound
+noise_multiplier = 1.0      # sigma: noise std sigma*C on the sum of clipped gradients
+delta = 1e-5
+# max_epsilon = 8.0         # members stop training on private data before epsilon would pass this
 
 # [sweep]                   # lists of values for dotted keys; one cell per combination
 # "partition.alpha" = [0.1, 0.5]
@@ -219,6 +228,9 @@ pub struct Experiment {
     /// fd over the memory network: the leakage audit.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// fd and isolated: every member trains on its private data with DP-SGD.
+    #[serde(default)]
+    pub dp: DpConfig,
     /// Only in files: expanded by [`expand_sweep`] before a cell runs.
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub sweep: toml::Table,
@@ -284,6 +296,7 @@ impl Experiment {
                 ..self.training.clone()
             },
             knowledge: self.knowledge.clone(),
+            dp: self.dp.clone(),
         }
     }
 
@@ -363,6 +376,15 @@ impl Experiment {
                 "audit.enabled",
                 "needs network = \"memory\": the audit taps the in-memory network's deliveries"
                     .into(),
+            ));
+        }
+        if self.dp.enabled && !matches!(self.algorithm, Algorithm::Fd | Algorithm::Isolated) {
+            return Err(field(
+                "dp.enabled",
+                format!(
+                    "applies to fd and isolated members; algorithm {} is not supported with DP",
+                    self.algorithm.name()
+                ),
             ));
         }
         if !self.sweep.is_empty() {

@@ -32,7 +32,7 @@ use crate::audit::AuditSummary;
 use crate::experiment::Experiment;
 use crate::runner::{NodeRow, RunResult, peak_rss_bytes};
 
-pub const METRICS_HEADER: &str = "round,node,model,active,byzantine,test_accuracy,local_accuracy,train_loss,distill_loss,bytes_sent,bytes_received,shares_aggregated,shares_rejected,shares_late,teacher_rows_kept,audit_tv,sim_seconds";
+pub const METRICS_HEADER: &str = "round,node,model,active,byzantine,test_accuracy,local_accuracy,train_loss,distill_loss,bytes_sent,bytes_received,shares_aggregated,shares_rejected,shares_late,teacher_rows_kept,audit_tv,sim_seconds,dp_epsilon";
 pub const TIMINGS_HEADER: &str = "round,node,train_seconds,predict_seconds,encode_seconds,network_seconds,verify_seconds,aggregate_seconds,distill_seconds";
 
 pub fn metrics_csv(rows: &[NodeRow]) -> String {
@@ -40,7 +40,7 @@ pub fn metrics_csv(rows: &[NodeRow]) -> String {
     for r in rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{},{},{:.4},{},{:.3}",
+            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{},{},{:.4},{},{:.3},{}",
             r.round,
             r.node,
             r.model,
@@ -57,7 +57,9 @@ pub fn metrics_csv(rows: &[NodeRow]) -> String {
             r.shares_late,
             r.teacher_rows_kept,
             r.audit_tv.map_or(String::new(), |tv| format!("{tv:.6}")),
-            r.sim_seconds
+            r.sim_seconds,
+            r.dp_epsilon
+                .map_or(String::new(), |eps| format!("{eps:.4}"))
         );
     }
     out
@@ -519,7 +521,11 @@ pub fn seed_mean_curves(
                 / n;
             let points = (0..rounds)
                 .map(|r| {
-                    let acc = runs.iter().map(|s| s.mean_accuracy_per_round[r]).sum::<f64>() / n;
+                    let acc = runs
+                        .iter()
+                        .map(|s| s.mean_accuracy_per_round[r])
+                        .sum::<f64>()
+                        / n;
                     let x = if by_bytes {
                         mb_per_round * (r + 1) as f64
                     } else {
@@ -547,9 +553,18 @@ pub fn over_seeds_table(summaries: &[(String, Summary)]) -> String {
             .iter()
             .map(|s| (s.bytes_sent_per_node + s.bytes_received_per_node) / 1e6)
             .collect();
-        let rounds = runs.iter().map(|s| s.mean_accuracy_per_round.len()).min().unwrap_or(0);
+        let rounds = runs
+            .iter()
+            .map(|s| s.mean_accuracy_per_round.len())
+            .min()
+            .unwrap_or(0);
         let curve: Vec<f64> = (0..rounds)
-            .map(|r| runs.iter().map(|s| s.mean_accuracy_per_round[r]).sum::<f64>() / runs.len() as f64)
+            .map(|r| {
+                runs.iter()
+                    .map(|s| s.mean_accuracy_per_round[r])
+                    .sum::<f64>()
+                    / runs.len() as f64
+            })
             .collect();
         // Under skew FedAvg's accuracy swings from round to round, so the
         // last round alone can flatter or hurt it: the mean of the last
@@ -605,7 +620,10 @@ mod tests {
 
     #[test]
     fn cells_that_differ_only_by_seed_share_a_row() {
-        assert_eq!(without_seed("partition=iid,seed=2,variant=fd"), "partition=iid,variant=fd");
+        assert_eq!(
+            without_seed("partition=iid,seed=2,variant=fd"),
+            "partition=iid,variant=fd"
+        );
         assert_eq!(seed_of("partition=iid,seed=2"), Some("seed=2"));
         assert_eq!(seed_of("partition=iid"), None);
     }
