@@ -219,6 +219,8 @@ impl LocalMember {
 
     /// Step 1: local supervised training on private data.
     pub fn train(&mut self) -> f64 {
+        // Names the member in the learner's own log lines (e.g. DP budget reached).
+        let _span = tracing::info_span!("member", node = %self.name).entered();
         let start = Instant::now();
         let loss = self.learner.train_local(&self.data.train, &self.private);
         self.times.train = start.elapsed().as_secs_f64();
@@ -296,6 +298,7 @@ impl LocalMember {
     /// on the rows the teacher kept only (none kept: the student is left
     /// as it is and the loss is 0).
     pub fn distill(&mut self, round: u64, teacher: &EnsembleTeacher) -> f64 {
+        let _span = tracing::info_span!("member", node = %self.name).entered();
         let start = Instant::now();
         let t = self.learner.temperature(round, self.manifest.rounds);
         let classes = self.classes();

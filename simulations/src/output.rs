@@ -103,6 +103,10 @@ pub struct Summary {
     /// The leakage audit (`[audit]`), when enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditSummary>,
+    /// ε (at `[dp] delta`) each honest member had spent by the last round,
+    /// in member order; empty without DP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub final_dp_epsilon: Vec<f64>,
     pub experiment: Experiment,
 }
 
@@ -172,6 +176,7 @@ impl Summary {
             sim_seconds: r.rows.last().map_or(0.0, |x| x.sim_seconds),
             peak_rss_bytes: peak_rss_bytes(),
             audit: r.audit.clone(),
+            final_dp_epsilon: last.iter().filter_map(|x| x.dp_epsilon).collect(),
             experiment: e.clone(),
         }
     }
