@@ -593,8 +593,39 @@ mod tests {
     }
 
     #[test]
+    fn dp_is_validated_with_the_field_named() {
+        let with_dp = |text: &str| {
+            let mut table: toml::Table = toml::from_str(text).unwrap();
+            let dp = table["dp"].as_table_mut().unwrap();
+            dp.insert("enabled".into(), true.into());
+            table
+        };
+        let all = EXAMPLE_EXPERIMENT.replace("selector = \"density\"", "selector = \"all\"");
+        let e = parse(with_dp(&all), Path::new("e.toml")).unwrap();
+        assert!(e.dp.enabled && e.node_config(3).dp.enabled);
+        for (text, field) in [
+            (EXAMPLE_EXPERIMENT.to_string(), "knowledge.selector"),
+            (
+                all.replace("algorithm = \"fd\"", "algorithm = \"fedavg\""),
+                "dp.enabled",
+            ),
+            (
+                all.replace("noise_multiplier = 1.0", "noise_multiplier = -1.0"),
+                "dp.noise_multiplier",
+            ),
+        ] {
+            let err = format!(
+                "{:#}",
+                parse(with_dp(&text), Path::new("e.toml")).unwrap_err()
+            );
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
     fn the_audit_is_validated() {
-        let audited = EXAMPLE_EXPERIMENT.replace("enabled = false", "enabled = true");
+        // The first `enabled = false` is the audit's (the second is [dp]'s).
+        let audited = EXAMPLE_EXPERIMENT.replacen("enabled = false", "enabled = true", 1);
         let e = parse(toml::from_str(&audited).unwrap(), Path::new("e.toml")).unwrap();
         assert!(e.audit.enabled);
         for (from, to, field) in [
