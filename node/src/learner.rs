@@ -5,6 +5,16 @@
 //! nothing else: data is passed in by reference, so the same learner serves
 //! `fd-node`, the isolated baseline and the simulator. All randomness comes
 //! from the training seed, so one config and seed give the same numbers.
+//!
+//! With DP-SGD on ([`Learner::enable_dp`], see [`crate::privacy`]) every
+//! step that reads private samples becomes a sampled Gaussian mechanism:
+//! local training draws Poisson batches instead of shuffling, and each
+//! distillation step that carries the private cross-entropy term draws its
+//! private batch the same way and noises that term alone (the KL term on
+//! the public set and the teacher costs no privacy, so it is not clipped).
+//! The step count, which is what the accountant needs, and the noise RNG
+//! live in the learner's state, so a checkpoint restores the privacy spent
+//! along with the weights.
 
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{
