@@ -240,8 +240,7 @@ impl Aggregator {
             Aggregator::Mean => mean_logits(contributions, len),
             Aggregator::MeanProbabilities => {
                 let n = contributions.len() as f64;
-                let probs =
-                    mean_probabilities(contributions, classes, |_| 1.0 / n, filter, &mut kept);
+                let probs = mean_probabilities(contributions, classes, |_| 1.0 / n, filter, &mut kept);
                 log_floored(probs)
             }
             Aggregator::Weighted => {
@@ -371,12 +370,7 @@ fn mean_probabilities(
         if v == 0.0 {
             continue;
         }
-        for (r, (row, acc)) in c
-            .logits
-            .chunks(classes)
-            .zip(acc.chunks_mut(classes))
-            .enumerate()
-        {
+        for (r, (row, acc)) in c.logits.chunks(classes).zip(acc.chunks_mut(classes)).enumerate() {
             let w = match c.row_weights {
                 Some(weights) => v * f64::from(weights[r]),
                 None => v,
@@ -509,7 +503,10 @@ mod tests {
 
     /// Contributions with one sample each.
     fn each<'a>(logits: &[&'a [f32]]) -> Vec<Contribution<'a>> {
-        logits.iter().map(|l| Contribution::new(l, 1)).collect()
+        logits
+            .iter()
+            .map(|l| Contribution::new(l, 1))
+            .collect()
     }
 
     fn softmax(row: &[f32]) -> Vec<f64> {
@@ -532,10 +529,7 @@ mod tests {
     /// knows row 1 (class 2); each answers the other's row wrongly and
     /// confidently.
     fn vouched() -> ([f32; 6], [f32; 6]) {
-        (
-            [9.0, 0.0, 0.0, 9.0, 0.0, 0.0],
-            [0.0, 9.0, 0.0, 0.0, 0.0, 9.0],
-        )
+        ([9.0, 0.0, 0.0, 9.0, 0.0, 0.0], [0.0, 9.0, 0.0, 0.0, 0.0, 9.0])
     }
 
     #[test]
@@ -543,16 +537,8 @@ mod tests {
         let (a, b) = vouched();
         let (wa, wb) = ([1.0, 0.0], [0.0, 1.0]);
         let weighted = [
-            Contribution {
-                logits: &a,
-                samples: 1,
-                row_weights: Some(&wa),
-            },
-            Contribution {
-                logits: &b,
-                samples: 1,
-                row_weights: Some(&wb),
-            },
+            Contribution { logits: &a, samples: 1, row_weights: Some(&wa) },
+            Contribution { logits: &b, samples: 1, row_weights: Some(&wb) },
         ];
         for aggregator in [
             Aggregator::MeanProbabilities,
@@ -567,10 +553,7 @@ mod tests {
             let p0 = softmax(&t.logits[..3]);
             let a0 = softmax(&a[..3]);
             if aggregator != (Aggregator::Era { temperature: 0.5 }) {
-                assert!(
-                    (p0[0] - a0[0]).abs() < 1e-6,
-                    "{aggregator:?}: {p0:?} vs {a0:?}"
-                );
+                assert!((p0[0] - a0[0]).abs() < 1e-6, "{aggregator:?}: {p0:?} vs {a0:?}");
             }
             // Without weights the same rows are a tie between the two answers.
             let plain = aggregator.aggregate(&each(&[&a, &b]), 2, 3).unwrap();
@@ -586,16 +569,8 @@ mod tests {
         let t = Aggregator::MeanProbabilities
             .aggregate(
                 &[
-                    Contribution {
-                        logits: &a,
-                        samples: 1,
-                        row_weights: Some(&wa),
-                    },
-                    Contribution {
-                        logits: &b,
-                        samples: 1,
-                        row_weights: Some(&wb),
-                    },
+                    Contribution { logits: &a, samples: 1, row_weights: Some(&wa) },
+                    Contribution { logits: &b, samples: 1, row_weights: Some(&wb) },
                 ],
                 2,
                 3,
@@ -611,22 +586,10 @@ mod tests {
         let (a, b) = vouched();
         let (wa, wb) = ([1.0, 0.0], [0.0, 1.0]);
         let weighted = [
-            Contribution {
-                logits: &a,
-                samples: 1,
-                row_weights: Some(&wa),
-            },
-            Contribution {
-                logits: &b,
-                samples: 1,
-                row_weights: Some(&wb),
-            },
+            Contribution { logits: &a, samples: 1, row_weights: Some(&wa) },
+            Contribution { logits: &b, samples: 1, row_weights: Some(&wb) },
         ];
-        for aggregator in [
-            Aggregator::Mean,
-            Aggregator::Median,
-            Aggregator::TrimmedMean { beta: 0.0 },
-        ] {
+        for aggregator in [Aggregator::Mean, Aggregator::Median, Aggregator::TrimmedMean { beta: 0.0 }] {
             assert!(!aggregator.uses_row_weights());
             let with = aggregator.aggregate(&weighted, 2, 3).unwrap();
             let without = aggregator.aggregate(&each(&[&a, &b]), 2, 3).unwrap();
@@ -638,38 +601,17 @@ mod tests {
     fn bad_row_weights_are_refused() {
         let (a, _) = vouched();
         let short = [1.0];
-        let Err(AggregateError::Length {
-            what: "row_weights",
-            ..
-        }) = Aggregator::MeanProbabilities.aggregate(
-            &[Contribution {
-                logits: &a,
-                samples: 1,
-                row_weights: Some(&short),
-            }],
-            2,
-            3,
-        )
+        let Err(AggregateError::Length { what: "row_weights", .. }) = Aggregator::MeanProbabilities
+            .aggregate(&[Contribution { logits: &a, samples: 1, row_weights: Some(&short) }], 2, 3)
         else {
             panic!("a short weight vector must be refused");
         };
         let wild = [0.5, 1.5];
         assert_eq!(
             Aggregator::MeanProbabilities
-                .aggregate(
-                    &[Contribution {
-                        logits: &a,
-                        samples: 1,
-                        row_weights: Some(&wild)
-                    }],
-                    2,
-                    3
-                )
+                .aggregate(&[Contribution { logits: &a, samples: 1, row_weights: Some(&wild) }], 2, 3)
                 .unwrap_err(),
-            AggregateError::RowWeight {
-                index: 0,
-                position: 1
-            }
+            AggregateError::RowWeight { index: 0, position: 1 }
         );
     }
 
@@ -678,10 +620,7 @@ mod tests {
         // Row 0: both agree on class 0; row 1: they disagree (0.5 / 0.5).
         let a = [9.0, 0.0, 0.0, 9.0, 0.0, 0.0];
         let b = [9.0, 0.0, 0.0, 0.0, 9.0, 0.0];
-        let filter = TeacherFilter {
-            min_confidence: 0.8,
-            max_entropy: 0.0,
-        };
+        let filter = TeacherFilter { min_confidence: 0.8, max_entropy: 0.0 };
         for aggregator in EVERY {
             let t = aggregator
                 .aggregate_filtered(&each(&[&a, &b]), 2, 3, filter)

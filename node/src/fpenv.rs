@@ -153,18 +153,18 @@ mod tests {
 
         // The learners' rayon pools.
         let pool = computing_pool(2, "fpenv-test");
-        let in_pool =
-            pool.install(|| rayon::broadcast(|_| (denormals_flushed(), subnormal_arithmetic())));
+        let in_pool = pool.install(|| {
+            rayon::broadcast(|_| (denormals_flushed(), subnormal_arithmetic()))
+        });
         assert_eq!(in_pool, vec![(true, (0.0, 0.0)); 2]);
 
         // Tokio's workers and blocking threads.
         let rt = runtime().unwrap();
         let (worker, blocking) = rt.block_on(async {
             let worker = tokio::spawn(async { denormals_flushed() }).await.unwrap();
-            let blocking =
-                tokio::task::spawn_blocking(|| (denormals_flushed(), subnormal_arithmetic()))
-                    .await
-                    .unwrap();
+            let blocking = tokio::task::spawn_blocking(|| (denormals_flushed(), subnormal_arithmetic()))
+                .await
+                .unwrap();
             (worker, blocking)
         });
         assert!(worker);

@@ -171,7 +171,11 @@ impl TeacherFilter {
             }
         }
         if self.max_entropy > 0.0 {
-            let h: f64 = p.iter().filter(|&&q| q > 0.0).map(|&q| -q * q.ln()).sum();
+            let h: f64 = p
+                .iter()
+                .filter(|&&q| q > 0.0)
+                .map(|&q| -q * q.ln())
+                .sum();
             if h > self.max_entropy {
                 return false;
             }
@@ -339,10 +343,7 @@ impl SharedKnowledge {
         SharedKnowledge::new(
             logits,
             share.samples,
-            share
-                .row_weights
-                .as_ref()
-                .map(fd_protocol::RowWeights::to_f32),
+            share.row_weights.as_ref().map(fd_protocol::RowWeights::to_f32),
         )
     }
 
@@ -448,17 +449,9 @@ mod tests {
         let mut c = KnowledgeConfig::default();
         assert!(c.validate().is_ok());
         c.min_confidence = 1.5;
-        assert!(
-            c.validate()
-                .unwrap_err()
-                .contains("knowledge.min_confidence")
-        );
+        assert!(c.validate().unwrap_err().contains("knowledge.min_confidence"));
         let mut c = KnowledgeConfig::default();
         c.density.anchors = 3;
-        assert!(
-            c.validate()
-                .unwrap_err()
-                .contains("knowledge.density.anchors")
-        );
+        assert!(c.validate().unwrap_err().contains("knowledge.density.anchors"));
     }
 }

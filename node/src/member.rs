@@ -11,11 +11,11 @@ use std::time::Instant;
 use fd_protocol::{Digest, FederationManifest, PublicKey};
 
 use crate::aggregate::{AggregateError, Aggregator, Contribution, EnsembleTeacher};
+use crate::knowledge::{self, KnowledgeConfig, Selector, SharedKnowledge};
 use crate::checkpoint::Checkpoint;
 use crate::config::NodeConfig;
 use crate::data::DataSplits;
 use crate::data::public::{round_subset, split_public};
-use crate::knowledge::{self, KnowledgeConfig, Selector, SharedKnowledge};
 use crate::learner::{Learner, LearnerStateError};
 use crate::model::InputShape;
 
@@ -259,7 +259,10 @@ impl LocalMember {
             }
         };
         self.times.select = start.elapsed().as_secs_f64();
-        Some(fd_protocol::RowWeights::quantize(&weights).expect("every selector scores in [0, 1]"))
+        Some(
+            fd_protocol::RowWeights::quantize(&weights)
+                .expect("every selector scores in [0, 1]"),
+        )
     }
 
     /// Step 4: the teacher from this member's own knowledge and the
@@ -425,10 +428,7 @@ local_epochs = 2
         m.train();
         let own = m.predict(round);
         let teacher = m
-            .teacher(
-                &SharedKnowledge::new(own, m.private.len() as u64, None),
-                &[],
-            )
+            .teacher(&SharedKnowledge::new(own, m.private.len() as u64, None), &[])
             .unwrap();
         m.distill(round, &teacher);
         m.evaluate()

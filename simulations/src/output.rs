@@ -526,11 +526,7 @@ pub fn seed_mean_curves(
                 / n;
             let points = (0..rounds)
                 .map(|r| {
-                    let acc = runs
-                        .iter()
-                        .map(|s| s.mean_accuracy_per_round[r])
-                        .sum::<f64>()
-                        / n;
+                    let acc = runs.iter().map(|s| s.mean_accuracy_per_round[r]).sum::<f64>() / n;
                     let x = if by_bytes {
                         mb_per_round * (r + 1) as f64
                     } else {
@@ -558,18 +554,9 @@ pub fn over_seeds_table(summaries: &[(String, Summary)]) -> String {
             .iter()
             .map(|s| (s.bytes_sent_per_node + s.bytes_received_per_node) / 1e6)
             .collect();
-        let rounds = runs
-            .iter()
-            .map(|s| s.mean_accuracy_per_round.len())
-            .min()
-            .unwrap_or(0);
+        let rounds = runs.iter().map(|s| s.mean_accuracy_per_round.len()).min().unwrap_or(0);
         let curve: Vec<f64> = (0..rounds)
-            .map(|r| {
-                runs.iter()
-                    .map(|s| s.mean_accuracy_per_round[r])
-                    .sum::<f64>()
-                    / runs.len() as f64
-            })
+            .map(|r| runs.iter().map(|s| s.mean_accuracy_per_round[r]).sum::<f64>() / runs.len() as f64)
             .collect();
         // Under skew FedAvg's accuracy swings from round to round, so the
         // last round alone can flatter or hurt it: the mean of the last
@@ -625,10 +612,7 @@ mod tests {
 
     #[test]
     fn cells_that_differ_only_by_seed_share_a_row() {
-        assert_eq!(
-            without_seed("partition=iid,seed=2,variant=fd"),
-            "partition=iid,variant=fd"
-        );
+        assert_eq!(without_seed("partition=iid,seed=2,variant=fd"), "partition=iid,variant=fd");
         assert_eq!(seed_of("partition=iid,seed=2"), Some("seed=2"));
         assert_eq!(seed_of("partition=iid"), None);
     }

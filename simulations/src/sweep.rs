@@ -174,11 +174,7 @@ pub async fn run_file(path: &Path, options: &RunOptions) -> anyhow::Result<Vec<C
         if output::has_seeds(&rows) {
             for (by_bytes, file, x_label) in [
                 (false, "sweep_seed_mean_accuracy", "round"),
-                (
-                    true,
-                    "sweep_seed_mean_accuracy_vs_bytes",
-                    "MB sent + received per member",
-                ),
+                (true, "sweep_seed_mean_accuracy_vs_bytes", "MB sent + received per member"),
             ] {
                 let series = output::seed_mean_curves(&rows, by_bytes);
                 for ext in ["svg", "png"] {

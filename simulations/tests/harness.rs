@@ -111,8 +111,8 @@ fn selective_knowledge_beats_sharing_everything_under_strong_label_skew() {
         experiment_text(&format!(
             "aggregator = \"mean-probabilities\"\n[knowledge]\nselector = \"{selector}\"\n"
         ))
-        .replace("rounds = 3", "rounds = 5")
-        .replace("nodes = 4", "nodes = 6")
+            .replace("rounds = 3", "rounds = 5")
+            .replace("nodes = 4", "nodes = 6")
     };
     let all = run(&parse(&text("all")));
     let density = run(&parse(&text("density")));
@@ -121,13 +121,7 @@ fn selective_knowledge_beats_sharing_everything_under_strong_label_skew() {
     assert!(d > a + MARGIN, "density {d:.4} vs all {a:.4}");
     // The weights travel in the shares (one byte per row), and no filter
     // is configured, so every row of every teacher was distilled.
-    assert!(
-        density
-            .rows
-            .iter()
-            .zip(&all.rows)
-            .all(|(d, a)| d.bytes_sent > a.bytes_sent)
-    );
+    assert!(density.rows.iter().zip(&all.rows).all(|(d, a)| d.bytes_sent > a.bytes_sent));
     assert!(density.rows.iter().all(|r| r.teacher_rows_kept == 1.0));
     // Same config and seed, same numbers, with the selector too.
     assert_eq!(
