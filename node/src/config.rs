@@ -15,9 +15,10 @@ use crate::data::partition::Partitioner;
 use crate::data::public::{public_set_digest, split_public};
 use crate::data::{DataSource, DataSplits};
 use crate::device::DeviceKind;
-use crate::knowledge::KnowledgeConfig;
+use crate::knowledge::{KnowledgeConfig, Selector};
 use crate::learner::TrainingConfig;
 use crate::model::ModelConfig;
+use crate::privacy::DpConfig;
 
 /// An annotated node config: every field, its meaning and its default.
 pub const EXAMPLE_CONFIG: &str = r#"# fd-node configuration file (TOML): every field, its meaning, its default.
@@ -108,6 +109,17 @@ density = { k = 5, quantile = 0.95, anchors = 1000 }   # density: weight 1 withi
 min_confidence = 0.0                  # receiver: distil only rows whose teacher's max probability is >= this
 max_entropy = 0.0                     # receiver: distil only rows whose teacher's entropy (nats) is <= this
                                       # (0 = off)
+
+[dp]                                  # differentially private training on private data (DP-SGD), see
+                                      # docs/operating.md for what the guarantee covers
+enabled = false                       # Poisson batches, per-sample clipping, Gaussian noise in local training
+                                      # and in distillation's private cross-entropy term; needs
+                                      # [knowledge] selector = "all" or "confidence" and a model without
+                                      # batch norm (mlp, cnn, fedavg-cnn)
+clip_norm = 1.0                       # C: bound on each sample's gradient L2 norm
+noise_multiplier = 1.0                # sigma: noise std sigma*C on the sum of clipped gradients
+delta = 1e-5                          # delta of the (epsilon, delta) logged every round; < 1/private samples
+# max_epsilon = 8.0                   # stop training on private data before epsilon would pass this
 "#;
 
 /// Errors reading or checking a config file; each names the file and field.
@@ -340,6 +352,9 @@ pub struct NodeConfig {
     pub training: TrainingConfig,
     #[serde(default)]
     pub knowledge: KnowledgeConfig,
+    /// Differentially private training on private data.
+    #[serde(default)]
+    pub dp: DpConfig,
 }
 
 fn default_listen() -> String {
@@ -461,8 +476,44 @@ impl NodeConfig {
         self.knowledge
             .validate()
             .map_err(|r| invalid("knowledge", r))?;
+        self.dp.validate().map_err(|(field, r)| invalid(field, r))?;
+        if self.dp.enabled {
+            dp_compatible(&self.model, &self.knowledge).map_err(|(field, r)| invalid(field, r))?;
+        }
         Ok(())
     }
+}
+
+/// Whether DP-SGD's guarantee can cover this member: its model must have
+/// per-sample gradients, and nothing it shares may be computed from private
+/// data outside DP-SGD (the `density` and `class-coverage` selectors score
+/// the shared rows with private samples and label counts).
+pub fn dp_compatible(
+    model: &ModelConfig,
+    knowledge: &KnowledgeConfig,
+) -> Result<(), (&'static str, String)> {
+    if matches!(
+        knowledge.selector,
+        Selector::Density | Selector::ClassCoverage
+    ) {
+        return Err((
+            "knowledge.selector",
+            format!(
+                "is `{}`, which weighs shared rows with private data outside DP-SGD's guarantee; \
+                 with [dp] enabled use \"all\" or \"confidence\"",
+                knowledge.selector.name()
+            ),
+        ));
+    }
+    if matches!(model, ModelConfig::ResNet { .. }) {
+        return Err((
+            "model",
+            "is a resnet, whose batch norm mixes the samples of a batch: DP-SGD needs per-sample \
+             gradients (use mlp, cnn or fedavg-cnn with [dp] enabled)"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -470,11 +521,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dp_section_is_checked_and_names_the_field() {
+        let base = EXAMPLE_CONFIG.to_string();
+        let parse = |extra: &str| {
+            let text = base.replace("enabled = false ", extra);
+            NodeConfig::parse(&text, Path::new("/etc/fd/node.toml"))
+        };
+        // On with the default selector (density): refused, naming the selector.
+        let err = parse("enabled = true ").unwrap_err().to_string();
+        assert!(err.contains("knowledge.selector"), "{err}");
+        let with_all = base
+            .replace("selector = \"density\"", "selector = \"all\"")
+            .replace("enabled = false ", "enabled = true ");
+        let c = NodeConfig::parse(&with_all, Path::new("/etc/fd/node.toml")).unwrap();
+        assert!(c.dp.enabled);
+        assert_eq!(c.dp.noise_multiplier, 1.0);
+        let bad = with_all.replace("noise_multiplier = 1.0", "noise_multiplier = 0.0");
+        let err = NodeConfig::parse(&bad, Path::new("/etc/fd/node.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dp.noise_multiplier"), "{err}");
+        let bad = with_all.replace("# max_epsilon = 8.0", "max_epsilon = -1.0");
+        let err = NodeConfig::parse(&bad, Path::new("/etc/fd/node.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dp.max_epsilon"), "{err}");
+    }
+
+    #[test]
     fn example_config_parses_with_documented_values() {
         let c = NodeConfig::parse(EXAMPLE_CONFIG, Path::new("/etc/fd/node.toml")).unwrap();
         assert_eq!(c.key_file, PathBuf::from("/etc/fd/node-0.key"));
         assert_eq!(c.partition.scheme, Partitioner::Dirichlet { alpha: 0.1 });
         assert_eq!(c.training, TrainingConfig::default());
+        assert_eq!(c.dp, DpConfig::default());
         assert_eq!(c.federation.rounds, 3);
         assert!(c.coordinator.is_some());
     }

@@ -9,6 +9,7 @@
 //! - [`model`], [`device`], [`learner`]: burn students and their training;
 //!   [`fastconv`]: the CPU convolution and pooling kernels of the CNN students.
 //! - [`aggregate`]: the ensemble teacher.
+//! - [`privacy`]: DP-SGD (per-sample clipping, noise) and its RDP accountant.
 //! - [`member`]: a round's learning steps on one member, no networking.
 //! - [`gate`]: who may steer a member (the coordinator's signed control
 //!   messages) and the bounded pool where inbound signatures are checked;
@@ -35,6 +36,7 @@ pub mod member;
 pub mod membership;
 pub mod model;
 pub mod net;
+pub mod privacy;
 pub mod round;
 pub mod runtime;
 pub mod telemetry;

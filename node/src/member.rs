@@ -109,6 +109,8 @@ pub struct LocalMember {
     label_counts: Vec<usize>,
     /// Private samples the `density` selector measures distances to.
     anchors: Vec<usize>,
+    /// δ of the ε the learner reports under DP-SGD (`[dp] delta`).
+    pub dp_delta: f64,
     pub times: StepTimes,
 }
 
@@ -155,13 +157,18 @@ impl LocalMember {
                 .probe()
                 .map_err(|reason| anyhow::anyhow!("field `device`: {reason}"))?;
         }
-        let learner = Learner::new(
+        let mut learner = Learner::new(
             &config.model,
             config.training.clone(),
             config.device,
             input,
             data.train.classes,
         );
+        if config.dp.enabled {
+            learner
+                .enable_dp(config.dp.clone(), private.len())
+                .map_err(|e| anyhow::anyhow!("[dp]: {e}"))?;
+        }
         if config.knowledge.selector != Selector::All && !config.aggregator.uses_row_weights() {
             tracing::warn!(
                 node = %config.name,
@@ -187,6 +194,7 @@ impl LocalMember {
             knowledge: config.knowledge.clone(),
             label_counts,
             anchors,
+            dp_delta: config.dp.delta,
             data,
             times: StepTimes::default(),
         })
@@ -211,6 +219,8 @@ impl LocalMember {
 
     /// Step 1: local supervised training on private data.
     pub fn train(&mut self) -> f64 {
+        // Names the member in the learner's own log lines (e.g. DP budget reached).
+        let _span = tracing::info_span!("member", node = %self.name).entered();
         let start = Instant::now();
         let loss = self.learner.train_local(&self.data.train, &self.private);
         self.times.train = start.elapsed().as_secs_f64();
@@ -291,6 +301,7 @@ impl LocalMember {
     /// on the rows the teacher kept only (none kept: the student is left
     /// as it is and the loss is 0).
     pub fn distill(&mut self, round: u64, teacher: &EnsembleTeacher) -> f64 {
+        let _span = tracing::info_span!("member", node = %self.name).entered();
         let start = Instant::now();
         let t = self.learner.temperature(round, self.manifest.rounds);
         let classes = self.classes();

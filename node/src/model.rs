@@ -582,6 +582,40 @@ impl Student {
         }
     }
 
+    /// [`Self::forward`] for per-sample gradient norms (DP-SGD,
+    /// [`crate::privacy::dpsgd`]): a zero "probe" leaf that requires a
+    /// gradient is added to the output of every layer with parameters, and
+    /// each layer's input is kept (detached). After a backward pass of the
+    /// *sum* of per-sample losses, a probe's gradient row `i` is sample
+    /// `i`'s gradient with respect to that layer's output, from which the
+    /// norm of its parameter gradient follows without a backward pass per
+    /// sample. `None` for the ResNet: batch norm mixes the samples of a
+    /// batch, so per-sample gradients (and DP-SGD) do not apply to it.
+    pub fn forward_probed(&self, input: Tensor<2>) -> Option<(Tensor<2>, Vec<ProbedLayer>)> {
+        let mut layers = Vec::new();
+        let logits = match self {
+            Student::Mlp(m) => {
+                let last = m.layers.len() - 1;
+                let mut x = input;
+                for layer in &m.layers[..last] {
+                    x = m.activation.forward(probe_linear(layer, x, &mut layers));
+                }
+                probe_linear(&m.layers[last], x, &mut layers)
+            }
+            Student::SmallCnn(m) | Student::FedAvgCnn(m) => {
+                let mut x = unflatten(input, m.input);
+                for conv in &m.convs {
+                    x = relu(max_pool2x2(probe_conv(conv, x, &mut layers)));
+                }
+                let x: Tensor<2> = x.flatten(1, 3);
+                let x = relu(probe_linear(&m.hidden, x, &mut layers));
+                probe_linear(&m.output, x, &mut layers)
+            }
+            Student::ResNet(_) => return None,
+        };
+        Some((logits, layers))
+    }
+
     /// Trainable parameters. burn's `num_params` also counts batch-norm
     /// running statistics, which the optimizer never updates.
     pub fn params(&self) -> usize {
@@ -597,6 +631,53 @@ impl Student {
     pub fn weight_bytes(&self) -> usize {
         self.num_params() * 4
     }
+}
+
+/// One layer of [`Student::forward_probed`]: its input (detached) and the
+/// zero probe added to its output.
+pub enum ProbedLayer {
+    Linear {
+        input: Tensor<2>,
+        probe: Tensor<2>,
+        bias: bool,
+    },
+    Conv {
+        input: Tensor<4>,
+        probe: Tensor<4>,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    },
+}
+
+fn probe_linear(layer: &Linear, x: Tensor<2>, layers: &mut Vec<ProbedLayer>) -> Tensor<2> {
+    let [batch, _] = x.dims();
+    let [_, out] = layer.weight.shape().dims();
+    let probe = Tensor::zeros([batch, out], &x.device()).require_grad();
+    layers.push(ProbedLayer::Linear {
+        input: x.clone().detach(),
+        probe: probe.clone(),
+        bias: layer.bias.is_some(),
+    });
+    layer.forward(x) + probe
+}
+
+fn probe_conv(conv: &FastConv2d, x: Tensor<4>, layers: &mut Vec<ProbedLayer>) -> Tensor<4> {
+    let [_, _, kernel, _] = conv.weight.shape().dims();
+    let (stride, padding) = conv.stride_padding();
+    let input = x.clone().detach();
+    let y = conv.forward(x);
+    let probe = Tensor::zeros(y.dims(), &y.device()).require_grad();
+    layers.push(ProbedLayer::Conv {
+        input,
+        probe: probe.clone(),
+        kernel,
+        stride,
+        padding,
+        bias: conv.bias.is_some(),
+    });
+    y + probe
 }
 
 #[cfg(test)]

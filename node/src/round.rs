@@ -301,6 +301,24 @@ impl RoundEngine {
         Ok(out)
     }
 
+    /// Logs the privacy spent so far when the member trains with DP-SGD.
+    fn log_privacy(&self, round: u64) {
+        let member = self.member();
+        let learner = &member.learner;
+        if let (Some(epsilon), Some(steps)) = (learner.dp_epsilon(), learner.dp_steps()) {
+            tracing::info!(
+                node = %member.name,
+                round,
+                epsilon,
+                delta = member.dp_delta,
+                steps,
+                budget_reached = learner.dp_exhausted(),
+                "differential privacy spent so far: ({epsilon:.3}, {})-DP",
+                member.dp_delta
+            );
+        }
+    }
+
     fn metrics(&self, round: u64) -> RoundMetrics {
         let member = self.member();
         RoundMetrics {
@@ -322,6 +340,7 @@ impl RoundEngine {
                 (loss, m.evaluate())
             })
             .await?;
+        self.log_privacy(round);
         Ok(RoundMetrics {
             test_accuracy: accuracy,
             local_accuracy: accuracy,
@@ -462,6 +481,7 @@ impl RoundEngine {
             ..self.metrics(round)
         };
         self.rejected_reported = rejected_total;
+        self.log_privacy(round);
         Ok(metrics)
     }
 

@@ -46,14 +46,30 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 /// Appends one JSON line per round, flushed at once so a killed node keeps its history.
-fn append_metrics(path: Option<&std::path::Path>, metrics: &RoundMetrics) -> anyhow::Result<()> {
+/// A member training with DP-SGD adds `dp_epsilon`, the ε spent so far at
+/// its `[dp] delta` (a local field: the coordinator's report has no column for it).
+fn append_metrics(
+    path: Option<&std::path::Path>,
+    metrics: &RoundMetrics,
+    dp_epsilon: Option<f64>,
+) -> anyhow::Result<()> {
     if let Some(path) = path {
+        let line = match dp_epsilon {
+            None => serde_json::to_string(metrics)?,
+            Some(eps) => {
+                let mut value = serde_json::to_value(metrics)?;
+                if let Some(fields) = value.as_object_mut() {
+                    fields.insert("dp_epsilon".into(), eps.into());
+                }
+                value.to_string()
+            }
+        };
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open metrics file {}", path.display()))?;
-        writeln!(file, "{}", serde_json::to_string(metrics)?)?;
+        writeln!(file, "{line}")?;
         file.sync_data()?;
     }
     Ok(())
@@ -86,7 +102,11 @@ pub async fn run_isolated(
     for round in 1..=config.federation.rounds {
         let metrics = engine.run_local_round(round).await?;
         tracing::info!("{}", report_line(&metrics));
-        append_metrics(config.metrics_file.as_deref(), &metrics)?;
+        append_metrics(
+            config.metrics_file.as_deref(),
+            &metrics,
+            engine.member().learner.dp_epsilon(),
+        )?;
         out.push(metrics);
     }
     Ok(out)
@@ -469,7 +489,11 @@ pub async fn run_federated(
         telemetry.round_completed(round, metrics.test_accuracy);
         telemetry.bytes(metrics.bytes_sent, metrics.bytes_received);
         tracing::info!("{}", report_line(&metrics));
-        append_metrics(config.metrics_file.as_deref(), &metrics)?;
+        append_metrics(
+            config.metrics_file.as_deref(),
+            &metrics,
+            engine.member().learner.dp_epsilon(),
+        )?;
         if let Some(observer) = &observer {
             let _ = observer.send(metrics.clone());
         }

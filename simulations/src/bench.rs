@@ -1,6 +1,6 @@
 //! `fd-sim bench`: where the time and the bytes go.
 //!
-//! Prints six tables and writes them between the markers
+//! Prints seven tables and writes them between the markers
 //! `<!-- fd-sim bench: begin -->` / `<!-- fd-sim bench: end -->` of
 //! `docs/performance.md` (the rest of that file is left as it is):
 //!
@@ -13,7 +13,9 @@
 //! 4. simulation scale: `fd-sim run` in a child process per size, so each
 //!    peak-memory figure is that run's own;
 //! 5. codec throughput: encode+sign and verify+decode next to a memcpy;
-//! 6. secure aggregation: bytes and milliseconds per member and round for
+//! 6. the cost of DP-SGD: training samples/s with and without it (flex,
+//!    one thread, the models with per-sample gradients);
+//! 7. secure aggregation: bytes and milliseconds per member and round for
 //!    10 and 100 members against plain shares, and the fixed-point error.
 //!
 //! Every timing is the median of `--repeats` runs.
@@ -29,6 +31,7 @@ use fd_node::device::DeviceKind;
 use fd_node::learner::{Learner, OptimizerKind, TrainingConfig};
 use fd_node::model::{InputShape, ModelConfig};
 use fd_node::net::frame_len;
+use fd_node::privacy::DpConfig;
 use fd_protocol::{
     LogitShare, Message, PayloadEncoding, PublicSubset, RoundMetrics, ShareExpectation, SigningKey,
     digest::Digest,
@@ -46,7 +49,7 @@ pub struct BenchOptions {
     /// Repetitions per measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-    /// Sections to run (1–6, comma separated); all by default.
+    /// Sections to run (1–7, comma separated); all by default.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u8>,
     /// Member counts of the simulation-scale table.
@@ -237,12 +240,15 @@ impl ThroughputSpec {
     }
 }
 
-/// Samples/s of training steps of `batch` samples and of predicting 1,000 samples.
+/// Samples/s of training steps of `batch` samples and of predicting 1,000
+/// samples; with `dp`, each step is a DP-SGD step (the batch is the whole
+/// private set, so Poisson sampling at q = 1 takes every sample once).
 fn throughput(
     model: &ModelConfig,
     device: DeviceKind,
     threads: usize,
     spec: &ThroughputSpec,
+    dp: Option<&DpConfig>,
 ) -> anyhow::Result<(f64, f64)> {
     let (repeats, batch) = (spec.repeats, spec.batch);
     let data = DataSource::Synthetic {
@@ -267,6 +273,9 @@ fn throughput(
     );
     let batch_size = batch;
     let batch: Vec<usize> = (0..batch_size).collect();
+    if let Some(dp) = dp {
+        learner.enable_dp(dp.clone(), batch.len())?;
+    }
     let public: Vec<usize> = (0..1000).collect();
     // Warm-up: first calls allocate and (on wgpu) compile kernels.
     learner.train_local(&data.train, &batch);
@@ -321,7 +330,7 @@ pub fn throughput_table(spec: &ThroughputSpec) -> anyhow::Result<String> {
                     &[1, 2]
                 };
             for &threads in thread_counts {
-                let (train, predict) = throughput(model, device, threads, spec)?;
+                let (train, predict) = throughput(model, device, threads, spec, None)?;
                 let line = format!(
                     "| {} | {} | {threads} | {train:.0} | {predict:.0} |",
                     model.name(),
@@ -331,6 +340,44 @@ pub fn throughput_table(spec: &ThroughputSpec) -> anyhow::Result<String> {
                 let _ = writeln!(out, "{line}");
             }
         }
+    }
+    Ok(out)
+}
+
+/// Table 6: DP-SGD training steps against ordinary ones, flex, one thread.
+pub fn dp_table(spec: &ThroughputSpec) -> anyhow::Result<String> {
+    let (repeats, batch) = (spec.repeats, spec.batch);
+    let dp = DpConfig {
+        enabled: true,
+        ..DpConfig::default()
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Training steps of {batch} samples ({}, synthetic 1×28×28, flex, 1 thread) in samples/s, without and with DP-SGD (C = 1, σ = 1: probe pass for per-sample norms, clipped pass, Gaussian noise); median of {repeats} runs of ≥ 0.5 s after a warm-up step.\n",
+        match spec.optimizer {
+            OptimizerKind::Adam => "Adam",
+            OptimizerKind::Sgd => "SGD with momentum 0.9",
+        }
+    );
+    let _ = writeln!(
+        out,
+        "| model | train samples/s | DP-SGD train samples/s | DP-SGD time / plain time |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|");
+    for model in &spec.models {
+        if matches!(model, ModelConfig::ResNet { .. }) {
+            continue; // batch norm: no per-sample gradients
+        }
+        let (plain, _) = throughput(model, DeviceKind::Flex, 1, spec, None)?;
+        let (private, _) = throughput(model, DeviceKind::Flex, 1, spec, Some(&dp))?;
+        let line = format!(
+            "| {} | {plain:.0} | {private:.0} | {:.2}× |",
+            model.name(),
+            plain / private
+        );
+        eprintln!("{line}");
+        let _ = writeln!(out, "{line}");
     }
     Ok(out)
 }
@@ -856,7 +903,8 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
         scale_table(&o.scratch, &o.scale)
     })?;
     section(5, "Codec throughput", &mut || codec_table(o.repeats))?;
-    section(6, "Secure aggregation cost", &mut || secure_table(o.repeats))?;
+    section(6, "DP-SGD training cost", &mut || dp_table(&spec))?;
+    section(7, "Secure aggregation cost", &mut || secure_table(o.repeats))?;
     if !o.no_write {
         write_section(&o.write, &body)?;
         eprintln!("written: {}", o.write.display());

@@ -25,6 +25,7 @@ use fd_node::device::DeviceKind;
 use fd_node::knowledge::KnowledgeConfig;
 use fd_node::learner::TrainingConfig;
 use fd_node::model::ModelConfig;
+use fd_node::privacy::DpConfig;
 use fd_protocol::PayloadEncodingName;
 use serde::{Deserialize, Serialize};
 
@@ -104,6 +105,13 @@ estimator = "mean-probabilities"    # mean-probabilities (mean softmax over the 
 enabled = false             #   (pairwise masks + Shamir recovery, fd_protocol::secagg); aggregator must be
                             #   mean-probabilities or era; `threshold = 6` overrides the default majority
 dropout_after_key_shares = 0.0  # probability a member stops mid-protocol (its masks are recovered)
+[dp]                        # fd, isolated: DP-SGD on every member's private data, as in fd-node's config
+enabled = false             # adds `dp_epsilon` (epsilon spent at delta) to metrics.csv; needs
+                            #   [knowledge] selector = "all" or "confidence" and no resnet
+clip_norm = 1.0             # C: per-sample gradient norm bound
+noise_multiplier = 1.0      # sigma: noise std sigma*C on the sum of clipped gradients
+delta = 1e-5
+# max_epsilon = 8.0         # members stop training on private data before epsilon would pass this
 
 # [sweep]                   # lists of values for dotted keys; one cell per combination
 # "partition.alpha" = [0.1, 0.5]
@@ -228,6 +236,9 @@ pub struct Experiment {
     /// fd: aggregate by secure aggregation (memory network).
     #[serde(default)]
     pub secure_aggregation: SecureAggregationConfig,
+    /// fd and isolated: every member trains on its private data with DP-SGD.
+    #[serde(default)]
+    pub dp: DpConfig,
     /// Only in files: expanded by [`expand_sweep`] before a cell runs.
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub sweep: toml::Table,
@@ -293,6 +304,7 @@ impl Experiment {
                 ..self.training.clone()
             },
             knowledge: self.knowledge.clone(),
+            dp: self.dp.clone(),
         }
     }
 
@@ -413,6 +425,15 @@ impl Experiment {
                     ),
                 ));
             }
+        }
+        if self.dp.enabled && !matches!(self.algorithm, Algorithm::Fd | Algorithm::Isolated) {
+            return Err(field(
+                "dp.enabled",
+                format!(
+                    "applies to fd and isolated members; algorithm {} is not supported with DP",
+                    self.algorithm.name()
+                ),
+            ));
         }
         if !self.sweep.is_empty() {
             return Err(field(
@@ -620,8 +641,39 @@ mod tests {
     }
 
     #[test]
+    fn dp_is_validated_with_the_field_named() {
+        let with_dp = |text: &str| {
+            let mut table: toml::Table = toml::from_str(text).unwrap();
+            let dp = table["dp"].as_table_mut().unwrap();
+            dp.insert("enabled".into(), true.into());
+            table
+        };
+        let all = EXAMPLE_EXPERIMENT.replace("selector = \"density\"", "selector = \"all\"");
+        let e = parse(with_dp(&all), Path::new("e.toml")).unwrap();
+        assert!(e.dp.enabled && e.node_config(3).dp.enabled);
+        for (text, field) in [
+            (EXAMPLE_EXPERIMENT.to_string(), "knowledge.selector"),
+            (
+                all.replace("algorithm = \"fd\"", "algorithm = \"fedavg\""),
+                "dp.enabled",
+            ),
+            (
+                all.replace("noise_multiplier = 1.0", "noise_multiplier = -1.0"),
+                "dp.noise_multiplier",
+            ),
+        ] {
+            let err = format!(
+                "{:#}",
+                parse(with_dp(&text), Path::new("e.toml")).unwrap_err()
+            );
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
     fn the_audit_is_validated() {
-        let audited = EXAMPLE_EXPERIMENT.replace("enabled = false", "enabled = true");
+        // The first `enabled = false` is the audit's (the second is [dp]'s).
+        let audited = EXAMPLE_EXPERIMENT.replacen("enabled = false", "enabled = true", 1);
         let e = parse(toml::from_str(&audited).unwrap(), Path::new("e.toml")).unwrap();
         assert!(e.audit.enabled);
         for (from, to, field) in [

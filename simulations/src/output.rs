@@ -32,7 +32,7 @@ use crate::audit::AuditSummary;
 use crate::experiment::Experiment;
 use crate::runner::{NodeRow, RunResult, peak_rss_bytes};
 
-pub const METRICS_HEADER: &str = "round,node,model,active,byzantine,test_accuracy,local_accuracy,train_loss,distill_loss,bytes_sent,bytes_received,shares_aggregated,shares_rejected,shares_late,teacher_rows_kept,audit_tv,sim_seconds";
+pub const METRICS_HEADER: &str = "round,node,model,active,byzantine,test_accuracy,local_accuracy,train_loss,distill_loss,bytes_sent,bytes_received,shares_aggregated,shares_rejected,shares_late,teacher_rows_kept,audit_tv,sim_seconds,dp_epsilon";
 pub const TIMINGS_HEADER: &str = "round,node,train_seconds,predict_seconds,encode_seconds,network_seconds,verify_seconds,aggregate_seconds,distill_seconds";
 
 pub fn metrics_csv(rows: &[NodeRow]) -> String {
@@ -40,7 +40,7 @@ pub fn metrics_csv(rows: &[NodeRow]) -> String {
     for r in rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{},{},{:.4},{},{:.3}",
+            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{},{},{:.4},{},{:.3},{}",
             r.round,
             r.node,
             r.model,
@@ -57,7 +57,9 @@ pub fn metrics_csv(rows: &[NodeRow]) -> String {
             r.shares_late,
             r.teacher_rows_kept,
             r.audit_tv.map_or(String::new(), |tv| format!("{tv:.6}")),
-            r.sim_seconds
+            r.sim_seconds,
+            r.dp_epsilon
+                .map_or(String::new(), |eps| format!("{eps:.4}"))
         );
     }
     out
@@ -101,6 +103,10 @@ pub struct Summary {
     /// The leakage audit (`[audit]`), when enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditSummary>,
+    /// ε (at `[dp] delta`) each honest member had spent by the last round,
+    /// in member order; empty without DP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub final_dp_epsilon: Vec<f64>,
     pub experiment: Experiment,
 }
 
@@ -170,6 +176,7 @@ impl Summary {
             sim_seconds: r.rows.last().map_or(0.0, |x| x.sim_seconds),
             peak_rss_bytes: peak_rss_bytes(),
             audit: r.audit.clone(),
+            final_dp_epsilon: last.iter().filter_map(|x| x.dp_epsilon).collect(),
             experiment: e.clone(),
         }
     }

@@ -104,6 +104,7 @@ fn node_config(
             ..TrainingConfig::default()
         },
         knowledge: Default::default(),
+        dp: Default::default(),
     }
 }
 

@@ -59,6 +59,9 @@ pub struct NodeRow {
     /// `None` when not audited, for the curious member itself, or when it
     /// heard nothing from this member this round.
     pub audit_tv: Option<f64>,
+    /// ε spent so far (at the experiment's `[dp] delta`) by a member that
+    /// trains with DP-SGD; `None` without DP.
+    pub dp_epsilon: Option<f64>,
     /// Simulated clock at the end of the round (memory network; wall clock over libp2p).
     pub sim_seconds: f64,
 }
@@ -239,6 +242,7 @@ fn row_from(e: &Experiment, round: u64, node: usize, m: &RoundMetrics) -> NodeRo
         shares_late: 0,
         teacher_rows_kept: m.teacher_rows_kept,
         audit_tv: None,
+        dp_epsilon: None,
         sim_seconds: 0.0,
     }
 }
@@ -262,6 +266,7 @@ fn idle_row(e: &Experiment, round: u64, node: usize, previous: Option<&NodeRow>)
         shares_late: 0,
         teacher_rows_kept: 0.0,
         audit_tv: None,
+        dp_epsilon: previous.and_then(|r| r.dp_epsilon),
         sim_seconds: 0.0,
     }
 }
@@ -574,6 +579,9 @@ async fn run_fd(
                     .map(|guess| crate::audit::total_variation(guess, &truth.members[i]));
             }
             row.sim_seconds = clock;
+            row.dp_epsilon = engines[i]
+                .as_ref()
+                .and_then(|engine| engine.member().learner.dp_epsilon());
             last[i] = Some(row.clone());
             rows.push(row);
         }
@@ -612,7 +620,11 @@ async fn run_isolated(
             let m = m?;
             engines[i] = Some(engine);
             result.timings.push(timing(round, i, &m));
-            rows[i] = Some(row_from(e, round, i, &m));
+            let mut row = row_from(e, round, i, &m);
+            row.dp_epsilon = engines[i]
+                .as_ref()
+                .and_then(|engine| engine.member().learner.dp_epsilon());
+            rows[i] = Some(row);
             progress.member_done();
         }
         let rows: Vec<NodeRow> = rows.into_iter().flatten().collect();
@@ -733,6 +745,7 @@ async fn run_fedavg(
                         shares_late: 0,
                         teacher_rows_kept: 0.0,
                         audit_tv: None,
+                        dp_epsilon: None,
                         sim_seconds: 0.0,
                     }
                 }

@@ -230,9 +230,14 @@ fn status(path: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
         metrics.display()
     );
     for line in &lines[lines.len().saturating_sub(rounds)..] {
+        // `dp_epsilon` is a local field of members with [dp] (not in RoundMetrics).
+        let epsilon = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("dp_epsilon").and_then(serde_json::Value::as_f64))
+            .map_or(String::new(), |e| format!("  ε {e:.3}"));
         match serde_json::from_str::<fd_protocol::RoundMetrics>(line) {
             Ok(m) => println!(
-                "  round {:>3}  accuracy {:.4} (local {:.4})  aggregated {}  rejected {}  {}",
+                "  round {:>3}  accuracy {:.4} (local {:.4})  aggregated {}  rejected {}  {}{epsilon}",
                 m.round,
                 m.test_accuracy,
                 m.local_accuracy,

@@ -179,6 +179,11 @@ impl FastConv2dConfig {
 }
 
 impl FastConv2d {
+    /// Stride and zero padding per side (the kernel size is the weight's).
+    pub fn stride_padding(&self) -> (usize, usize) {
+        (self.stride, self.padding)
+    }
+
     /// `[batch, c_in, h, w]` → `[batch, c_out, h_out, w_out]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         conv2d(
