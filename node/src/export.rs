@@ -27,11 +27,13 @@
 //!   [−127, 127], stored as `I8` with the scales beside them as f32
 //!   tensors named `<weight>_scale`; biases and batch-norm tensors stay f32
 //!   (they are a few hundred values). Loading dequantises (`q · scale`) to
-//!   f32. burn 0.22's own post-training quantisation (`QuantScheme`) is not
-//!   used: its quantised tensors need backend support that burn's flex CPU
-//!   backend, the default here, does not give a Linear layer forward pass
-//!   (docs/operating.md), and a file of plain `I8` + scales is what any
-//!   reader can dequantise with one multiply.
+//!   f32. burn 0.22's own post-training quantisation (`QuantScheme`,
+//!   per-tensor or per-block) does run on the flex backend (burn-flex
+//!   implements its quantised tensor ops), but burn-store 0.22.1's
+//!   SafeTensors writer refuses quantised tensors ("Quantized tensors not
+//!   yet supported in safetensors"; a test here pins that), and a file of
+//!   plain `I8` + scales is what any reader can dequantise with one multiply.
+//!   The int8 format is thus a storage format: inference runs in f32.
 //! - Writes are atomic ([`crate::fsutil::write_atomic`]): weights first,
 //!   then the card that names their digest, so a reader never sees a card
 //!   whose weights are missing or half-written.
@@ -926,6 +928,25 @@ mod tests {
         let err = load_exported(dir.path(), &Device::flex()).unwrap_err();
         assert!(matches!(err, ExportError::Card { .. }), "{err}");
         assert!(err.to_string().contains("missing field"), "{err}");
+    }
+
+    /// Why int8 is not burn's own quantisation (module doc): burn
+    /// quantises on flex, but its SafeTensors store refuses the result.
+    /// When this fails, burn-store has learnt to write quantised tensors.
+    #[test]
+    fn burn_store_refuses_burns_quantised_tensors() {
+        use burn::tensor::quantization::QuantScheme;
+        let device = Device::flex();
+        let mut linear = burn::nn::LinearConfig::new(8, 4).init(&device);
+        linear.weight = linear
+            .weight
+            .map(|w| w.quantize_dynamic(&QuantScheme::default()));
+        // Quantisation itself works on flex: the dequantised weight is close.
+        let w = linear.weight.val().dequantize();
+        assert_eq!(w.dims(), [8, 4]);
+        let mut store = SafetensorsStore::from_bytes(None);
+        let err = linear.save_into(&mut store).unwrap_err();
+        assert!(format!("{err:?}").contains("Quantized"), "{err:?}");
     }
 
     #[test]
