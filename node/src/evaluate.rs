@@ -269,7 +269,8 @@ pub fn evaluate_exported(
             measures: if hwm_reset {
                 "VmHWM of the whole process during inference (reset to the resident set before it via /proc/self/clear_refs)".into()
             } else {
-                "VmHWM of the whole process since it started (reset refused): loading included".into()
+                "VmHWM of the whole process since it started (reset refused): loading included"
+                    .into()
             },
         },
         energy,
@@ -356,7 +357,12 @@ fn latency(student: &Student, test: &Dataset, device: &Device, o: EvaluateOption
     }
 }
 
-fn throughput(student: &Student, test: &Dataset, device: &Device, o: EvaluateOptions) -> Throughput {
+fn throughput(
+    student: &Student,
+    test: &Dataset,
+    device: &Device,
+    o: EvaluateOptions,
+) -> Throughput {
     let b = o.throughput_batch;
     let make = |k: usize| {
         let indices: Vec<usize> = (0..b).map(|j| (k * b + j) % test.len()).collect();
@@ -402,7 +408,10 @@ fn rapl_read() -> RaplReading {
     let mut domains: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             // Top-level package domains only (intel-rapl:0, not intel-rapl:0:1).
             name.starts_with("intel-rapl:") && name.matches(':').count() == 1
         })
@@ -472,11 +481,7 @@ impl std::fmt::Display for EvaluationReport {
         writeln!(f, "device      {} ({} threads)", self.device, self.threads)?;
         writeln!(f, "data        {}", self.data)?;
         let a = &self.accuracy;
-        writeln!(
-            f,
-            "accuracy    {:.4} on {} samples",
-            a.overall, a.samples
-        )?;
+        writeln!(f, "accuracy    {:.4} on {} samples", a.overall, a.samples)?;
         for c in &a.per_class {
             match c.accuracy {
                 Some(acc) => writeln!(
@@ -522,7 +527,11 @@ impl std::fmt::Display for EvaluationReport {
             None => writeln!(f, "memory      not available (no /proc/self/status)")?,
         }
         match self.energy.joules_per_1000 {
-            Some(j) => writeln!(f, "energy      {j:.3} J per 1000 inferences ({})", self.energy.note),
+            Some(j) => writeln!(
+                f,
+                "energy      {j:.3} J per 1000 inferences ({})",
+                self.energy.note
+            ),
             None => writeln!(f, "energy      {}", self.energy.note),
         }
     }
@@ -612,7 +621,10 @@ mod tests {
         assert_eq!(back.file, report.file);
         let l = &report.latency;
         assert_eq!(l.runs, 1000);
-        assert!(l.p50_ms > 0.0 && l.p50_ms <= l.p95_ms && l.p95_ms <= l.p99_ms, "{l:?}");
+        assert!(
+            l.p50_ms > 0.0 && l.p50_ms <= l.p95_ms && l.p95_ms <= l.p99_ms,
+            "{l:?}"
+        );
         assert!(l.p99_ms <= l.max_ms);
         assert!(report.throughput.samples_per_second > 0.0);
         assert_eq!(report.throughput.batch, 64);
@@ -623,11 +635,16 @@ mod tests {
         assert!((a.overall - diagonal as f64 / 300.0).abs() < 1e-12);
         assert_eq!(
             report.file.weights_bytes,
-            std::fs::metadata(dir.path().join(crate::export::WEIGHTS_FILE)).unwrap().len()
+            std::fs::metadata(dir.path().join(crate::export::WEIGHTS_FILE))
+                .unwrap()
+                .len()
         );
         assert!(report.memory.peak_rss_bytes.unwrap() > 0);
         // Energy: a figure only where RAPL was read, never a made-up one.
-        assert_eq!(report.energy.available, report.energy.joules_per_1000.is_some());
+        assert_eq!(
+            report.energy.available,
+            report.energy.joules_per_1000.is_some()
+        );
         if !report.energy.available {
             assert!(report.energy.note.starts_with("not available"));
         }
@@ -646,13 +663,23 @@ mod tests {
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
         exported(dir.path(), &data, false);
-        let err = evaluate_exported(dir.path(), None, DeviceKind::Flex, EvaluateOptions::default())
-            .unwrap_err();
+        let err = evaluate_exported(
+            dir.path(),
+            None,
+            DeviceKind::Flex,
+            EvaluateOptions::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("--data"), "{err}");
         let mut other = data.test.clone();
         other.shape = [1, 1, 784];
-        let err = evaluate_exported(dir.path(), Some(&other), DeviceKind::Flex, EvaluateOptions::default())
-            .unwrap_err();
+        let err = evaluate_exported(
+            dir.path(),
+            Some(&other),
+            DeviceKind::Flex,
+            EvaluateOptions::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("[1, 1, 784]"), "{err}");
     }
 
@@ -663,7 +690,11 @@ mod tests {
         std::fs::write(&path, "kind = \"npy\"\ntrain_x = \"x.npy\"\n").unwrap();
         let err = data_source_from_file(&path).unwrap_err();
         assert!(err.to_string().contains("data.toml"), "{err}");
-        std::fs::write(&path, "name = \"n\"\n[data]\nkind = \"synthetic\"\nseed = 3\n").unwrap();
+        std::fs::write(
+            &path,
+            "name = \"n\"\n[data]\nkind = \"synthetic\"\nseed = 3\n",
+        )
+        .unwrap();
         assert!(matches!(
             data_source_from_file(&path).unwrap(),
             DataSource::Synthetic { seed: 3, .. }

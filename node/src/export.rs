@@ -99,7 +99,9 @@ impl std::str::FromStr for ExportFormat {
             "f32" => Ok(ExportFormat::F32),
             "f16" => Ok(ExportFormat::F16),
             "int8" => Ok(ExportFormat::Int8),
-            other => Err(format!("unknown format {other:?}: expected f32, f16 or int8")),
+            other => Err(format!(
+                "unknown format {other:?}: expected f32, f16 or int8"
+            )),
         }
     }
 }
@@ -357,8 +359,8 @@ pub fn encode_weights(
             Ok((store.get_bytes().map_err(store_error)?, None))
         }
         ExportFormat::F16 => {
-            store = store
-                .with_to_adapter(BurnToPyTorchAdapter.chain(FloatCastAdapter::to(DType::F16)));
+            store =
+                store.with_to_adapter(BurnToPyTorchAdapter.chain(FloatCastAdapter::to(DType::F16)));
             student.save_into(&mut store).map_err(store_error)?;
             Ok((store.get_bytes().map_err(store_error)?, None))
         }
@@ -426,10 +428,29 @@ pub fn decode_weights(
     device: &Device,
 ) -> Result<Student, String> {
     let mut probe = SafetensorsStore::from_bytes(Some(bytes.clone()));
+    let tensors = probe.get_all_tensors().map_err(store_error)?;
     let mut scales = HashMap::new();
-    for (name, tensor) in probe.get_all_tensors().map_err(store_error)? {
+    for (name, tensor) in tensors {
         if let Some(weight) = name.strip_suffix(SCALE_SUFFIX) {
             scales.insert(weight.to_string(), pack_f32(tensor)?.1);
+        }
+    }
+    // Every int8 tensor needs one scale per row, checked here so that a
+    // malformed file is an error naming the tensor, not a panic in the loader.
+    for (name, tensor) in tensors {
+        if tensor.dtype != DType::I8 {
+            continue;
+        }
+        let rows = if tensor.shape.len() > 0 { tensor.shape[0] } else { 0 };
+        match scales.get(name) {
+            None => return Err(format!("int8 tensor {name} has no {name}{SCALE_SUFFIX}")),
+            Some(s) if s.len() != rows => {
+                return Err(format!(
+                    "{name}{SCALE_SUFFIX} has {} values, {name} has {rows} rows",
+                    s.len()
+                ));
+            }
+            Some(_) => {}
         }
     }
     let mut store = SafetensorsStore::from_bytes(Some(bytes))
@@ -529,9 +550,11 @@ pub fn read_card(dir: &Path) -> Result<ModelCard, ExportError> {
         return Err(bad("field `classes` must be at least 1".into()));
     }
     let input = InputShape::new(card.input.shape);
-    card.architecture
-        .validate(input)
-        .map_err(|reason| bad(format!("field `architecture` does not fit `input.shape`: {reason}")))?;
+    card.architecture.validate(input).map_err(|reason| {
+        bad(format!(
+            "field `architecture` does not fit `input.shape`: {reason}"
+        ))
+    })?;
     if card.weights_file.contains('/') || card.weights_file.contains('\\') {
         return Err(bad(format!(
             "field `weights_file` must be a file name inside the folder, got {:?}",
@@ -682,7 +705,12 @@ mod tests {
         trained_for(model, data, samples, 1)
     }
 
-    fn trained_for(model: &ModelConfig, data: &DataSplits, samples: usize, epochs: usize) -> Learner {
+    fn trained_for(
+        model: &ModelConfig,
+        data: &DataSplits,
+        samples: usize,
+        epochs: usize,
+    ) -> Learner {
         let mut learner = Learner::new(
             model,
             TrainingConfig {
@@ -771,7 +799,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         export(&mlp, &learner, &data, ExportFormat::F32, dir.path());
         let names = |v: &[(String, safetensors::Dtype, Vec<usize>)]| {
-            v.iter().map(|(n, d, s)| (n.clone(), *d, s.clone())).collect::<Vec<_>>()
+            v.iter()
+                .map(|(n, d, s)| (n.clone(), *d, s.clone()))
+                .collect::<Vec<_>>()
         };
         let expect = |d: safetensors::Dtype| {
             vec![
@@ -808,9 +838,7 @@ mod tests {
 
         // The ResNet: convolutions, batch norms (PyTorch's weight/bias/
         // running_mean/running_var) and the projection shortcut.
-        let resnet = ModelConfig::ResNet {
-            blocks: vec![1, 1],
-        };
+        let resnet = ModelConfig::ResNet { blocks: vec![1, 1] };
         let learner = trained(&resnet, &data, 8);
         export(&resnet, &learner, &data, ExportFormat::F32, dir.path());
         let got = read(dir.path());
@@ -833,7 +861,10 @@ mod tests {
         assert_eq!(find("output.bias"), [10]);
         // 1 stem conv + 2·2 block convs + 1 shortcut conv, 6 batch norms × 4, output 2.
         assert_eq!(got.len(), 1 + 4 + 1 + 6 * 4 + 2, "{got:?}");
-        assert!(got.iter().all(|(n, _, _)| !n.contains("gamma") && !n.contains("ResNet")));
+        assert!(
+            got.iter()
+                .all(|(n, _, _)| !n.contains("gamma") && !n.contains("ResNet"))
+        );
     }
 
     fn accuracy(student: &Student, data: &crate::data::Dataset) -> f64 {
@@ -880,8 +911,14 @@ mod tests {
             );
             // Chance is 0.1: the deltas are measured on a model that has learned.
             assert!(f32_acc > 0.4, "{}: undertrained ({f32_acc})", model.name());
-            assert!((acc[&ExportFormat::F16] - f32_acc).abs() <= 0.005, "{acc:?}");
-            assert!((acc[&ExportFormat::Int8] - f32_acc).abs() <= 0.01, "{acc:?}");
+            assert!(
+                (acc[&ExportFormat::F16] - f32_acc).abs() <= 0.005,
+                "{acc:?}"
+            );
+            assert!(
+                (acc[&ExportFormat::Int8] - f32_acc).abs() <= 0.01,
+                "{acc:?}"
+            );
             let ratio = size[&ExportFormat::F32] as f64 / size[&ExportFormat::Int8] as f64;
             assert!(ratio >= 3.5, "int8 only {ratio:.2}× smaller");
             let half = size[&ExportFormat::F32] as f64 / size[&ExportFormat::F16] as f64;
@@ -896,7 +933,10 @@ mod tests {
         let learner = trained(&mlp, &data, 8);
         let dir = tempfile::tempdir().unwrap();
         let err = load_exported(dir.path(), &Device::flex()).unwrap_err();
-        assert!(matches!(err, ExportError::Io { .. }) && err.to_string().contains(CARD_FILE), "{err}");
+        assert!(
+            matches!(err, ExportError::Io { .. }) && err.to_string().contains(CARD_FILE),
+            "{err}"
+        );
 
         export(&mlp, &learner, &data, ExportFormat::Int8, dir.path());
         let weights = dir.path().join(WEIGHTS_FILE);
@@ -907,6 +947,35 @@ mod tests {
         let err = load_exported(dir.path(), &Device::flex()).unwrap_err();
         assert!(matches!(err, ExportError::Digest { .. }), "{err}");
         assert!(err.to_string().contains(WEIGHTS_FILE), "{err}");
+
+        // An int8 file whose scales do not fit its weights: an error naming them.
+        let (bytes, _) = encode_weights(&learner.student().valid(), ExportFormat::Int8).unwrap();
+        let mut reader = SafetensorsStore::from_bytes(Some(bytes));
+        let names: Vec<String> = reader.keys().unwrap();
+        assert!(
+            names.contains(&"layers.0.weight_scale".to_string()),
+            "{names:?}"
+        );
+        let st_bytes = {
+            let (bytes, _) =
+                encode_weights(&learner.student().valid(), ExportFormat::Int8).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let mut views: Vec<(String, safetensors::tensor::TensorView)> = st
+                .tensors()
+                .into_iter()
+                .filter(|(n, _)| n != "layers.0.weight_scale")
+                .collect();
+            let short = [0u8; 4 * 3];
+            views.push((
+                "layers.0.weight_scale".into(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3], &short)
+                    .unwrap(),
+            ));
+            safetensors::serialize(views, None).unwrap()
+        };
+        let input = InputShape::new(data.train.shape);
+        let err = decode_weights(st_bytes, &mlp, input, 10, &Device::flex()).unwrap_err();
+        assert!(err.contains("layers.0.weight_scale has 3 values"), "{err}");
 
         // Weights of another architecture behind a card that names their digest.
         export(&mlp, &learner, &data, ExportFormat::F32, dir.path());

@@ -136,10 +136,12 @@ fn main() -> anyhow::Result<()> {
             warmup,
         } => {
             use fd_node::evaluate::{EvaluateOptions, data_source_from_file, evaluate_exported};
-            let kind: fd_node::device::DeviceKind =
-                serde_json::from_value(serde_json::Value::String(device.clone())).map_err(
-                    |_| anyhow::anyhow!("--device {device:?}: expected flex, ndarray, wgpu or wgpu-cpu"),
-                )?;
+            let kind: fd_node::device::DeviceKind = serde_json::from_value(
+                serde_json::Value::String(device.clone()),
+            )
+            .map_err(|_| {
+                anyhow::anyhow!("--device {device:?}: expected flex, ndarray, wgpu or wgpu-cpu")
+            })?;
             let splits = match &data {
                 Some(path) => Some(
                     data_source_from_file(path)?
@@ -156,7 +158,8 @@ fn main() -> anyhow::Result<()> {
             let report =
                 evaluate_exported(&model, splits.as_ref().map(|s| &s.test), kind, options)?;
             print!("{report}");
-            let path = json.unwrap_or_else(|| model.join(format!("evaluation-{}.json", kind.name())));
+            let path =
+                json.unwrap_or_else(|| model.join(format!("evaluation-{}.json", kind.name())));
             let text = serde_json::to_vec_pretty(&report)?;
             fd_node::fsutil::write_atomic(&path, &text, 0o644)
                 .with_context(|| format!("cannot write {}", path.display()))?;
