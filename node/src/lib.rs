@@ -18,12 +18,16 @@
 //! - [`net`]: the libp2p swarm, its event loop and client.
 //! - [`runtime`]: the networked member and the isolated baseline.
 //! - [`config`], [`keyfile`]: configuration and identity on disk; [`fsutil`]: atomic writes.
+//! - [`export`]: the student as a deployable SafeTensors model (f32/f16/int8);
+//!   [`evaluate`]: its accuracy, latency, size, memory and energy.
 
 pub mod aggregate;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod evaluate;
+pub mod export;
 pub mod fastconv;
 pub mod fpenv;
 pub mod fsutil;

@@ -101,6 +101,13 @@ pub async fn run_isolated(
     let mut out = Vec::new();
     for round in 1..=config.federation.rounds {
         let metrics = engine.run_local_round(round).await?;
+        // Saved (not resumed from) so the baseline's student can be exported too.
+        if let Some(path) = config.checkpoint_file.clone() {
+            let public = key.public_key();
+            engine
+                .learn(move |m| m.checkpoint(round, public).save(&path))
+                .await??;
+        }
         tracing::info!("{}", report_line(&metrics));
         append_metrics(
             config.metrics_file.as_deref(),

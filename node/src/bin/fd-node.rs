@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use fd_node::config::{EXAMPLE_CONFIG, NodeConfig};
+use fd_node::export::ExportFormat;
 use fd_node::{keyfile, runtime};
 
 #[derive(Parser)]
@@ -57,6 +58,42 @@ enum Command {
         #[arg(long, default_value = "swarm.key")]
         out: PathBuf,
     },
+    /// Export the student of the node's checkpoint as a SafeTensors model
+    /// (`model.safetensors` + `model.json`) in a folder.
+    Export {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Folder to write into (created if missing; its two files are replaced).
+        #[arg(long)]
+        out: PathBuf,
+        /// f32 (exact), f16 (half the size) or int8 (per-channel symmetric, ~4× smaller).
+        #[arg(long, default_value = "f32")]
+        format: ExportFormat,
+    },
+    /// Measure an exported model: accuracy (per class, confusion matrix),
+    /// latency at batch 1, throughput at batch 64, file size, peak memory, energy.
+    Evaluate {
+        /// Folder written by `fd-node export`.
+        #[arg(long)]
+        model: PathBuf,
+        /// TOML file with the data source (a node config, or just the keys of
+        /// its `[data]` table); its test split is used. Default: the source
+        /// recorded in model.json.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// flex, ndarray, wgpu or wgpu-cpu.
+        #[arg(long, default_value = "flex")]
+        device: String,
+        /// Also write the report as JSON here (default: <model>/evaluation-<device>.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Timed batch-1 runs (at least 1000 for the documented percentiles).
+        #[arg(long, default_value_t = 1000)]
+        runs: usize,
+        /// Untimed batch-1 runs first.
+        #[arg(long, default_value_t = 100)]
+        warmup: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +108,64 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Export {
+            config,
+            out,
+            format,
+        } => {
+            let config = NodeConfig::from_file(&config)?;
+            let card = fd_node::export::export_from_config(&config, format, &out)?;
+            println!(
+                "exported {} ({}, round {}, test accuracy {}) to {}: {} bytes, sha256 {}",
+                card.architecture_name,
+                card.format,
+                card.round.map_or("-".into(), |r| r.to_string()),
+                card.test_accuracy.map_or("-".into(), |a| format!("{a:.4}")),
+                out.display(),
+                card.weights_bytes,
+                card.weights_sha256
+            );
+            Ok(())
+        }
+        Command::Evaluate {
+            model,
+            data,
+            device,
+            json,
+            runs,
+            warmup,
+        } => {
+            use fd_node::evaluate::{EvaluateOptions, data_source_from_file, evaluate_exported};
+            let kind: fd_node::device::DeviceKind = serde_json::from_value(
+                serde_json::Value::String(device.clone()),
+            )
+            .map_err(|_| {
+                anyhow::anyhow!("--device {device:?}: expected flex, ndarray, wgpu or wgpu-cpu")
+            })?;
+            let splits = match &data {
+                Some(path) => Some(
+                    data_source_from_file(path)?
+                        .load()
+                        .with_context(|| format!("--data {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let options = EvaluateOptions {
+                latency_runs: runs,
+                warmup,
+                ..EvaluateOptions::default()
+            };
+            let report =
+                evaluate_exported(&model, splits.as_ref().map(|s| &s.test), kind, options)?;
+            print!("{report}");
+            let path =
+                json.unwrap_or_else(|| model.join(format!("evaluation-{}.json", kind.name())));
+            let text = serde_json::to_vec_pretty(&report)?;
+            fd_node::fsutil::write_atomic(&path, &text, 0o644)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("report      {}", path.display());
+            Ok(())
+        }
         Command::Run { config, isolated } => {
             let config = NodeConfig::from_file(&config)?;
             let (key, created) = keyfile::load_or_create(&config.key_file)?;
