@@ -685,20 +685,6 @@ mod tests {
         .unwrap()
     }
 
-    fn zoo() -> Vec<ModelConfig> {
-        vec![
-            ModelConfig::default(),
-            ModelConfig::SmallCnn {
-                channels: vec![16, 32],
-                fc: 128,
-            },
-            ModelConfig::FedAvgCnn {},
-            ModelConfig::ResNet {
-                blocks: vec![1, 1, 1],
-            },
-        ]
-    }
-
     /// A learner of `model` trained for one pass over `samples` private samples
     /// (so batch-norm running statistics are no longer their initial values).
     fn trained(model: &ModelConfig, data: &DataSplits, samples: usize) -> Learner {
@@ -762,7 +748,7 @@ mod tests {
     #[test]
     fn f32_round_trip_gives_bit_identical_logits_for_every_zoo_model() {
         let data = synthetic(64, 32);
-        for model in zoo() {
+        for model in ModelConfig::zoo() {
             let learner = trained(&model, &data, 32);
             let dir = tempfile::tempdir().unwrap();
             let card = export(&model, &learner, &data, ExportFormat::F32, dir.path());

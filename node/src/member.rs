@@ -297,6 +297,21 @@ impl LocalMember {
         teacher
     }
 
+    /// Step 4 under secure aggregation: the teacher of the round's unmasked
+    /// sums, recording its time in [`StepTimes::aggregate`].
+    pub fn teacher_of_sums_timed(
+        &mut self,
+        sums: &fd_protocol::secagg::KnowledgeSums,
+        contributors: usize,
+    ) -> Result<EnsembleTeacher, AggregateError> {
+        let start = Instant::now();
+        let teacher = self
+            .aggregator
+            .aggregate_sums(sums, contributors, self.knowledge.filter());
+        self.times.aggregate = start.elapsed().as_secs_f64();
+        teacher
+    }
+
     /// Step 5: distil the teacher into the student on the round's subset,
     /// on the rows the teacher kept only (none kept: the student is left
     /// as it is and the loss is 0).

@@ -124,6 +124,24 @@ const RESNET_BASE_WIDTH: usize = 16;
 /// the cap keeps `16 << stage` far from overflow.
 const RESNET_MAX_STAGES: usize = 8;
 
+impl ModelConfig {
+    /// One of each architecture at its default size: the models the tests,
+    /// the export round trips and `fd-sim bench` go through.
+    pub fn zoo() -> Vec<ModelConfig> {
+        vec![
+            ModelConfig::default(),
+            ModelConfig::SmallCnn {
+                channels: default_cnn_channels(),
+                fc: default_cnn_fc(),
+            },
+            ModelConfig::FedAvgCnn {},
+            ModelConfig::ResNet {
+                blocks: default_resnet_blocks(),
+            },
+        ]
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig::Mlp {
@@ -703,20 +721,6 @@ mod tests {
         width: 32,
     };
 
-    fn zoo() -> Vec<ModelConfig> {
-        vec![
-            ModelConfig::default(),
-            ModelConfig::SmallCnn {
-                channels: default_cnn_channels(),
-                fc: default_cnn_fc(),
-            },
-            ModelConfig::FedAvgCnn {},
-            ModelConfig::ResNet {
-                blocks: default_resnet_blocks(),
-            },
-        ]
-    }
-
     /// Seeded samples in [0, 1) and labels cycling through the classes.
     fn batch(input: InputShape, n: usize, device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
         let mut rng = ChaCha8Rng::seed_from_u64(99);
@@ -787,7 +791,7 @@ mod tests {
     #[test]
     fn every_model_maps_a_batch_to_logits_on_flex() {
         let device = Device::flex();
-        for config in zoo() {
+        for config in ModelConfig::zoo() {
             for input in [MNIST, CIFAR] {
                 let model = config.init(input, CLASSES, 1, &device);
                 let (x, _) = batch(input, 3, &device);
@@ -885,16 +889,16 @@ mod tests {
             ModelConfig::default().describe(MNIST, CLASSES).params,
             199_210
         );
-        assert_eq!(zoo()[1].describe(MNIST, CLASSES).params, 206_922);
-        assert_eq!(zoo()[1].describe(CIFAR, CLASSES).params, 268_650);
-        assert_eq!(zoo()[3].describe(MNIST, CLASSES).params, 77_754);
-        assert_eq!(zoo()[3].describe(MNIST, CLASSES).weight_bytes, 4 * 78_426);
+        assert_eq!(ModelConfig::zoo()[1].describe(MNIST, CLASSES).params, 206_922);
+        assert_eq!(ModelConfig::zoo()[1].describe(CIFAR, CLASSES).params, 268_650);
+        assert_eq!(ModelConfig::zoo()[3].describe(MNIST, CLASSES).params, 77_754);
+        assert_eq!(ModelConfig::zoo()[3].describe(MNIST, CLASSES).weight_bytes, 4 * 78_426);
     }
 
     #[test]
     fn same_seed_same_weights_other_seed_other_weights() {
         let device = Device::flex();
-        for config in zoo() {
+        for config in ModelConfig::zoo() {
             let (x, _) = batch(MNIST, 2, &device);
             let a = predict(&config.init(MNIST, CLASSES, 5, &device), x.clone());
             let b = predict(&config.init(MNIST, CLASSES, 5, &device), x.clone());
@@ -930,7 +934,7 @@ mod tests {
     fn a_few_adam_steps_reduce_the_loss_on_flex() {
         let device = Device::flex().autodiff();
         let loss_fn = CrossEntropyLossConfig::new().init(&device);
-        for config in zoo() {
+        for config in ModelConfig::zoo() {
             let (x, y) = batch(MNIST, 8, &device);
             let mut model = config.init(MNIST, CLASSES, 2, &device);
             let mut optimizer = AdamConfig::new().init();
@@ -999,7 +1003,7 @@ mod tests {
         #[allow(deprecated)]
         let ndarray = Device::ndarray();
         let flex = Device::flex();
-        for config in zoo() {
+        for config in ModelConfig::zoo() {
             let on_flex = config.init(MNIST, CLASSES, 8, &flex);
             // A different seed, so only loading the record can make them agree.
             let on_ndarray = config
@@ -1033,9 +1037,9 @@ mod tests {
         let err = ModelConfig::FedAvgCnn {}.validate(tabular).unwrap_err();
         assert!(err.contains("fedavg-cnn"), "{err}");
         // Stride-2 convolutions never reach 0, so a ResNet and an MLP fit tabular data.
-        assert!(zoo()[3].validate(tabular).is_ok());
-        assert!(zoo()[0].validate(tabular).is_ok());
-        assert!(zoo()[0].validate(InputShape::new([1, 1, 0])).is_err());
+        assert!(ModelConfig::zoo()[3].validate(tabular).is_ok());
+        assert!(ModelConfig::zoo()[0].validate(tabular).is_ok());
+        assert!(ModelConfig::zoo()[0].validate(InputShape::new([1, 1, 0])).is_err());
 
         let bad = [
             (ModelConfig::Mlp { hidden: vec![5, 0] }, "`hidden`"),
@@ -1069,7 +1073,7 @@ mod tests {
             assert!(err.contains(field), "{config:?}: {err}");
             assert_eq!(config.validate(MNIST).unwrap_err(), err);
         }
-        for config in zoo() {
+        for config in ModelConfig::zoo() {
             assert!(config.validate_fields().is_ok(), "{config:?}");
         }
     }
@@ -1087,10 +1091,10 @@ mod tests {
             model: ModelConfig,
         }
         let parse = |s: &str| toml::from_str::<File>(s).map(|f| f.model);
-        assert_eq!(parse("[model]\nkind = \"mlp\"").unwrap(), zoo()[0]);
-        assert_eq!(parse("[model]\nkind = \"cnn\"").unwrap(), zoo()[1]);
-        assert_eq!(parse("[model]\nkind = \"fedavg-cnn\"").unwrap(), zoo()[2]);
-        assert_eq!(parse("[model]\nkind = \"resnet\"").unwrap(), zoo()[3]);
+        assert_eq!(parse("[model]\nkind = \"mlp\"").unwrap(), ModelConfig::zoo()[0]);
+        assert_eq!(parse("[model]\nkind = \"cnn\"").unwrap(), ModelConfig::zoo()[1]);
+        assert_eq!(parse("[model]\nkind = \"fedavg-cnn\"").unwrap(), ModelConfig::zoo()[2]);
+        assert_eq!(parse("[model]\nkind = \"resnet\"").unwrap(), ModelConfig::zoo()[3]);
         assert_eq!(
             parse("[model]\nkind = \"cnn\"\nchannels = [8]\nfc = 64").unwrap(),
             ModelConfig::SmallCnn {
@@ -1107,7 +1111,7 @@ mod tests {
         assert!(parse("[model]\nkind = \"fedavg-cnn\"\nfc = 10").is_err());
         assert!(parse("[model]\nkind = \"cnn\"\nhidden = [10]").is_err());
         assert!(parse("[model]\nkind = \"resnet18\"").is_err());
-        for model in zoo() {
+        for model in ModelConfig::zoo() {
             let text = toml::to_string(&File {
                 model: model.clone(),
             })
@@ -1118,7 +1122,7 @@ mod tests {
 
     #[test]
     fn names_describe_the_architecture() {
-        let names: Vec<String> = zoo().iter().map(ModelConfig::name).collect();
+        let names: Vec<String> = ModelConfig::zoo().iter().map(ModelConfig::name).collect();
         assert_eq!(
             names,
             ["mlp-200-200", "cnn-16-32", "fedavg-cnn", "resnet-1-1-1"]

@@ -373,13 +373,74 @@ impl RoundEngine {
             })
             .await?;
 
-        if self.secure {
-            return self
-                .finish_secure_round(plan, transport, train_loss, local_accuracy, own, row_weights)
-                .await;
-        }
+        // 3: hand the knowledge to the others: a signed share to each
+        // target, or this member's masked input to secure aggregation.
+        let exchange = if self.secure {
+            self.exchange_secure(plan, transport, own, row_weights).await?
+        } else {
+            self.exchange_shares(plan, transport, own, row_weights).await?
+        };
 
-        // 3: sign and push the share.
+        // 4–5: aggregate and distil; then evaluate.
+        let distilled = exchange.knowledge.is_some();
+        let (distill_loss, accuracy, teacher_rows_kept) = match exchange.knowledge {
+            Some(knowledge) => self
+                .learn(move |m| -> anyhow::Result<_> {
+                    let teacher = match &knowledge {
+                        RoundKnowledge::Shares { own, peers } => m.teacher_timed(own, peers)?,
+                        RoundKnowledge::Sums(secure) => {
+                            m.teacher_of_sums_timed(&secure.sums, secure.contributors)?
+                        }
+                    };
+                    let loss = m.distill(round, &teacher);
+                    Ok((loss, m.evaluate(), teacher.kept_fraction()))
+                })
+                .await??,
+            None => (0.0, local_accuracy, 0.0),
+        };
+
+        let traffic = transport.round_traffic(round);
+        let times = self.member().times;
+        let (protocol_sent, protocol_received) = exchange.protocol_bytes;
+        let metrics = RoundMetrics {
+            test_accuracy: accuracy,
+            local_accuracy,
+            bytes_sent: traffic.share_bytes_sent + protocol_sent,
+            bytes_received: traffic.share_bytes_received + protocol_received,
+            share_bytes: exchange.share_bytes,
+            shares_sent: traffic.shares_sent as u32,
+            shares_aggregated: exchange.aggregated,
+            shares_rejected: (exchange.rejected_total - self.rejected_reported) as u32,
+            rejections: exchange.rejections,
+            train_loss,
+            distill_loss,
+            train_seconds: times.train,
+            predict_seconds: times.predict + times.select,
+            encode_seconds: exchange.encode_seconds,
+            network_seconds: exchange.network_seconds,
+            verify_seconds: self.inbox.take_verify_seconds(round),
+            distill_seconds: if distilled { times.distill } else { 0.0 },
+            aggregate_seconds: if distilled { times.aggregate } else { 0.0 },
+            distilled,
+            teacher_rows_kept,
+            ..self.metrics(round)
+        };
+        self.rejected_reported = exchange.rejected_total;
+        self.log_privacy(round);
+        Ok(metrics)
+    }
+
+    /// Step 3 with plain shares: sign this member's logits, push them to
+    /// the round's targets, wait for the peers' shares and take them from
+    /// the inbox.
+    async fn exchange_shares<T: ShareTransport>(
+        &mut self,
+        plan: &RoundPlan,
+        transport: &T,
+        own: Vec<f32>,
+        row_weights: Option<fd_protocol::RowWeights>,
+    ) -> anyhow::Result<Exchange> {
+        let round = plan.round;
         let mut shared = own.clone();
         if let Some(tamper) = &mut self.tamper {
             tamper(round, &mut shared);
@@ -437,66 +498,32 @@ impl RoundEngine {
         if peers.len() < plan.expected {
             tracing::warn!(node = %name, round, arrived = peers.len(), expected = plan.expected, "round closed before every share arrived");
         }
-        let distilled = peers.len() >= plan.quorum;
-        if !distilled {
+        let quorate = peers.len() >= plan.quorum;
+        if !quorate {
             tracing::warn!(node = %name, round, arrived = peers.len(), quorum = plan.quorum, "quorum not met: keeping the locally trained student this round");
         }
-
-        // 4–5: aggregate and distil; then evaluate.
-        let aggregated = if distilled { peers.len() as u32 } else { 0 };
-        let (distill_loss, accuracy, teacher_rows_kept) = if distilled {
-            self.learn(move |m| -> anyhow::Result<_> {
-                let teacher = m.teacher_timed(&own, &peers)?;
-                let loss = m.distill(round, &teacher);
-                Ok((loss, m.evaluate(), teacher.kept_fraction()))
-            })
-            .await??
-        } else {
-            (0.0, local_accuracy, 0.0)
-        };
-
-        let traffic = transport.round_traffic(round);
-        let times = self.member().times;
-        let metrics = RoundMetrics {
-            test_accuracy: accuracy,
-            local_accuracy,
-            bytes_sent: traffic.share_bytes_sent,
-            bytes_received: traffic.share_bytes_received,
+        Ok(Exchange {
+            aggregated: if quorate { peers.len() as u32 } else { 0 },
+            knowledge: quorate.then_some(RoundKnowledge::Shares { own, peers }),
             share_bytes,
-            shares_sent: traffic.shares_sent as u32,
-            shares_aggregated: aggregated,
-            shares_rejected: (rejected_total - self.rejected_reported) as u32,
-            rejections,
-            train_loss,
-            distill_loss,
-            train_seconds: times.train,
-            predict_seconds: times.predict + times.select,
             encode_seconds,
             network_seconds,
-            verify_seconds: self.inbox.take_verify_seconds(round),
-            distill_seconds: if distilled { times.distill } else { 0.0 },
-            aggregate_seconds: if distilled { times.aggregate } else { 0.0 },
-            distilled,
-            teacher_rows_kept,
-            ..self.metrics(round)
-        };
-        self.rejected_reported = rejected_total;
-        self.log_privacy(round);
-        Ok(metrics)
+            protocol_bytes: (0, 0),
+            rejections,
+            rejected_total,
+        })
     }
 
-    /// Steps 3–5 under secure aggregation: encode this member's knowledge
-    /// (probabilities, weighted per row), take part in the round's
-    /// protocol, and distil the teacher of the unmasked sum.
-    async fn finish_secure_round<T: ShareTransport>(
+    /// Step 3 under secure aggregation: encode this member's knowledge
+    /// (probabilities, weighted per row) and take part in the round's
+    /// protocol; the knowledge to distil is the unmasked sum.
+    async fn exchange_secure<T: ShareTransport>(
         &mut self,
         plan: &RoundPlan,
         transport: &T,
-        train_loss: f64,
-        local_accuracy: f64,
         mut own: Vec<f32>,
         row_weights: Option<fd_protocol::RowWeights>,
-    ) -> anyhow::Result<RoundMetrics> {
+    ) -> anyhow::Result<Exchange> {
         let round = plan.round;
         if let Some(tamper) = &mut self.tamper {
             tamper(round, &mut own);
@@ -515,58 +542,64 @@ impl RoundEngine {
         let network_start = std::time::Instant::now();
         let outcome = transport.secure_sum(plan, &self.key, encoded).await;
         let network_seconds = network_start.elapsed().as_secs_f64();
-        let (distill_loss, accuracy, teacher_rows_kept, contributors, sent, received) = match outcome {
+        let (knowledge, aggregated, protocol_bytes) = match outcome {
             Ok(secure) if secure.contributors > plan.quorum => {
-                let SecureSum {
-                    sums,
-                    contributors,
-                    bytes_sent,
-                    bytes_received,
-                } = secure;
-                let (loss, accuracy, kept) = self
-                    .learn(move |m| -> anyhow::Result<_> {
-                        let start = std::time::Instant::now();
-                        let teacher =
-                            m.aggregator
-                                .aggregate_sums(&sums, contributors, m.knowledge.filter())?;
-                        m.times.aggregate = start.elapsed().as_secs_f64();
-                        let loss = m.distill(round, &teacher);
-                        Ok((loss, m.evaluate(), teacher.kept_fraction()))
-                    })
-                    .await??;
-                (loss, accuracy, kept, contributors, bytes_sent, bytes_received)
+                // The peers whose knowledge is in the sum (this member excluded).
+                let aggregated = secure.contributors.saturating_sub(1) as u32;
+                let bytes = (secure.bytes_sent, secure.bytes_received);
+                (Some(RoundKnowledge::Sums(secure)), aggregated, bytes)
             }
             Ok(secure) => {
                 tracing::warn!(node = %name, round, contributors = secure.contributors, quorum = plan.quorum, "quorum not met: keeping the locally trained student this round");
-                (0.0, local_accuracy, 0.0, 0, secure.bytes_sent, secure.bytes_received)
+                (None, 0, (secure.bytes_sent, secure.bytes_received))
             }
             Err(e) => {
                 tracing::warn!(node = %name, round, "secure aggregation failed, keeping the locally trained student this round: {e:#}");
-                (0.0, local_accuracy, 0.0, 0, 0, 0)
+                (None, 0, (0, 0))
             }
         };
-        let distilled = contributors > 0;
-        let times = self.member().times;
-        Ok(RoundMetrics {
-            test_accuracy: accuracy,
-            local_accuracy,
-            bytes_sent: sent,
-            bytes_received: received,
+        let (rejections, rejected_total) = {
+            let inbox = self.inbox.lock();
+            (inbox.rejections(), inbox.rejected_total())
+        };
+        Ok(Exchange {
+            knowledge,
             share_bytes,
-            shares_sent: 0,
-            // The peers whose knowledge is in the sum (this member excluded).
-            shares_aggregated: contributors.saturating_sub(1) as u32,
-            train_loss,
-            distill_loss,
-            train_seconds: times.train,
-            predict_seconds: times.predict + times.select,
             encode_seconds,
             network_seconds,
-            distill_seconds: if distilled { times.distill } else { 0.0 },
-            aggregate_seconds: if distilled { times.aggregate } else { 0.0 },
-            distilled,
-            teacher_rows_kept,
-            ..self.metrics(round)
+            aggregated,
+            protocol_bytes,
+            rejections,
+            rejected_total,
         })
     }
+}
+
+/// What a member distils in a round.
+enum RoundKnowledge {
+    /// Its own knowledge and the accepted peer shares.
+    Shares {
+        own: SharedKnowledge,
+        peers: Vec<SharedKnowledge>,
+    },
+    /// The unmasked sum of secure aggregation.
+    Sums(SecureSum),
+}
+
+/// How step 3 went, whichever way the knowledge travelled.
+struct Exchange {
+    /// `None`: below quorum or failed; the member keeps its local student.
+    knowledge: Option<RoundKnowledge>,
+    /// Size of what this member sent each target (a share frame, or the
+    /// masked words).
+    share_bytes: u64,
+    encode_seconds: f64,
+    network_seconds: f64,
+    /// Peers whose knowledge went into the teacher.
+    aggregated: u32,
+    /// Secure aggregation's message bytes (sent, received), which the
+    /// carrier's share traffic does not include.
+    protocol_bytes: (u64, u64),
+    rejections: Vec<(String, u64)>,
+    rejected_total: u64,
 }

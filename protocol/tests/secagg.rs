@@ -48,6 +48,37 @@ fn knowledge(rows: usize, classes: usize, rng: &mut ChaCha20Rng) -> (Vec<f32>, V
     (p, w)
 }
 
+/// Every member starts the round and advertises to all; those for which
+/// `shares_keys(i)` holds then share their keys, and every message arrives.
+fn through_key_shares(
+    keys: &[SigningKey],
+    ctx: &RoundContext,
+    rng: &mut ChaCha20Rng,
+    shares_keys: impl Fn(usize) -> bool,
+) -> Vec<Participant> {
+    let (mut parts, adverts): (Vec<Participant>, Vec<_>) = keys
+        .iter()
+        .map(|k| Participant::new(ctx.clone(), k, rng).unwrap())
+        .unzip();
+    for p in parts.iter_mut() {
+        for a in &adverts {
+            p.accept_advertisement(a.clone()).unwrap();
+        }
+    }
+    let mut sealed = Vec::new();
+    for (i, p) in parts.iter_mut().enumerate() {
+        if shares_keys(i) {
+            sealed.extend(p.key_shares(rng).unwrap());
+        }
+    }
+    let members: Vec<PublicKey> = keys.iter().map(SigningKey::public_key).collect();
+    for m in &sealed {
+        let to = members.iter().position(|k| *k == m.to).unwrap();
+        parts[to].accept_key_shares(m).unwrap();
+    }
+    parts
+}
+
 struct Outcome {
     /// What each completing member unmasked.
     results: Vec<Result<Vec<u32>, SecAggError>>,
@@ -64,25 +95,8 @@ fn play(stages: &[Stage], threshold: usize, inputs: &[Vec<u32>], seed: u64) -> O
     let members: Vec<PublicKey> = keys.iter().map(SigningKey::public_key).collect();
     let ctx = RoundContext::new(FED, 7, &members, threshold).unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(seed ^ 0x5ec);
-    let (mut parts, adverts): (Vec<Participant>, Vec<_>) = keys
-        .iter()
-        .map(|k| Participant::new(ctx.clone(), k, &mut rng).unwrap())
-        .unzip();
-    for p in parts.iter_mut() {
-        for a in &adverts {
-            p.accept_advertisement(a.clone()).unwrap();
-        }
-    }
-    let mut sealed = Vec::new();
-    for (i, p) in parts.iter_mut().enumerate() {
-        if stages[i] != Stage::AfterAdvertise {
-            sealed.extend(p.key_shares(&mut rng).unwrap());
-        }
-    }
-    for m in &sealed {
-        let to = members.iter().position(|k| *k == m.to).unwrap();
-        parts[to].accept_key_shares(m).unwrap();
-    }
+    let mut parts =
+        through_key_shares(&keys, &ctx, &mut rng, |i| stages[i] != Stage::AfterAdvertise);
     let mut masked: Vec<MaskedInput> = Vec::new();
     for (i, p) in parts.iter_mut().enumerate() {
         if matches!(stages[i], Stage::AfterInput | Stage::Complete) {
@@ -220,20 +234,7 @@ fn one_masked_input_alone_is_uniform() {
     let members: Vec<PublicKey> = keys.iter().map(SigningKey::public_key).collect();
     let ctx = RoundContext::new(FED, 1, &members, 2).unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(77);
-    let (mut parts, adverts): (Vec<Participant>, Vec<_>) = keys
-        .iter()
-        .map(|k| Participant::new(ctx.clone(), k, &mut rng).unwrap())
-        .unzip();
-    for p in parts.iter_mut() {
-        for a in &adverts {
-            p.accept_advertisement(a.clone()).unwrap();
-        }
-    }
-    let sealed: Vec<_> = parts.iter_mut().flat_map(|p| p.key_shares(&mut rng).unwrap()).collect();
-    for m in &sealed {
-        let to = members.iter().position(|k| *k == m.to).unwrap();
-        parts[to].accept_key_shares(m).unwrap();
-    }
+    let mut parts = through_key_shares(&keys, &ctx, &mut rng, |_| true);
     let masked = parts[0].masked_input(&vec![0u32; 1 << 16]).unwrap();
     for shift in [0u32, 24] {
         let mut counts = [0u64; 256];
@@ -247,27 +248,14 @@ fn one_masked_input_alone_is_uniform() {
     }
 }
 
-/// Three members, all past key sharing; returns them, their inputs and
-/// the advertisements.
+/// Three members, all past key sharing; returns them, their masked inputs
+/// and their keys.
 fn three_with_inputs(seed: u64) -> (Vec<Participant>, Vec<MaskedInput>, Vec<PublicKey>) {
     let keys = keys(3, seed);
     let members: Vec<PublicKey> = keys.iter().map(SigningKey::public_key).collect();
     let ctx = RoundContext::new(FED, 2, &members, 2).unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let (mut parts, adverts): (Vec<Participant>, Vec<_>) = keys
-        .iter()
-        .map(|k| Participant::new(ctx.clone(), k, &mut rng).unwrap())
-        .unzip();
-    for p in parts.iter_mut() {
-        for a in &adverts {
-            p.accept_advertisement(a.clone()).unwrap();
-        }
-    }
-    let sealed: Vec<_> = parts.iter_mut().flat_map(|p| p.key_shares(&mut rng).unwrap()).collect();
-    for m in &sealed {
-        let to = members.iter().position(|k| *k == m.to).unwrap();
-        parts[to].accept_key_shares(m).unwrap();
-    }
+    let mut parts = through_key_shares(&keys, &ctx, &mut rng, |_| true);
     let inputs = parts
         .iter_mut()
         .enumerate()
@@ -398,12 +386,9 @@ fn context_and_key_shares_are_checked() {
     let mut tampered = sealed[0].clone();
     tampered.ciphertext[3] ^= 1;
     assert!(parts[to].accept_key_shares(&tampered).is_err());
-    // Shares addressed to someone else are refused.
-    let other = (to + 1) % 4;
-    let other = if other == 0 { 1 } else { other };
-    if members[other] != sealed[0].to {
-        assert!(parts[other].accept_key_shares(&sealed[0]).is_err());
-    }
+    // Shares addressed to someone else (neither sender nor addressee) are refused.
+    let other = (1..4).find(|&i| i != to).unwrap();
+    assert!(parts[other].accept_key_shares(&sealed[0]).is_err());
     parts[to].accept_key_shares(&sealed[0]).unwrap();
 }
 

@@ -96,22 +96,6 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
-fn zoo() -> Vec<ModelConfig> {
-    vec![
-        ModelConfig::Mlp {
-            hidden: vec![200, 200],
-        },
-        ModelConfig::SmallCnn {
-            channels: vec![16, 32],
-            fc: 128,
-        },
-        ModelConfig::FedAvgCnn {},
-        ModelConfig::ResNet {
-            blocks: vec![1, 1, 1],
-        },
-    ]
-}
-
 const MNIST: [usize; 3] = [1, 28, 28];
 const CLASSES: usize = 10;
 
@@ -170,7 +154,7 @@ pub fn bytes_table() -> anyhow::Result<String> {
         "| model | params | FedAvg up | subset | f32 | f16 | int8 | top-3 | FedAvg ÷ f32 | FedAvg ÷ int8 |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for model in zoo() {
+    for model in ModelConfig::zoo() {
         let summary = model.describe(input, CLASSES);
         let fedavg = fedavg_frame_bytes(summary.params);
         for rows in [1000usize, 5000] {
@@ -215,7 +199,7 @@ impl ThroughputSpec {
             "sgd" => OptimizerKind::Sgd,
             other => bail!("--optimizer: unknown optimizer `{other}` (adam, sgd)"),
         };
-        let mut models = zoo();
+        let mut models = ModelConfig::zoo();
         if !o.models.is_empty() {
             for name in &o.models {
                 anyhow::ensure!(
@@ -940,7 +924,7 @@ mod tests {
         assert_eq!(names, ["fedavg-cnn"]);
         let all = ThroughputSpec::from_options(&options(&[])).unwrap();
         assert_eq!(all.optimizer, OptimizerKind::Adam);
-        assert_eq!(all.models.len(), zoo().len());
+        assert_eq!(all.models.len(), ModelConfig::zoo().len());
         let err = ThroughputSpec::from_options(&options(&["--optimizer", "lbfgs"])).unwrap_err();
         assert!(err.to_string().contains("--optimizer") && err.to_string().contains("lbfgs"));
         let err = ThroughputSpec::from_options(&options(&["--models", "vgg"])).unwrap_err();

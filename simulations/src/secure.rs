@@ -271,8 +271,13 @@ impl SecureHub {
                 );
                 continue;
             }
-            let result = p
-                .unmask(&survivors, &inputs, &reveals)
+            let unmasked = p.unmask(&survivors, &inputs, &reveals);
+            if let (Some(spy), Ok(u)) = (&self.spy, &unmasked) {
+                if indices[k] == spy.curious {
+                    self.audit(spy, round, &indices, &submitted[&indices[k]].1, &u.sum);
+                }
+            }
+            let result = unmasked
                 .map_err(anyhow::Error::from)
                 .and_then(|u| Ok(KnowledgeSums::decode(&u.sum, self.classes)?))
                 .map(|sums| SecureSum {
@@ -282,11 +287,6 @@ impl SecureHub {
                     bytes_received: received[k],
                 })
                 .map_err(|e| format!("{e:#}"));
-            if let (Some(spy), Ok(secure)) = (&self.spy, &result) {
-                if indices[k] == spy.curious {
-                    self.audit(spy, round, &indices, &submitted[&indices[k]].1, secure);
-                }
-            }
             results.insert(indices[k], result);
         }
         Ok(results)
@@ -300,21 +300,11 @@ impl SecureHub {
         round: u64,
         indices: &[usize],
         own: &[u32],
-        secure: &SecureSum,
+        sum: &[u32],
     ) {
         let classes = self.classes;
-        let mut others = Vec::with_capacity(own.len());
-        // Re-encode the decoded sum's integers: decode(sum) is exact.
-        let scale = f64::from(1u32 << fd_protocol::secagg::FRACTION_BITS);
-        for (r, w) in secure.sums.weight.iter().enumerate() {
-            others.push(((w * scale).round() as u32).wrapping_sub(own[r * (classes + 1)]));
-            for c in 0..classes {
-                let wp = secure.sums.weighted_probabilities[r * classes + c];
-                others.push(
-                    ((wp * scale).round() as u32).wrapping_sub(own[r * (classes + 1) + 1 + c]),
-                );
-            }
-        }
+        // The others' knowledge: the round's sum minus its own input.
+        let others: Vec<u32> = sum.iter().zip(own).map(|(s, o)| s.wrapping_sub(*o)).collect();
         let Ok(others) = KnowledgeSums::decode(&others, classes) else {
             return;
         };

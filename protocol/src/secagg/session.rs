@@ -361,7 +361,6 @@ impl Reveal {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Unmasked {
     pub sum: Vec<u32>,
-    pub survivors: Vec<PublicKey>,
     pub refused: Vec<SecAggError>,
 }
 
@@ -798,10 +797,6 @@ impl Participant {
                 }
             }
         }
-        Ok(Unmasked {
-            sum,
-            survivors: set.into_iter().collect(),
-            refused,
-        })
+        Ok(Unmasked { sum, refused })
     }
 }
