@@ -42,7 +42,7 @@ use crate::state::{CoordinatorState, NextRound, StateError};
 pub const EXAMPLE_CONFIG: &str = r#"# fd-coordinator configuration file (TOML): every field and its meaning.
 # Relative paths are relative to this file.
 
-listen = "/ip4/127.0.0.1/tcp/7000"   # libp2p listen address
+listen = "/ip4/127.0.0.1/tcp/7000"   # libp2p listen address (or /ip4/…/udp/7000/quic-v1)
 key_file = "coordinator.key"         # Ed25519 identity; created (mode 0600) if missing
 min_members = 3                      # round 1 starts once this many members joined
 round_timeout_secs = 600             # each round's deadline, from its announcement
@@ -139,6 +139,11 @@ impl CoordinatorConfig {
                 "listen",
                 format!("is not a multiaddress: {}", c.listen),
             ));
+        }
+        if c.psk_file.is_some()
+            && let Some(reason) = fd_node::net::quic_under_psk("listen", &c.listen)
+        {
+            return Err(invalid("listen", reason));
         }
         if c.federation.rounds == 0 {
             return Err(invalid("federation.rounds", "must be at least 1".into()));

@@ -22,26 +22,7 @@ fn product(
     rhs: &[f32],
     (rrs, rcs): (usize, usize),
 ) {
-    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
-    // SAFETY: every buffer holds its matrix (checked above) and the strides
-    // describe a dense row- or column-major layout of it.
-    unsafe {
-        fd_node::fastconv::kernels::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            drs,
-            dcs,
-            false,
-            lhs.as_ptr(),
-            lrs,
-            lcs,
-            rhs.as_ptr(),
-            rrs,
-            rcs,
-        )
-    }
+    fd_node::fastconv::kernels::gemm(m, n, k, dst, (drs, dcs), false, lhs, (lrs, lcs), rhs, (rrs, rcs));
 }
 
 fn report(name: &str, (m, n, k): (usize, usize, usize), mut f: impl FnMut()) {

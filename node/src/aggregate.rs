@@ -30,6 +30,7 @@ use std::cmp::Ordering;
 use serde::{Deserialize, Serialize};
 
 use fd_protocol::secagg::KnowledgeSums;
+use fd_protocol::share::softmax_into;
 
 use crate::knowledge::TeacherFilter;
 
@@ -548,19 +549,6 @@ fn trimmed_mean(values: &mut [f32], trim: usize) -> f64 {
         &rest[..keep]
     };
     kept.iter().map(|v| f64::from(*v)).sum::<f64>() / kept.len() as f64
-}
-
-/// Numerically stable softmax of one row, in f64.
-fn softmax_into(row: &[f32], out: &mut [f64]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) as f64;
-    let mut total = 0.0;
-    for (o, v) in out.iter_mut().zip(row) {
-        *o = (*v as f64 - max).exp();
-        total += *o;
-    }
-    for o in out.iter_mut() {
-        *o /= total;
-    }
 }
 
 /// Each row's softmax, as f32: what a member encodes for secure

@@ -25,7 +25,8 @@ pub const EXAMPLE_CONFIG: &str = r#"# fd-node configuration file (TOML): every f
 # Relative paths are relative to this file.
 
 name = "node-0"                       # shown in logs and tables
-listen = "/ip4/127.0.0.1/tcp/0"       # libp2p listen address (tcp/0 = any free port)
+listen = "/ip4/127.0.0.1/tcp/0"       # libp2p listen address (tcp/0 = any free port), or a list:
+                                      # ["/ip4/0.0.0.0/tcp/7001", "/ip4/0.0.0.0/udp/7001/quic-v1"]
 key_file = "node-0.key"               # Ed25519 identity; created (mode 0600) if missing
 # Coordinator's full address, printed by fd-coordinator. Omit to run isolated (no collaboration).
 coordinator = "/ip4/127.0.0.1/tcp/7000/p2p/12D3KooWPjceQrSwdWXPyLLeABRXmuqt69Rg3sBYbU1Nft9HyQ6X"
@@ -120,6 +121,12 @@ clip_norm = 1.0                       # C: bound on each sample's gradient L2 no
 noise_multiplier = 1.0                # sigma: noise std sigma*C on the sum of clipped gradients
 delta = 1e-5                          # delta of the (epsilon, delta) logged every round; < 1/private samples
 # max_epsilon = 8.0                   # stop training on private data before epsilon would pass this
+
+[rollback]                            # monitoring on a held-out validation split (docs/operating.md)
+validation_fraction = 0.1             # private samples held out per class (seeded), never trained on; [0, 1)
+rollback_tolerance = 0.10             # undo a distillation that leaves validation accuracy more than this
+                                      # below the best so far (omit: measure only, never roll back)
+best_file = "node-0.best"             # the best student kept so far (default: <name>.best); export takes it
 "#;
 
 /// Errors reading or checking a config file; each names the file and field.
@@ -307,8 +314,10 @@ pub struct PartitionConfig {
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub name: String,
+    /// One libp2p listen address or a list (TCP and QUIC, say); all of
+    /// them are announced to the other members.
     #[serde(default = "default_listen")]
-    pub listen: String,
+    pub listen: ListenAddrs,
     pub key_file: PathBuf,
     #[serde(default)]
     pub coordinator: Option<String>,
@@ -355,10 +364,38 @@ pub struct NodeConfig {
     /// Differentially private training on private data.
     #[serde(default)]
     pub dp: DpConfig,
+    /// Validation split, rollback of harmful distillations, best student.
+    #[serde(default)]
+    pub rollback: crate::rollback::RollbackConfig,
 }
 
-fn default_listen() -> String {
-    "/ip4/127.0.0.1/tcp/0".into()
+fn default_listen() -> ListenAddrs {
+    ListenAddrs::One("/ip4/127.0.0.1/tcp/0".into())
+}
+
+/// `listen = "/ip4/0.0.0.0/tcp/7001"` or
+/// `listen = ["/ip4/0.0.0.0/tcp/7001", "/ip4/0.0.0.0/udp/7001/quic-v1"]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ListenAddrs {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<&str> for ListenAddrs {
+    fn from(addr: &str) -> Self {
+        ListenAddrs::One(addr.to_string())
+    }
+}
+
+impl ListenAddrs {
+    /// The addresses, in config order.
+    pub fn addrs(&self) -> &[String] {
+        match self {
+            ListenAddrs::One(addr) => std::slice::from_ref(addr),
+            ListenAddrs::Many(addrs) => addrs,
+        }
+    }
 }
 
 /// Resolves `path` against `base` unless it is absolute.
@@ -387,6 +424,13 @@ impl NodeConfig {
                 .unwrap_or_else(|| PathBuf::from(format!("{}.checkpoint", config.name))),
         ));
         config.psk_file = config.psk_file.map(|p| resolve(base, &p));
+        config.rollback.best_file = Some(resolve(
+            base,
+            &config
+                .rollback
+                .best_file
+                .unwrap_or_else(|| PathBuf::from(format!("{}.best", config.name))),
+        ));
         config.data.rebase(base);
         config.validate(path)?;
         Ok(config)
@@ -408,6 +452,7 @@ impl NodeConfig {
             reason,
         };
         self.federation.validate().map_err(|(f, r)| invalid(f, r))?;
+        self.rollback.validate().map_err(|(f, r)| invalid(f, r))?;
         if self.partition.nodes == 0 {
             return Err(invalid("partition.nodes", "must be at least 1".into()));
         }
@@ -420,11 +465,23 @@ impl NodeConfig {
                 ),
             ));
         }
-        if self.listen.parse::<libp2p::Multiaddr>().is_err() {
-            return Err(invalid(
-                "listen",
-                format!("is not a multiaddress: {}", self.listen),
-            ));
+        if self.listen.addrs().is_empty() {
+            return Err(invalid("listen", "must name at least one address".into()));
+        }
+        for addr in self.listen.addrs() {
+            if addr.parse::<libp2p::Multiaddr>().is_err() {
+                return Err(invalid("listen", format!("is not a multiaddress: {addr}")));
+            }
+        }
+        if self.psk_file.is_some() {
+            let dialled = self.coordinator.iter().map(|a| ("coordinator", a));
+            let dialled = dialled.chain(self.bootstrap.iter().map(|a| ("bootstrap", a)));
+            let listened = self.listen.addrs().iter().map(|a| ("listen", a));
+            for (field, addr) in listened.chain(dialled) {
+                if let Some(reason) = crate::net::quic_under_psk(field, addr) {
+                    return Err(invalid(field, reason));
+                }
+            }
         }
         if let Some(c) = &self.coordinator
             && c.parse::<libp2p::Multiaddr>().is_err()
@@ -546,6 +603,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("dp.max_epsilon"), "{err}");
+    }
+
+    #[test]
+    fn listen_takes_one_address_or_a_list_and_quic_is_refused_under_a_psk() {
+        let tcp = "\"/ip4/0.0.0.0/tcp/7001\"";
+        let quic = "\"/ip4/0.0.0.0/udp/7001/quic-v1\"";
+        let with = |listen: &str, extra: &str| {
+            let text = EXAMPLE_CONFIG.replace(
+                "listen = \"/ip4/127.0.0.1/tcp/0\"",
+                &format!("listen = {listen}\n{extra}"),
+            );
+            NodeConfig::parse(&text, Path::new("/etc/fd/node.toml"))
+        };
+        let both = with(&format!("[{tcp}, {quic}]"), "").unwrap();
+        assert_eq!(
+            both.listen.addrs(),
+            ["/ip4/0.0.0.0/tcp/7001", "/ip4/0.0.0.0/udp/7001/quic-v1"]
+        );
+        assert_eq!(with(quic, "").unwrap().listen.addrs().len(), 1);
+        let err = with("[]", "").unwrap_err().to_string();
+        assert!(err.contains("`listen`") && err.contains("at least one"), "{err}");
+        let err = with(&format!("[{tcp}, \"nonsense\"]"), "").unwrap_err().to_string();
+        assert!(err.contains("nonsense"), "{err}");
+        // A closed federation: TCP only, and the message says why.
+        with(tcp, "psk_file = \"swarm.key\"").unwrap();
+        let err = with(&format!("[{tcp}, {quic}]"), "psk_file = \"swarm.key\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`listen`") && err.contains("pnet"), "{err}");
     }
 
     #[test]

@@ -38,16 +38,61 @@ impl DeviceKind {
         DeviceKind::WgpuCpu,
     ];
 
+    /// The cargo feature of fd-node that builds this device (`None`: always built).
+    pub fn feature(self) -> Option<&'static str> {
+        match self {
+            DeviceKind::Flex => None,
+            DeviceKind::Ndarray => Some("ndarray"),
+            DeviceKind::Wgpu | DeviceKind::WgpuCpu => Some("wgpu"),
+        }
+    }
+
+    /// Whether this binary was built with the device.
+    pub fn is_built(self) -> bool {
+        match self.feature() {
+            None => true,
+            Some("ndarray") => cfg!(feature = "ndarray"),
+            Some(_) => cfg!(feature = "wgpu"),
+        }
+    }
+
+    /// Why this binary cannot run on the device, or `None` when it can.
+    pub fn not_built_reason(self) -> Option<String> {
+        self.missing_reason(self.is_built())
+    }
+
+    fn missing_reason(self, built: bool) -> Option<String> {
+        let feature = self.feature()?;
+        (!built).then(|| {
+            format!(
+                "device {} was not built into this binary: rebuild with the cargo feature                  `{feature}` (`cargo build --bin fd-node` builds it by default; for fd-sim,                  `cargo run --bin fd-sim --features {feature} -- ...`), or use device = \"flex\"",
+                self.name()
+            )
+        })
+    }
+
     /// The inference device (no autodiff).
+    ///
+    /// # Panics
+    /// On a device that was not built in ([`Self::probe`] says so first at
+    /// start-up, with the feature to turn on).
     pub fn device(self) -> Device {
+        if let Some(reason) = self.not_built_reason() {
+            panic!("{reason}");
+        }
         match self {
             DeviceKind::Flex => Device::flex(),
             // Deprecated upstream but still shipped in 0.22; chosen only when a
             // config asks for it explicitly.
+            #[cfg(feature = "ndarray")]
             #[allow(deprecated)]
             DeviceKind::Ndarray => Device::ndarray(),
+            #[cfg(feature = "wgpu")]
             DeviceKind::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+            #[cfg(feature = "wgpu")]
             DeviceKind::WgpuCpu => Device::wgpu(burn::tensor::DeviceKind::Cpu),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("not_built_reason covers every device without its feature"),
         }
     }
 
@@ -64,6 +109,9 @@ impl DeviceKind {
     /// Runs one small computation on the device, so a missing adapter is a
     /// clear error at start-up instead of a panic in the first round.
     pub fn probe(self) -> Result<(), String> {
+        if let Some(reason) = self.not_built_reason() {
+            return Err(reason);
+        }
         let attempt = std::panic::catch_unwind(|| {
             let t = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0, 3.0], &self.device());
             t.sum().into_scalar::<f32>()
@@ -116,6 +164,27 @@ mod tests {
     }
 
     #[test]
+    fn a_device_left_out_of_the_build_is_refused_with_its_feature() {
+        assert_eq!(DeviceKind::Flex.feature(), None);
+        assert!(DeviceKind::Flex.is_built());
+        for kind in [DeviceKind::Ndarray, DeviceKind::Wgpu, DeviceKind::WgpuCpu] {
+            let feature = kind.feature().unwrap();
+            assert!(kind.missing_reason(true).is_none(), "{kind:?}");
+            let reason = kind.missing_reason(false).unwrap();
+            assert!(
+                reason.contains(&format!("device {} ", kind.name()))
+                    && reason.contains(&format!("`{feature}`"))
+                    && reason.contains("--features"),
+                "{reason}"
+            );
+        }
+        // This build's own answer follows its features.
+        assert_eq!(DeviceKind::Wgpu.is_built(), cfg!(feature = "wgpu"));
+        assert_eq!(DeviceKind::Ndarray.is_built(), cfg!(feature = "ndarray"));
+    }
+
+    #[test]
+    #[cfg(all(feature = "ndarray", feature = "wgpu"))]
     fn devices_compute_and_training_devices_differentiate() {
         for kind in [DeviceKind::Flex, DeviceKind::Ndarray, DeviceKind::WgpuCpu] {
             kind.probe().unwrap();

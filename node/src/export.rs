@@ -599,28 +599,88 @@ pub fn load_exported(dir: &Path, device: &Device) -> Result<ExportedModel, Expor
     })
 }
 
-/// `fd-node export`: the student of `config`'s checkpoint, exported to `dir`.
-/// Loads the data source (for the input shape, classes and test accuracy).
+/// Which of a member's students `fd-node export` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Which {
+    /// The best student kept so far on the validation split
+    /// (`[rollback] best_file`, [`crate::rollback::BestStudent`]).
+    #[default]
+    Best,
+    /// The student of the last completed round (`checkpoint_file`).
+    Current,
+}
+
+impl std::str::FromStr for Which {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "best" => Ok(Which::Best),
+            "current" => Ok(Which::Current),
+            other => Err(format!("unknown student {other:?}: expected best or current")),
+        }
+    }
+}
+
+/// `fd-node export`: the member's best student ([`Which::Best`]) exported
+/// to `dir`; see [`export_which`].
 pub fn export_from_config(
     config: &crate::config::NodeConfig,
     format: ExportFormat,
     dir: &Path,
 ) -> Result<ModelCard, ExportError> {
+    export_which(config, Which::Best, format, dir)
+}
+
+/// `fd-node export --which`: the student of `config`'s best-student file
+/// or of its checkpoint, exported to `dir`. A config without a validation
+/// split (`rollback.validation_fraction = 0`) keeps no best student: there
+/// `Best` takes the checkpoint, and says so. Loads the data source (for the
+/// input shape, classes and test accuracy).
+pub fn export_which(
+    config: &crate::config::NodeConfig,
+    which: Which,
+    format: ExportFormat,
+    dir: &Path,
+) -> Result<ModelCard, ExportError> {
     use crate::checkpoint::Checkpoint;
     use crate::learner::Learner;
+    use crate::rollback::BestStudent;
 
-    let path = config
-        .checkpoint_file
-        .clone()
-        .ok_or_else(|| ExportError::Source("the config has no `checkpoint_file`".into()))?;
-    let checkpoint = Checkpoint::load(&path)
-        .map_err(|e| ExportError::Source(e.to_string()))?
-        .ok_or_else(|| {
-            ExportError::Source(format!(
-                "no checkpoint at {} (field `checkpoint_file`): run the node for at least one round first",
-                path.display()
-            ))
+    let mut validation_accuracy = None;
+    let (checkpoint, path) = if which == Which::Best && config.rollback.validation_fraction > 0.0 {
+        let path = config.rollback.best_file.clone().ok_or_else(|| {
+            ExportError::Source("the config has no `rollback.best_file`".into())
         })?;
+        let best = BestStudent::load(&path)
+            .map_err(|e| ExportError::Source(e.to_string()))?
+            .ok_or_else(|| {
+                ExportError::Source(format!(
+                    "no best student at {} (field `rollback.best_file`): run the node for at least one round first, or export the checkpoint with `--which current`",
+                    path.display()
+                ))
+            })?;
+        validation_accuracy = Some(best.validation_accuracy);
+        (best.checkpoint, path)
+    } else {
+        if which == Which::Best {
+            tracing::warn!(
+                "`rollback.validation_fraction` is 0: no best student is kept, exporting the checkpoint's (current) student"
+            );
+        }
+        let path = config
+            .checkpoint_file
+            .clone()
+            .ok_or_else(|| ExportError::Source("the config has no `checkpoint_file`".into()))?;
+        let checkpoint = Checkpoint::load(&path)
+            .map_err(|e| ExportError::Source(e.to_string()))?
+            .ok_or_else(|| {
+                ExportError::Source(format!(
+                    "no checkpoint at {} (field `checkpoint_file`): run the node for at least one round first",
+                    path.display()
+                ))
+            })?;
+        (checkpoint, path)
+    };
     let source = config.data.resolve();
     let data = source
         .load()
@@ -660,7 +720,7 @@ pub fn export_from_config(
             federation_id: Some(checkpoint.federation_id.clone()),
             round: Some(checkpoint.round),
             test_accuracy: Some(test_accuracy),
-            validation_accuracy: None,
+            validation_accuracy,
             data: Some(source),
         },
         format,

@@ -64,7 +64,10 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+// The crate denies `unsafe_code`; reading and writing the FP control register
+// needs inline assembly, one instruction each, with its SAFETY note.
 #[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
 mod arch {
     /// MXCSR: flush-to-zero (bit 15) and denormals-are-zero (bit 6).
     pub const FLUSH_BITS: u32 = (1 << 15) | (1 << 6);
@@ -92,6 +95,7 @@ mod arch {
 }
 
 #[cfg(target_arch = "aarch64")]
+#[allow(unsafe_code)]
 mod arch {
     /// FPCR.FZ (bit 24): flush subnormal inputs and outputs to zero.
     pub const FLUSH_BITS: u64 = 1 << 24;

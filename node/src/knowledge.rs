@@ -40,6 +40,7 @@
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use fd_protocol::share::softmax_into;
 use serde::{Deserialize, Serialize};
 
 /// How a member scores the public rows it shares (`[knowledge] selector`).
@@ -184,18 +185,6 @@ impl TeacherFilter {
     }
 }
 
-fn softmax_row(row: &[f32], out: &mut [f64]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut total = 0.0;
-    for (o, &v) in out.iter_mut().zip(row) {
-        *o = f64::from(v - max).exp();
-        total += *o;
-    }
-    for o in out.iter_mut() {
-        *o /= total;
-    }
-}
-
 /// `confidence`: per row, (max p − 1/C) / (1 − 1/C), in [0, 1].
 pub fn confidence_weights(logits: &[f32], classes: usize) -> Vec<f32> {
     let floor = 1.0 / classes as f64;
@@ -203,7 +192,7 @@ pub fn confidence_weights(logits: &[f32], classes: usize) -> Vec<f32> {
     logits
         .chunks(classes)
         .map(|row| {
-            softmax_row(row, &mut p);
+            softmax_into(row, &mut p);
             let max = p.iter().copied().fold(0.0, f64::max);
             if classes == 1 {
                 1.0
@@ -223,7 +212,7 @@ pub fn class_coverage_weights(logits: &[f32], classes: usize, counts: &[usize]) 
     logits
         .chunks(classes)
         .map(|row| {
-            softmax_row(row, &mut p);
+            softmax_into(row, &mut p);
             let w: f64 = p.iter().zip(&coverage).map(|(p, c)| p * c).sum();
             w.clamp(0.0, 1.0) as f32
         })

@@ -383,6 +383,24 @@ impl Learner {
         self.dp.as_ref().map(|dp| dp.steps)
     }
 
+    /// [`Self::restore_state`] for undoing a step (a rolled-back
+    /// distillation, [`crate::rollback`]): the DP-SGD accounting (steps,
+    /// noise RNG, budget flag) stays as it is now, because the privacy the
+    /// undone step spent was spent, and its noise must not be drawn again.
+    pub fn undo_to_state(&mut self, bytes: &[u8]) -> Result<(), LearnerStateError> {
+        let spent = self
+            .dp
+            .as_ref()
+            .map(|dp| (dp.steps, dp.rng.clone(), dp.exhausted));
+        self.restore_state(bytes)?;
+        if let (Some(dp), Some((steps, rng, exhausted))) = (self.dp.as_mut(), spent) {
+            dp.steps = steps;
+            dp.rng = rng;
+            dp.exhausted = exhausted;
+        }
+        Ok(())
+    }
+
     /// Whether `max_epsilon` has stopped training on private data.
     pub fn dp_exhausted(&self) -> bool {
         self.dp.as_ref().is_some_and(|dp| dp.exhausted)
@@ -1031,6 +1049,7 @@ mod tests {
     /// kernels that sum in different orders (measured: ≤ 6e-8 for the MLP
     /// and the small CNN) and well below any real disagreement.
     #[test]
+    #[cfg(feature = "wgpu")]
     fn a_training_step_on_flex_and_on_wgpu_gives_the_same_logits() {
         let data = data();
         let batch: Vec<usize> = (0..64).collect();

@@ -19,10 +19,14 @@
 //! - [`runtime`]: the networked member and the isolated baseline.
 //! - [`config`], [`keyfile`]: configuration and identity on disk; [`fsutil`]: atomic writes.
 //! - [`export`]: the student as a deployable SafeTensors model (f32/f16/int8);
-//!   [`evaluate`]: its accuracy, latency, size, memory and energy.
+//!   [`evaluate`]: its accuracy, latency, size, memory and energy;
+//!   [`compress`]: distilling it into a smaller student; [`compare`]: A/B
+//!   comparison of two exports.
 
 pub mod aggregate;
 pub mod checkpoint;
+pub mod compare;
+pub mod compress;
 pub mod config;
 pub mod data;
 pub mod device;
@@ -41,6 +45,7 @@ pub mod membership;
 pub mod model;
 pub mod net;
 pub mod privacy;
+pub mod rollback;
 pub mod round;
 pub mod runtime;
 pub mod telemetry;

@@ -16,8 +16,9 @@ use crate::checkpoint::Checkpoint;
 use crate::config::NodeConfig;
 use crate::data::DataSplits;
 use crate::data::public::{round_subset, split_public};
-use crate::learner::{Learner, LearnerStateError};
+use crate::learner::{Learner, LearnerStateError, argmax};
 use crate::model::InputShape;
+use crate::rollback::{Monitor, RollbackConfig, Verdict, validation_split};
 
 /// Seconds spent in each step of a round.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -97,8 +98,16 @@ pub struct LocalMember {
     pub data: Arc<DataSplits>,
     /// Indices into `data.train` of the public set, in manifest order.
     pub public: Vec<usize>,
-    /// Indices into `data.train` of this member's private samples.
+    /// Indices into `data.train` of the private samples this member trains
+    /// on (its validation split excluded).
     pub private: Vec<usize>,
+    /// Indices into `data.train` of the private samples held out to judge
+    /// its student ([`crate::rollback`]); never trained, selected or distilled on.
+    pub validation: Vec<usize>,
+    /// `[rollback]`: the split's size and the tolerance rounds are judged with.
+    pub rollback: RollbackConfig,
+    /// Best validation accuracy kept so far and rollbacks counted.
+    pub monitor: Monitor,
     pub learner: Learner,
     pub manifest: FederationManifest,
     pub aggregator: Aggregator,
@@ -129,16 +138,32 @@ impl LocalMember {
         index: usize,
     ) -> anyhow::Result<Self> {
         let data = shared.data.clone();
-        let private = shared
-            .parts
-            .get(index)
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "partition index {index} is out of range ({} parts)",
-                    shared.parts.len()
-                )
-            })?
-            .clone();
+        let part = shared.parts.get(index).ok_or_else(|| {
+            anyhow::anyhow!(
+                "partition index {index} is out of range ({} parts)",
+                shared.parts.len()
+            )
+        })?;
+        config
+            .rollback
+            .validate()
+            .map_err(|(field, reason)| anyhow::anyhow!("field `{field}` {reason}"))?;
+        // Seeded by what identifies the member's data and student, so a
+        // restarted node holds out the same samples.
+        let (private, validation) = validation_split(
+            part,
+            &data.train.labels_of(part),
+            data.train.classes,
+            config.rollback.validation_fraction,
+            &[config.federation.seed, index as u64, config.training.seed],
+        );
+        if config.rollback.enabled() && validation.is_empty() {
+            anyhow::bail!(
+                "field `rollback.validation_fraction` = {} holds out no sample of this member's {} private ones; raise it or remove `rollback.rollback_tolerance`",
+                config.rollback.validation_fraction,
+                part.len()
+            );
+        }
         let input = InputShape::new(data.train.shape);
         config.model.validate(input).map_err(|reason| {
             anyhow::anyhow!("[model] does not fit the data ({}): {reason}", data.source)
@@ -192,6 +217,9 @@ impl LocalMember {
             manifest: shared.manifest.clone(),
             aggregator: config.aggregator,
             knowledge: config.knowledge.clone(),
+            validation,
+            rollback: config.rollback.clone(),
+            monitor: Monitor::default(),
             label_counts,
             anchors,
             dp_delta: config.dp.delta,
@@ -343,6 +371,78 @@ impl LocalMember {
         loss
     }
 
+    /// Accuracy of the current student on the validation split; `None` without one.
+    pub fn validation_accuracy(&self) -> Option<f64> {
+        if self.validation.is_empty() {
+            return None;
+        }
+        let logits = self.learner.predict(&self.data.train, &self.validation);
+        let correct = logits
+            .chunks(self.classes())
+            .zip(self.data.train.labels_of(&self.validation))
+            .filter(|(row, label)| argmax(row) == *label as usize)
+            .count();
+        Some(correct as f64 / self.validation.len() as f64)
+    }
+
+    /// Step 5 under monitoring ([`crate::rollback`]): distils like
+    /// [`Self::distill`], then judges the result on the validation split
+    /// and, when it fell more than `rollback_tolerance` below the best so
+    /// far, restores the learner state from before the distillation (the
+    /// privacy DP-SGD spent stays counted). Returns the loss and the verdict
+    /// (`None` when rollback is off).
+    pub fn distill_monitored(
+        &mut self,
+        round: u64,
+        teacher: &EnsembleTeacher,
+    ) -> (f64, Option<Verdict>) {
+        let Some(tolerance) = self.rollback.rollback_tolerance.filter(|_| self.rollback.enabled())
+        else {
+            return (self.distill(round, teacher), None);
+        };
+        let before = self
+            .validation_accuracy()
+            .expect("rollback is only enabled with a validation split");
+        let saved = self.learner.state_bytes();
+        let loss = self.distill(round, teacher);
+        let after = self
+            .validation_accuracy()
+            .expect("rollback is only enabled with a validation split");
+        let verdict = self.monitor.judge(before, after, tolerance);
+        if verdict.rolled_back {
+            self.learner
+                .undo_to_state(&saved)
+                .expect("a state this learner just saved fits it");
+            tracing::warn!(
+                node = %self.name,
+                round,
+                before = verdict.before,
+                after = verdict.after,
+                best = verdict.best,
+                tolerance,
+                rollbacks = self.monitor.rollbacks,
+                "rolled back the distillation: validation accuracy {:.4} is {:.4} below the best {:.4} (tolerance {tolerance}); keeping the student from before it ({:.4})",
+                verdict.after,
+                verdict.best - verdict.after,
+                verdict.best,
+                verdict.before
+            );
+        }
+        (loss, Some(verdict))
+    }
+
+    /// The validation accuracy of the student this member keeps at the end
+    /// of a round (`verdict`: the distillation's, when it was judged),
+    /// recorded in [`Self::monitor`]; `None` without a validation split.
+    pub fn end_round_validation(&mut self, verdict: Option<&Verdict>) -> Option<f64> {
+        let accuracy = match verdict {
+            Some(v) => Some(v.kept()),
+            None => self.validation_accuracy(),
+        }?;
+        self.monitor.observe_kept(accuracy);
+        Some(accuracy)
+    }
+
     /// Test accuracy of the current student.
     pub fn evaluate(&self) -> f64 {
         self.learner.evaluate(&self.data.test)
@@ -410,6 +510,11 @@ mod tests {
     use fd_protocol::PayloadEncoding;
 
     fn member(index: usize) -> LocalMember {
+        member_with(index, "[rollback]\nvalidation_fraction = 0.0\n")
+    }
+
+    /// Member `index` of the test federation with `rollback` (a TOML table) appended.
+    fn member_with(index: usize, rollback: &str) -> LocalMember {
         let text = format!(
             r#"name = "m{index}"
 key_file = "k"
@@ -431,7 +536,7 @@ scheme = {{ kind = "dirichlet", alpha = 0.5 }}
 [training]
 seed = {index}
 local_epochs = 2
-"#
+{rollback}"#
         );
         LocalMember::prepare(&NodeConfig::parse(&text, std::path::Path::new("m.toml")).unwrap())
             .unwrap()
@@ -447,6 +552,116 @@ local_epochs = 2
             .unwrap();
         m.distill(round, &teacher);
         m.evaluate()
+    }
+
+    /// A teacher whose every row claims `class` with a large margin (the
+    /// `constant-class` attack of fd-sim's scenarios, as a whole teacher:
+    /// what a mean aggregator gives when poisoned shares dominate).
+    fn constant_class_teacher(m: &LocalMember, class: usize) -> EnsembleTeacher {
+        let rows = m.manifest.subset_size as usize;
+        let classes = m.classes();
+        let mut logits = vec![0.0f32; rows * classes];
+        for row in logits.chunks_mut(classes) {
+            row[class] = 20.0;
+        }
+        EnsembleTeacher {
+            logits,
+            rows,
+            classes,
+            contributors: 1,
+            kept: vec![true; rows],
+        }
+    }
+
+    const ROLLBACK: &str = "[rollback]\nvalidation_fraction = 0.2\nrollback_tolerance = 0.02\n";
+
+    /// Issue 16 §3: a clean round keeps its distillation; a round whose
+    /// teacher says "class c" for everything is rolled back to exactly the
+    /// learner state from before the distillation (student, optimizer,
+    /// RNG), and the verdict and counter say so.
+    #[test]
+    fn a_constant_class_poisoned_teacher_is_rolled_back_and_a_clean_one_is_not() {
+        let mut m = member_with(0, ROLLBACK);
+        assert!(!m.validation.is_empty());
+
+        // Round 1, clean: the teacher is the member's own knowledge.
+        m.train();
+        let own = m.predict(1);
+        let teacher = m
+            .teacher(&SharedKnowledge::new(own, m.private.len() as u64, None), &[])
+            .unwrap();
+        let pre = m.weights_digest();
+        let (_, verdict) = m.distill_monitored(1, &teacher);
+        let verdict = verdict.expect("rollback is on");
+        assert!(!verdict.rolled_back, "clean round rolled back: {verdict:?}");
+        assert_ne!(m.weights_digest(), pre, "the clean distillation is kept");
+        assert_eq!(m.monitor.rollbacks, 0);
+        let kept = m.end_round_validation(Some(&verdict)).unwrap();
+        assert_eq!(Some(kept), m.validation_accuracy());
+
+        // Round 2, poisoned: everything is the member's least common class.
+        m.train();
+        let rarest = (0..m.classes())
+            .min_by_key(|&c| m.label_counts[c])
+            .unwrap();
+        let state_before = m.learner.state_bytes();
+        let digest_before = m.weights_digest();
+        let (_, verdict) = m.distill_monitored(2, &constant_class_teacher(&m, rarest));
+        let verdict = verdict.expect("rollback is on");
+        assert!(
+            verdict.rolled_back,
+            "poisoned round kept: {verdict:?} (best {:?})",
+            m.monitor.best_kept
+        );
+        assert!(verdict.after < verdict.best - 0.02);
+        assert_eq!(m.weights_digest(), digest_before, "student restored");
+        assert_eq!(m.monitor.rollbacks, 1);
+        assert_eq!(m.validation_accuracy(), Some(verdict.before));
+        assert_eq!(m.end_round_validation(Some(&verdict)), Some(verdict.before));
+        // Optimizer and RNG restored too: the member trains on exactly like
+        // one given the state from before the distillation. (The bytes
+        // themselves may order the optimizer record differently.)
+        let mut twin = member_with(0, ROLLBACK);
+        twin.learner.restore_state(&state_before).unwrap();
+        m.train();
+        twin.train();
+        assert_eq!(m.weights_digest(), twin.weights_digest());
+    }
+
+    /// Without a tolerance the same poisoned round is kept: the rollback
+    /// above is the monitor's doing, not something distillation does anyway.
+    #[test]
+    fn without_a_tolerance_the_poisoned_round_is_kept() {
+        let mut m = member_with(0, "[rollback]\nvalidation_fraction = 0.2\n");
+        m.train();
+        let before = m.validation_accuracy().unwrap();
+        let digest = m.weights_digest();
+        let (_, verdict) = m.distill_monitored(1, &constant_class_teacher(&m, 0));
+        assert!(verdict.is_none());
+        assert_ne!(m.weights_digest(), digest);
+        assert!(m.validation_accuracy().unwrap() < before - 0.02);
+    }
+
+    /// The split is part of the member: disjoint from what it trains on,
+    /// the same for the same seeds, different for another training seed;
+    /// fraction 0 trains on the whole partition, as before rollback existed.
+    #[test]
+    fn the_validation_split_is_held_out_of_training_and_deterministic() {
+        let a = member_with(1, ROLLBACK);
+        let b = member_with(1, ROLLBACK);
+        let whole = member(1);
+        assert_eq!((&a.private, &a.validation), (&b.private, &b.validation));
+        let held: std::collections::HashSet<_> = a.validation.iter().collect();
+        assert!(a.private.iter().all(|i| !held.contains(i)));
+        assert!(a.anchors.iter().all(|i| !held.contains(i)), "density anchors too");
+        let mut all: Vec<usize> = a.private.iter().chain(&a.validation).copied().collect();
+        all.sort_unstable();
+        let mut part = whole.private.clone();
+        part.sort_unstable();
+        assert_eq!(all, part);
+        assert!(whole.validation.is_empty());
+        let share = a.validation.len() as f64 / part.len() as f64;
+        assert!((share - 0.2).abs() < 0.02, "{share}");
     }
 
     /// Rounds 1–2, checkpoint through a file, round 3; versus a member that

@@ -142,6 +142,71 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// The small deployable students `fd-node compress` distils the zoo's
+    /// larger ones into: MLP 64 and MLP 32 (for the MLP 200-200) and a
+    /// two-stage CNN of 8 and 16 channels with a 32-unit hidden layer (for
+    /// the FedAvg CNN, 1.66 M parameters → about 26 k on 28×28 inputs).
+    pub fn compact_zoo() -> Vec<ModelConfig> {
+        vec![
+            ModelConfig::Mlp { hidden: vec![64] },
+            ModelConfig::Mlp { hidden: vec![32] },
+            ModelConfig::SmallCnn {
+                channels: vec![8, 16],
+                fc: 32,
+            },
+        ]
+    }
+}
+
+/// Parses what [`ModelConfig::name`] prints, so the command line can name a
+/// student: `mlp-32`, `mlp-200-200`, `mlp` (no hidden layer), `cnn-8-16`,
+/// `cnn-8-16-fc32`, `fedavg-cnn`, `resnet-1-1-1`.
+impl std::str::FromStr for ModelConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let widths = |rest: &str| -> Result<Vec<usize>, String> {
+            rest.split('-')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    p.parse::<usize>()
+                        .map_err(|_| format!("model {s:?}: {p:?} is not a width"))
+                })
+                .collect()
+        };
+        let config = if s == "fedavg-cnn" {
+            ModelConfig::FedAvgCnn {}
+        } else if let Some(rest) = s.strip_prefix("mlp").filter(|r| r.is_empty() || r.starts_with('-')) {
+            ModelConfig::Mlp { hidden: widths(rest)? }
+        } else if let Some(rest) = s.strip_prefix("cnn").filter(|r| r.is_empty() || r.starts_with('-')) {
+            let (rest, fc) = match rest.rsplit_once("-fc") {
+                Some((head, fc)) => (
+                    head,
+                    fc.parse::<usize>()
+                        .map_err(|_| format!("model {s:?}: fc width {fc:?} is not a number"))?,
+                ),
+                None => (rest, default_cnn_fc()),
+            };
+            let channels = widths(rest)?;
+            ModelConfig::SmallCnn {
+                channels: if channels.is_empty() { default_cnn_channels() } else { channels },
+                fc,
+            }
+        } else if let Some(rest) = s.strip_prefix("resnet").filter(|r| r.is_empty() || r.starts_with('-')) {
+            let blocks = widths(rest)?;
+            ModelConfig::ResNet {
+                blocks: if blocks.is_empty() { default_resnet_blocks() } else { blocks },
+            }
+        } else {
+            return Err(format!(
+                "unknown model {s:?}: expected mlp-<widths>, cnn-<channels>[-fc<n>], fedavg-cnn or resnet-<blocks>"
+            ));
+        };
+        config.validate_fields().map_err(|e| format!("model {s:?}: {e}"))?;
+        Ok(config)
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig::Mlp {
@@ -600,6 +665,61 @@ impl Student {
         }
     }
 
+    /// [`Self::forward`] that also returns the activations of every stage,
+    /// as `[batch, width]` matrices, for feature (hint) distillation
+    /// ([`crate::compress`]): the logits are those of `forward`, computed in
+    /// the same pass. Stages, first to last:
+    /// - MLP: each hidden layer after its ReLU;
+    /// - CNN / FedAvg CNN: each convolution stage after pool and ReLU,
+    ///   averaged over its spatial positions (one value per channel, so a
+    ///   projection between two students is a small channel-to-channel map,
+    ///   not one over every pixel), then the hidden fully connected layer;
+    /// - ResNet: the stem and each block, averaged the same way.
+    ///
+    /// The last stage is what [`Self::features`] returns, except for an
+    /// MLP without hidden layers, which has no stage.
+    pub fn forward_features(&self, input: Tensor<2>) -> (Tensor<2>, Vec<Tensor<2>>) {
+        fn pooled(x: &Tensor<4>) -> Tensor<2> {
+            let [batch, channels, _, _] = x.dims();
+            x.clone().mean_dim(3).mean_dim(2).reshape([batch, channels])
+        }
+        let mut stages = Vec::new();
+        let logits = match self {
+            Student::Mlp(m) => {
+                let last = m.layers.len() - 1;
+                let mut x = input;
+                for layer in &m.layers[..last] {
+                    x = m.activation.forward(layer.forward(x));
+                    stages.push(x.clone());
+                }
+                m.layers[last].forward(x)
+            }
+            Student::SmallCnn(m) | Student::FedAvgCnn(m) => {
+                let mut x = unflatten(input, m.input);
+                for conv in &m.convs {
+                    x = relu(max_pool2x2(conv.forward(x)));
+                    stages.push(pooled(&x));
+                }
+                let x: Tensor<2> = x.flatten(1, 3);
+                let x = relu(m.hidden.forward(x));
+                stages.push(x.clone());
+                m.output.forward(x)
+            }
+            Student::ResNet(m) => {
+                let x = unflatten(input, m.input);
+                let mut x = relu(m.stem_norm.forward(m.stem.forward(x)));
+                stages.push(pooled(&x));
+                for block in &m.blocks {
+                    x = block.forward(x);
+                    stages.push(pooled(&x));
+                }
+                let features = stages.last().expect("the stem is a stage").clone();
+                m.output.forward(features)
+            }
+        };
+        (logits, stages)
+    }
+
     /// [`Self::forward`] for per-sample gradient norms (DP-SGD,
     /// [`crate::privacy::dpsgd`]): a zero "probe" leaf that requires a
     /// gradient is added to the output of every layer with parameters, and
@@ -999,6 +1119,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "ndarray")]
     fn ndarray_gives_flex_logits_for_the_same_weights() {
         #[allow(deprecated)]
         let ndarray = Device::ndarray();
@@ -1117,6 +1238,62 @@ mod tests {
             })
             .unwrap();
             assert_eq!(parse(&text).unwrap(), model, "{text}");
+        }
+    }
+
+    #[test]
+    fn forward_features_gives_forward_logits_and_every_stage() {
+        let device = Device::flex();
+        let mut configs = ModelConfig::zoo();
+        configs.extend(ModelConfig::compact_zoo());
+        configs.push(ModelConfig::Mlp { hidden: vec![] });
+        for config in configs {
+            let model = config.init(MNIST, CLASSES, 3, &device).valid();
+            let (x, _) = batch(MNIST, 3, &device);
+            let (logits, stages) = model.forward_features(x.clone());
+            assert_eq!(values(logits), values(model.forward(x.clone())), "{}", config.name());
+            let widths: Vec<usize> = stages.iter().map(|s| s.dims()[1]).collect();
+            assert!(stages.iter().all(|s| s.dims()[0] == 3), "{}", config.name());
+            let expected: Vec<usize> = match &config {
+                ModelConfig::Mlp { hidden } => hidden.clone(),
+                ModelConfig::SmallCnn { channels, fc } => {
+                    channels.iter().copied().chain([*fc]).collect()
+                }
+                ModelConfig::FedAvgCnn {} => vec![32, 64, 512],
+                ModelConfig::ResNet { blocks } => std::iter::once(16)
+                    .chain(blocks.iter().enumerate().flat_map(|(s, &b)| vec![16 << s; b]))
+                    .collect(),
+            };
+            assert_eq!(widths, expected, "{}", config.name());
+            if let Some(last) = stages.last() {
+                assert_eq!(
+                    values(last.clone()),
+                    values(model.features(x)),
+                    "{}: the last stage is `features`",
+                    config.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn names_parse_back_into_their_configs() {
+        let mut configs = ModelConfig::zoo();
+        configs.extend(ModelConfig::compact_zoo());
+        configs.push(ModelConfig::Mlp { hidden: vec![] });
+        configs.push(ModelConfig::SmallCnn {
+            channels: vec![4],
+            fc: 128,
+        });
+        for config in configs {
+            assert_eq!(config.name().parse::<ModelConfig>(), Ok(config.clone()));
+        }
+        assert_eq!(
+            "mlp-32".parse::<ModelConfig>(),
+            Ok(ModelConfig::Mlp { hidden: vec![32] })
+        );
+        for bad in ["mlp-x", "mlp-0", "cnn-8-fcx", "transformer", "mlpx-3", "resnet-0"] {
+            assert!(bad.parse::<ModelConfig>().is_err(), "{bad}");
         }
     }
 

@@ -334,16 +334,18 @@ impl RoundEngine {
 
     /// A round without peers: local training, then evaluation (the isolated baseline).
     pub async fn run_local_round(&mut self, round: u64) -> anyhow::Result<RoundMetrics> {
-        let (loss, accuracy) = self
+        let (loss, accuracy, validation_accuracy) = self
             .learn(|m| {
                 let loss = m.train();
-                (loss, m.evaluate())
+                let validation = m.end_round_validation(None);
+                (loss, m.evaluate(), validation)
             })
             .await?;
         self.log_privacy(round);
         Ok(RoundMetrics {
             test_accuracy: accuracy,
             local_accuracy: accuracy,
+            validation_accuracy,
             train_loss: loss,
             train_seconds: self.member().times.train,
             ..self.metrics(round)
@@ -381,23 +383,34 @@ impl RoundEngine {
             self.exchange_shares(plan, transport, own, row_weights).await?
         };
 
-        // 4–5: aggregate and distil; then evaluate.
+        // 4–5: aggregate and distil (undone when the validation split says
+        // it made the student worse, crate::rollback); then evaluate.
         let distilled = exchange.knowledge.is_some();
-        let (distill_loss, accuracy, teacher_rows_kept) = match exchange.knowledge {
-            Some(knowledge) => self
-                .learn(move |m| -> anyhow::Result<_> {
-                    let teacher = match &knowledge {
-                        RoundKnowledge::Shares { own, peers } => m.teacher_timed(own, peers)?,
-                        RoundKnowledge::Sums(secure) => {
-                            m.teacher_of_sums_timed(&secure.sums, secure.contributors)?
-                        }
-                    };
-                    let loss = m.distill(round, &teacher);
-                    Ok((loss, m.evaluate(), teacher.kept_fraction()))
-                })
-                .await??,
-            None => (0.0, local_accuracy, 0.0),
-        };
+        let (distill_loss, accuracy, teacher_rows_kept, validation_accuracy, rolled_back) =
+            match exchange.knowledge {
+                Some(knowledge) => self
+                    .learn(move |m| -> anyhow::Result<_> {
+                        let teacher = match &knowledge {
+                            RoundKnowledge::Shares { own, peers } => {
+                                m.teacher_timed(own, peers)?
+                            }
+                            RoundKnowledge::Sums(secure) => {
+                                m.teacher_of_sums_timed(&secure.sums, secure.contributors)?
+                            }
+                        };
+                        let (loss, verdict) = m.distill_monitored(round, &teacher);
+                        let validation = m.end_round_validation(verdict.as_ref());
+                        let rolled_back = verdict.is_some_and(|v| v.rolled_back);
+                        // A rolled-back student is the locally trained one.
+                        let accuracy = if rolled_back { local_accuracy } else { m.evaluate() };
+                        Ok((loss, accuracy, teacher.kept_fraction(), validation, rolled_back))
+                    })
+                    .await??,
+                None => {
+                    let validation = self.learn(|m| m.end_round_validation(None)).await?;
+                    (0.0, local_accuracy, 0.0, validation, false)
+                }
+            };
 
         let traffic = transport.round_traffic(round);
         let times = self.member().times;
@@ -423,6 +436,8 @@ impl RoundEngine {
             aggregate_seconds: if distilled { times.aggregate } else { 0.0 },
             distilled,
             teacher_rows_kept,
+            validation_accuracy,
+            rolled_back,
             ..self.metrics(round)
         };
         self.rejected_reported = exchange.rejected_total;

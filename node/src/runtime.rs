@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::checkpoint::Checkpoint;
+use crate::rollback::BestStudent;
 use crate::config::{NodeConfig, Schedule};
 use crate::gate::{Admitted, ControlGate, VerifyPool};
 use crate::member::LocalMember;
@@ -77,7 +78,7 @@ fn append_metrics(
 
 fn report_line(m: &RoundMetrics) -> String {
     format!(
-        "round {}: {} accuracy {:.4} (local {:.4}), sent {} B in {} shares, aggregated {}, rejected {}",
+        "round {}: {} accuracy {:.4} (local {:.4}), sent {} B in {} shares, aggregated {}, rejected {}{}",
         m.round,
         m.name,
         m.test_accuracy,
@@ -85,8 +86,42 @@ fn report_line(m: &RoundMetrics) -> String {
         m.bytes_sent,
         m.shares_sent,
         m.shares_aggregated,
-        m.shares_rejected
+        m.shares_rejected,
+        if m.rolled_back { ", rolled back" } else { "" }
     )
+}
+
+/// Saves the member's student to `config.rollback.best_file` when the
+/// round just completed kept a new best validation accuracy
+/// ([`crate::rollback`]); atomic, so a kill leaves the previous best.
+async fn save_best_student(
+    engine: &mut RoundEngine,
+    config: &NodeConfig,
+    round: u64,
+    key: &SigningKey,
+) -> anyhow::Result<()> {
+    let (Some(path), Some(accuracy)) = (
+        config.rollback.best_file.clone(),
+        engine.member().monitor.best_kept,
+    ) else {
+        return Ok(());
+    };
+    if !engine.member().monitor.improved {
+        return Ok(());
+    }
+    let public = key.public_key();
+    let name = config.name.clone();
+    engine
+        .learn(move |m| -> anyhow::Result<()> {
+            BestStudent {
+                validation_accuracy: accuracy,
+                checkpoint: m.checkpoint(round, public),
+            }
+            .save(&path)?;
+            tracing::info!(node = %name, round, validation_accuracy = accuracy, path = %path.display(), "best student saved");
+            Ok(())
+        })
+        .await?
 }
 
 /// Runs `config.federation.rounds` rounds of local training only: the
@@ -101,6 +136,7 @@ pub async fn run_isolated(
     let mut out = Vec::new();
     for round in 1..=config.federation.rounds {
         let metrics = engine.run_local_round(round).await?;
+        save_best_student(&mut engine, config, round, key).await?;
         // Saved (not resumed from) so the baseline's student can be exported too.
         if let Some(path) = config.checkpoint_file.clone() {
             let public = key.public_key();
@@ -264,8 +300,7 @@ pub fn load_psk(path: &std::path::Path) -> anyhow::Result<PreSharedKey> {
 /// A fresh pre-shared key in the `swarm.key` format.
 pub fn new_psk_text() -> String {
     let key: [u8; 32] = rand::random();
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    format!("/key/swarm/psk/1.0.0/\n/base16/\n{hex}\n")
+    format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", hex::encode(key))
 }
 
 /// The members a config names, for a federation without a coordinator.
@@ -343,6 +378,16 @@ pub async fn run_federated(
             path = %path.display(),
             "resumed from checkpoint"
         );
+        // Rounds are judged against the best kept before the restart.
+        if let Some(best_path) = &config.rollback.best_file
+            && let Some(best) = BestStudent::load(best_path)?
+            && best.checkpoint.federation_id == member.manifest.federation_id
+            && best.checkpoint.member == key.public_key()
+            && best.checkpoint.round <= last_done
+        {
+            member.monitor.best_kept = Some(best.validation_accuracy);
+            tracing::info!(node = %config.name, round = best.checkpoint.round, validation_accuracy = best.validation_accuracy, path = %best_path.display(), "best student so far");
+        }
     }
 
     let telemetry = Arc::new(Telemetry::new("node", &config.name));
@@ -359,13 +404,17 @@ pub async fn run_federated(
     } = net::new_with(&key, &net_config(&config)?)?;
     tokio::spawn(event_loop.run());
     telemetry.count_busy_from(client.counters());
-    let listen = client.listen(config.listen.parse()?).await?;
+    let mut addrs = Vec::new();
+    for addr in config.listen.addrs() {
+        let listen = client.listen(addr.parse()?).await?;
+        tracing::info!(node = %config.name, peer = %client.local_peer_id(), %listen, "listening");
+        addrs.push(listen.to_string());
+    }
     let me = Member {
         key: key.public_key(),
         name: config.name.clone(),
-        addrs: vec![listen.to_string()],
+        addrs,
     };
-    tracing::info!(node = %config.name, peer = %client.local_peer_id(), %listen, "listening");
     if !config.bootstrap.is_empty() {
         let addrs = config
             .bootstrap
@@ -479,6 +528,13 @@ pub async fn run_federated(
             deadline: Some(deadline),
         };
         let mut metrics = engine.run_round(&plan, &transport).await?;
+        if metrics.rolled_back {
+            telemetry.rolled_back();
+        }
+        telemetry.set_validation_accuracy(metrics.validation_accuracy);
+        // Before the checkpoint: a node killed between the two resumes with
+        // the best of the rounds it completed.
+        save_best_student(&mut engine, &config, round, &key).await?;
         if let Some(path) = config.checkpoint_file.clone() {
             let public = key.public_key();
             let (seconds, digest) = engine
@@ -910,12 +966,11 @@ async fn send_share(client: &Client, peer: &Member, share: LogitShare) -> anyhow
 /// without any, whatever Kademlia finds); returns its PeerId.
 async fn add_addresses(client: &Client, member: &Member) -> anyhow::Result<PeerId> {
     let peer = net::peer_id_of(&member.key)?;
+    let parsed = member.addrs.iter().filter_map(|a| a.parse().ok()).collect();
     let mut known = false;
-    for addr in &member.addrs {
-        if let Ok(addr) = addr.parse() {
-            client.add_address(peer, addr).await?;
-            known = true;
-        }
+    for addr in net::prefer_quic(parsed) {
+        client.add_address(peer, addr).await?;
+        known = true;
     }
     if !known
         && !client.connected_peers().await?.contains(&peer)

@@ -50,6 +50,10 @@ pub struct Telemetry {
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
     members: AtomicU64,
+    /// Distillations undone by [`crate::rollback`].
+    rollbacks: AtomicU64,
+    /// `f64` bits of the last round's validation accuracy; NaN when unknown.
+    validation_accuracy: AtomicU64,
 }
 
 impl Default for Telemetry {
@@ -76,6 +80,8 @@ impl Telemetry {
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             members: AtomicU64::new(0),
+            rollbacks: AtomicU64::new(0),
+            validation_accuracy: AtomicU64::new(f64::NAN.to_bits()),
         }
     }
 
@@ -119,6 +125,17 @@ impl Telemetry {
         self.bytes_received.fetch_add(received, Ordering::Relaxed);
     }
 
+    /// A round's distillation was rolled back ([`crate::rollback`]).
+    pub fn rolled_back(&self) {
+        self.rollbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The validation accuracy of the student kept in the last round.
+    pub fn set_validation_accuracy(&self, accuracy: Option<f64>) {
+        self.validation_accuracy
+            .store(accuracy.unwrap_or(f64::NAN).to_bits(), Ordering::Relaxed);
+    }
+
     pub fn set_members(&self, n: usize) {
         self.members.store(n as u64, Ordering::Relaxed);
     }
@@ -138,7 +155,7 @@ impl Telemetry {
             let _ = write!(out, ",name=\"{}\"", escape(&self.name));
         }
         let _ = writeln!(out, "}} 1");
-        let simple: [(&str, &str, &str, f64); 8] = [
+        let simple: [(&str, &str, &str, f64); 10] = [
             (
                 "fd_rounds_completed_total",
                 "counter",
@@ -186,6 +203,18 @@ impl Telemetry {
                 "gauge",
                 "Members of the federation known to this process.",
                 load(&self.members) as f64,
+            ),
+            (
+                "fd_rollbacks_total",
+                "counter",
+                "Distillations undone because validation accuracy fell beyond rollback_tolerance.",
+                load(&self.rollbacks) as f64,
+            ),
+            (
+                "fd_validation_accuracy",
+                "gauge",
+                "Validation accuracy of the student kept in the last round (NaN: no validation split).",
+                f64::from_bits(load(&self.validation_accuracy)),
             ),
         ];
         for (name, kind, help, value) in simple {
@@ -390,8 +419,14 @@ mod tests {
         t.bytes(100, 20);
         t.bytes(1, 2);
         t.set_members(4);
+        assert_eq!(before["fd_rollbacks_total"], "0");
+        assert_eq!(before["fd_validation_accuracy"], "NaN");
+        t.rolled_back();
+        t.set_validation_accuracy(Some(0.625));
         let text = t.render();
         let s = samples(&text);
+        assert_eq!(s["fd_rollbacks_total"], "1");
+        assert_eq!(s["fd_validation_accuracy"], "0.625");
         assert_eq!(s["fd_info{role=\"node\",name=\"node-\\\"0\\\"\"}"], "1");
         assert_eq!(s["fd_rounds_completed_total"], "2");
         assert_eq!(s["fd_last_round"], "2");

@@ -132,7 +132,7 @@ pub fn encoded_len(message: &Message) -> Result<usize, ProtocolError> {
 /// Canonical bytes of any serializable value, for signing. Uses the same
 /// bincode encoding as the wire so there is one encoding to reason about
 /// (with the share limit, since a signed share may exceed one frame).
-pub(crate) fn canonical_bytes<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, ProtocolError> {
+pub fn canonical_bytes<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, ProtocolError> {
     bincode::serde::encode_to_vec(value, share_config())
         .map_err(|e| ProtocolError::Encode(e.to_string()))
 }

@@ -16,19 +16,14 @@ pub struct Digest(pub [u8; 32]);
 impl Digest {
     /// Lowercase hexadecimal form (64 characters).
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.0)
     }
 
-    /// Parses the 64-character hexadecimal form written by [`Digest::to_hex`].
+    /// Parses the 64-character hexadecimal form written by [`Digest::to_hex`]
+    /// (either case, surrounding whitespace ignored).
     pub fn from_hex(text: &str) -> Option<Self> {
-        let text = text.trim();
-        if text.len() != 64 || !text.is_ascii() {
-            return None;
-        }
         let mut out = [0u8; 32];
-        for (i, byte) in out.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
-        }
+        hex::decode_to_slice(text.trim(), &mut out).ok()?;
         Some(Digest(out))
     }
 }

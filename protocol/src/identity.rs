@@ -18,7 +18,7 @@ pub struct PublicKey(pub [u8; 32]);
 
 impl PublicKey {
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.0)
     }
 
     /// Checks `signature` over `message` against this key.

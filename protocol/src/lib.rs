@@ -22,7 +22,6 @@ pub mod codec;
 pub mod control;
 pub mod digest;
 pub mod error;
-pub mod fuzzing;
 pub mod identity;
 pub mod message;
 pub mod secagg;

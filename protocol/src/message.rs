@@ -173,6 +173,15 @@ pub struct RoundMetrics {
     /// [0, 1]: 1 when nothing is filtered, 0 when the member did not distil.
     #[serde(default)]
     pub teacher_rows_kept: f64,
+    /// Accuracy on the member's held-out validation split of the student it
+    /// kept this round; `None` without a validation split.
+    #[serde(default)]
+    pub validation_accuracy: Option<f64>,
+    /// The round's distillation lowered validation accuracy beyond the
+    /// member's tolerance and was undone: the member kept its locally
+    /// trained student.
+    #[serde(default)]
+    pub rolled_back: bool,
 }
 
 impl RoundMetrics {
@@ -204,6 +213,8 @@ impl RoundMetrics {
             distill_seconds: 0.0,
             checkpoint_seconds: 0.0,
             distilled: false,
+            validation_accuracy: None,
+            rolled_back: false,
             teacher_rows_kept: 0.0,
         }
     }

@@ -424,8 +424,11 @@ fn check_finite(values: &[f32], offset: usize) -> Result<(), ProtocolError> {
     }
 }
 
-/// Numerically stable softmax of one finite row, in f64.
-fn softmax_into(row: &[f32], out: &mut [f64]) {
+/// Numerically stable softmax of one finite row, in f64: the one softmax
+/// of the workspace (share validation, the probability aggregators and the
+/// knowledge selectors all read probabilities through it, so they agree to
+/// the last bit).
+pub fn softmax_into(row: &[f32], out: &mut [f64]) {
     let max = f64::from(row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)));
     let mut total = 0.0;
     for (o, v) in out.iter_mut().zip(row) {

@@ -26,6 +26,7 @@ use fd_node::knowledge::KnowledgeConfig;
 use fd_node::learner::TrainingConfig;
 use fd_node::model::ModelConfig;
 use fd_node::privacy::DpConfig;
+use fd_node::rollback::RollbackConfig;
 use fd_protocol::PayloadEncodingName;
 use serde::{Deserialize, Serialize};
 
@@ -112,6 +113,12 @@ clip_norm = 1.0             # C: per-sample gradient norm bound
 noise_multiplier = 1.0      # sigma: noise std sigma*C on the sum of clipped gradients
 delta = 1e-5
 # max_epsilon = 8.0         # members stop training on private data before epsilon would pass this
+
+# [rollback]                # off without this table (every member trains on all its private data)
+# validation_fraction = 0.1 # private samples held out per class (seeded); adds `validation_accuracy`
+#                           #   and `rolled_back` to metrics.csv, `rollbacks_per_round` to summary.json
+# rollback_tolerance = 0.10 # undo a distillation that leaves validation accuracy more than this below
+#                           #   the best so far; omit (with a fraction) to measure without rolling back
 
 # [sweep]                   # lists of values for dotted keys; one cell per combination
 # "partition.alpha" = [0.1, 0.5]
@@ -239,6 +246,10 @@ pub struct Experiment {
     /// fd and isolated: every member trains on its private data with DP-SGD.
     #[serde(default)]
     pub dp: DpConfig,
+    /// Validation split and rollback ([`fd_node::rollback`]); off unless
+    /// the file has a `[rollback]` table (inside it, fd-node's defaults).
+    #[serde(default = "RollbackConfig::off")]
+    pub rollback: RollbackConfig,
     /// Only in files: expanded by [`expand_sweep`] before a cell runs.
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub sweep: toml::Table,
@@ -305,6 +316,10 @@ impl Experiment {
             },
             knowledge: self.knowledge.clone(),
             dp: self.dp.clone(),
+            rollback: RollbackConfig {
+                best_file: None,
+                ..self.rollback.clone()
+            },
         }
     }
 
@@ -317,6 +332,9 @@ impl Experiment {
         }
         if self.jobs == 0 {
             return Err(field("jobs", "must be at least 1".into()));
+        }
+        if let Some(reason) = self.device.not_built_reason() {
+            return Err(field("device", reason));
         }
         if self.name.is_empty() || self.name.contains(['/', '\\']) {
             return Err(field(
@@ -338,6 +356,7 @@ impl Experiment {
             .validate()
             .map_err(|r| field("aggregator", r))?;
         self.scenario.validate().map_err(|(f, r)| field(f, r))?;
+        self.rollback.validate().map_err(|(f, r)| field(f, r))?;
         self.topology
             .validate(self.nodes)
             .map_err(|r| field("topology", r))?;

@@ -32,7 +32,7 @@ use crate::audit::AuditSummary;
 use crate::experiment::Experiment;
 use crate::runner::{NodeRow, RunResult, peak_rss_bytes};
 
-pub const METRICS_HEADER: &str = "round,node,model,active,byzantine,test_accuracy,local_accuracy,train_loss,distill_loss,bytes_sent,bytes_received,shares_aggregated,shares_rejected,shares_late,teacher_rows_kept,audit_tv,sim_seconds,dp_epsilon";
+pub const METRICS_HEADER: &str = "round,node,model,active,byzantine,test_accuracy,local_accuracy,train_loss,distill_loss,bytes_sent,bytes_received,shares_aggregated,shares_rejected,shares_late,teacher_rows_kept,audit_tv,sim_seconds,dp_epsilon,validation_accuracy,rolled_back";
 pub const TIMINGS_HEADER: &str = "round,node,train_seconds,predict_seconds,encode_seconds,network_seconds,verify_seconds,aggregate_seconds,distill_seconds";
 
 pub fn metrics_csv(rows: &[NodeRow]) -> String {
@@ -40,7 +40,7 @@ pub fn metrics_csv(rows: &[NodeRow]) -> String {
     for r in rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{},{},{:.4},{},{:.3},{}",
+            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{},{},{:.4},{},{:.3},{},{},{}",
             r.round,
             r.node,
             r.model,
@@ -59,7 +59,10 @@ pub fn metrics_csv(rows: &[NodeRow]) -> String {
             r.audit_tv.map_or(String::new(), |tv| format!("{tv:.6}")),
             r.sim_seconds,
             r.dp_epsilon
-                .map_or(String::new(), |eps| format!("{eps:.4}"))
+                .map_or(String::new(), |eps| format!("{eps:.4}")),
+            r.validation_accuracy
+                .map_or(String::new(), |a| format!("{a:.6}")),
+            u8::from(r.rolled_back)
         );
     }
     out
@@ -107,6 +110,10 @@ pub struct Summary {
     /// in member order; empty without DP.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub final_dp_epsilon: Vec<f64>,
+    /// Members (honest and Byzantine) that rolled back each round's
+    /// distillation; only with a validation split (`[rollback]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollbacks_per_round: Option<Vec<u64>>,
     pub experiment: Experiment,
 }
 
@@ -177,6 +184,16 @@ impl Summary {
             peak_rss_bytes: peak_rss_bytes(),
             audit: r.audit.clone(),
             final_dp_epsilon: last.iter().filter_map(|x| x.dp_epsilon).collect(),
+            rollbacks_per_round: (e.rollback.validation_fraction > 0.0).then(|| {
+                (1..=e.rounds)
+                    .map(|round| {
+                        r.rows
+                            .iter()
+                            .filter(|x| x.round == round && x.rolled_back)
+                            .count() as u64
+                    })
+                    .collect()
+            }),
             experiment: e.clone(),
         }
     }

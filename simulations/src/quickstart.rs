@@ -105,6 +105,9 @@ fn node_config(
         },
         knowledge: Default::default(),
         dp: Default::default(),
+        // The quickstart reproduces the README's published numbers: every
+        // member trains on all its private data.
+        rollback: fd_node::rollback::RollbackConfig::off(),
     }
 }
 

@@ -62,6 +62,11 @@ pub struct NodeRow {
     /// ε spent so far (at the experiment's `[dp] delta`) by a member that
     /// trains with DP-SGD; `None` without DP.
     pub dp_epsilon: Option<f64>,
+    /// Accuracy on the member's validation split of the student it kept
+    /// (`[rollback]`); `None` without a validation split.
+    pub validation_accuracy: Option<f64>,
+    /// The member undid this round's distillation ([`fd_node::rollback`]).
+    pub rolled_back: bool,
     /// Simulated clock at the end of the round (memory network; wall clock over libp2p).
     pub sim_seconds: f64,
 }
@@ -243,6 +248,8 @@ fn row_from(e: &Experiment, round: u64, node: usize, m: &RoundMetrics) -> NodeRo
         teacher_rows_kept: m.teacher_rows_kept,
         audit_tv: None,
         dp_epsilon: None,
+        validation_accuracy: m.validation_accuracy,
+        rolled_back: m.rolled_back,
         sim_seconds: 0.0,
     }
 }
@@ -267,6 +274,8 @@ fn idle_row(e: &Experiment, round: u64, node: usize, previous: Option<&NodeRow>)
         teacher_rows_kept: 0.0,
         audit_tv: None,
         dp_epsilon: previous.and_then(|r| r.dp_epsilon),
+        validation_accuracy: previous.and_then(|r| r.validation_accuracy),
+        rolled_back: false,
         sim_seconds: 0.0,
     }
 }
@@ -746,6 +755,8 @@ async fn run_fedavg(
                         teacher_rows_kept: 0.0,
                         audit_tv: None,
                         dp_epsilon: None,
+                        validation_accuracy: None,
+                        rolled_back: false,
                         sim_seconds: 0.0,
                     }
                 }

@@ -417,3 +417,81 @@ fn a_sweep_resumes_after_an_interruption_and_skips_finished_cells() {
         assert!(cell2.join(file).exists(), "{file}");
     }
 }
+
+/// The SIMD level the matrix kernels dispatch to at run time (gemm picks
+/// its kernels by CPU feature): float sums are bit-identical only between
+/// machines at the same level.
+fn simd_level() -> String {
+    let mut level = std::env::consts::ARCH.to_string();
+    #[cfg(target_arch = "x86_64")]
+    for (name, on) in [
+        ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+        ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+        ("fma", std::arch::is_x86_feature_detected!("fma")),
+    ] {
+        if on {
+            level.push(' ');
+            level.push_str(name);
+        }
+    }
+    level
+}
+
+/// The committed metrics.csv of a fixed small experiment (density-selected
+/// knowledge, the leakage audit, a validation split with rollback). A
+/// refactor must leave it byte-identical; a change that is meant to move the
+/// numbers re-blesses it on purpose (`FD_BLESS_GOLDEN=1 cargo test …`) and
+/// says why in its commit.
+///
+/// Byte identity holds on a CPU with the SIMD level the file was blessed on
+/// (`golden/simd-level`). Elsewhere the matrix kernels round differently, so
+/// every integer and text field (bytes, share counts, rollbacks, models) must
+/// still match exactly and every float within 0.03: a refactor that changes
+/// the protocol or the recipe still fails, last-bit rounding does not.
+#[test]
+fn a_fixed_experiment_reproduces_the_committed_metrics_csv() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let (golden, level_file) = (dir.join("metrics.csv"), dir.join("simd-level"));
+    let e = parse(&experiment_text(
+        "[knowledge]\nselector = \"density\"\n[audit]\nenabled = true\n[rollback]\nvalidation_fraction = 0.1\nrollback_tolerance = 0.05\n",
+    ));
+    let csv = metrics_csv(&run(&e).rows);
+    if std::env::var_os("FD_BLESS_GOLDEN").is_some() {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&golden, &csv).unwrap();
+        std::fs::write(&level_file, simd_level() + "\n").unwrap();
+    }
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_else(|e| panic!("{} ({e}): bless it with FD_BLESS_GOLDEN=1", p.display()))
+    };
+    let (expected, blessed_level) = (read(&golden), read(&level_file));
+    assert_eq!(csv.lines().count(), 1 + 4 * 3);
+    assert_eq!(csv.lines().count(), expected.lines().count());
+    let exact = blessed_level.trim() == simd_level();
+    for (line, (got, want)) in csv.lines().zip(expected.lines()).enumerate() {
+        if exact {
+            assert_eq!(got, want, "metrics.csv line {} differs from {}", line + 1, golden.display());
+            continue;
+        }
+        let (got, want): (Vec<&str>, Vec<&str>) = (got.split(',').collect(), want.split(',').collect());
+        assert_eq!(got.len(), want.len(), "metrics.csv line {}: field count", line + 1);
+        for (field, (g, w)) in got.iter().zip(&want).enumerate() {
+            let is_float = w.contains('.') && w.parse::<f64>().is_ok();
+            if is_float {
+                let (g, w) = (g.parse::<f64>().unwrap(), w.parse::<f64>().unwrap());
+                assert!(
+                    (g - w).abs() <= 0.03,
+                    "metrics.csv line {} field {}: {g} vs golden {w}",
+                    line + 1,
+                    field + 1
+                );
+            } else {
+                assert_eq!(g, w, "metrics.csv line {} field {}", line + 1, field + 1);
+            }
+        }
+    }
+    if exact {
+        assert_eq!(csv, expected);
+    }
+}

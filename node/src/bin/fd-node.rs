@@ -69,6 +69,10 @@ enum Command {
         /// f32 (exact), f16 (half the size) or int8 (per-channel symmetric, ~4× smaller).
         #[arg(long, default_value = "f32")]
         format: ExportFormat,
+        /// best: the student with the best validation accuracy kept so far
+        /// (`[rollback] best_file`); current: the last round's (`checkpoint_file`).
+        #[arg(long, default_value = "best")]
+        which: fd_node::export::Which,
     },
     /// Measure an exported model: accuracy (per class, confusion matrix),
     /// latency at batch 1, throughput at batch 64, file size, peak memory, energy.
@@ -94,6 +98,12 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         warmup: usize,
     },
+    /// Distil the member's federated student into a smaller one (response
+    /// and feature losses, optionally progressive) and export it.
+    Compress(fd_node::compress::CompressArgs),
+    /// A/B-compare two exported models on the same samples: accuracy of
+    /// each, the paired difference's 95 % CI and McNemar's p, latency.
+    Compare(fd_node::compare::CompareArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -108,19 +118,27 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Compress(args) => fd_node::compress::run_cli(args)
+            .map(drop)
+            .map_err(|e| anyhow::anyhow!("{e}")),
+        Command::Compare(args) => fd_node::compare::run_cli(args)
+            .map(drop)
+            .map_err(|e| anyhow::anyhow!("{e}")),
         Command::Export {
             config,
             out,
             format,
+            which,
         } => {
             let config = NodeConfig::from_file(&config)?;
-            let card = fd_node::export::export_from_config(&config, format, &out)?;
+            let card = fd_node::export::export_which(&config, which, format, &out)?;
             println!(
-                "exported {} ({}, round {}, test accuracy {}) to {}: {} bytes, sha256 {}",
+                "exported {} ({}, round {}, test accuracy {}, validation accuracy {}) to {}: {} bytes, sha256 {}",
                 card.architecture_name,
                 card.format,
                 card.round.map_or("-".into(), |r| r.to_string()),
                 card.test_accuracy.map_or("-".into(), |a| format!("{a:.4}")),
+                card.validation_accuracy.map_or("-".into(), |a| format!("{a:.4}")),
                 out.display(),
                 card.weights_bytes,
                 card.weights_sha256
@@ -338,7 +356,9 @@ fn status(path: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
                 m.local_accuracy,
                 m.shares_aggregated,
                 m.shares_rejected,
-                if m.distilled {
+                if m.rolled_back {
+                    "distilled, rolled back"
+                } else if m.distilled {
                     "distilled"
                 } else {
                     "quorum not met"

@@ -18,8 +18,8 @@
 //!   without labels (row i is node i, column j class j, as in the SVG and
 //!   the text report), so the PNG is the quick look and the SVG the
 //!   document. plotters' default bitmap encoder would pull in the `image`
-//!   crate; the raw RGB buffer is encoded here instead (`encode_png`:
-//!   unfiltered RGB rows, zlib and CRC-32 from flate2, about thirty lines).
+//!   crate; the raw RGB buffer goes to the `png` crate instead
+//!   ([`encode_png`]), which is all of `image` this needs.
 //!
 //! Both formats share one layout ([`heatmap_dimensions`]), and the file is
 //! written atomically (temporary file, then rename), so a viewer or a
@@ -145,45 +145,19 @@ pub fn label_heatmap(
     write_atomic(path, &bytes)
 }
 
-/// An 8-bit RGB PNG of `rgb` (rows top to bottom, no padding): signature,
-/// IHDR, one IDAT holding the zlib stream of the rows each prefixed by
-/// filter 0 (none), IEND; each chunk closed by its CRC-32. That is the whole
-/// format a viewer needs, and flate2 (already a dependency, for gzip'd IDX
-/// files) supplies both zlib and the CRC, so no image crate is built.
-pub fn encode_png(rgb: &[u8], (w, h): (u32, u32)) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
-    let row = w as usize * 3;
-    assert_eq!(rgb.len(), row * h as usize, "buffer is not {w}×{h} RGB");
-    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-    for line in rgb.chunks_exact(row) {
-        z.write_all(&[0])?;
-        z.write_all(line)?;
-    }
-    let idat = z.finish()?;
-    let mut ihdr = Vec::with_capacity(13);
-    ihdr.extend_from_slice(&w.to_be_bytes());
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    // Bit depth 8, colour type 2 (RGB), deflate, adaptive filtering, no interlace.
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    let mut out = PNG_SIGNATURE.to_vec();
-    for (kind, data) in [
-        (b"IHDR", &ihdr[..]),
-        (b"IDAT", &idat[..]),
-        (b"IEND", &[][..]),
-    ] {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let start = out.len();
-        out.extend_from_slice(kind);
-        out.extend_from_slice(data);
-        let mut crc = flate2::Crc::new();
-        crc.update(&out[start..]);
-        out.extend_from_slice(&crc.sum().to_be_bytes());
-    }
+/// An 8-bit RGB PNG of `rgb` (rows top to bottom, no padding), encoded by
+/// the `png` crate.
+pub fn encode_png(rgb: &[u8], (w, h): (u32, u32)) -> Result<Vec<u8>, png::EncodingError> {
+    assert_eq!(rgb.len(), w as usize * 3 * h as usize, "buffer is not {w}×{h} RGB");
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, w, h);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(rgb)?;
+    writer.finish()?;
     Ok(out)
 }
-
-/// The eight bytes every PNG file starts with.
-pub const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";
 
 /// Draws the grid (and, with `text`, every label) on `root`. Text must stay
 /// off bitmaps: without a font feature plotters panics when rasterising it.
@@ -291,49 +265,27 @@ mod tests {
         (labels, parts)
     }
 
-    /// Decodes what [`encode_png`] writes, checking every chunk's length and
-    /// CRC and the IHDR fields on the way: returns (width, height, RGB rows).
+    /// Decodes a PNG with the `png` crate: (width, height, RGB rows).
     fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
-        use std::io::Read;
-        assert_eq!(&bytes[..8], PNG_SIGNATURE);
-        let (mut at, mut chunks) = (8, Vec::new());
-        while at < bytes.len() {
-            let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-            let body = &bytes[at + 4..at + 8 + len];
-            let crc = u32::from_be_bytes(bytes[at + 8 + len..at + 12 + len].try_into().unwrap());
-            let mut c = flate2::Crc::new();
-            c.update(body);
-            assert_eq!(c.sum(), crc, "CRC of chunk {:?}", &body[..4]);
-            chunks.push((body[..4].to_vec(), body[4..].to_vec()));
-            at += 12 + len;
-        }
-        let kinds: Vec<&[u8]> = chunks.iter().map(|(k, _)| &k[..]).collect();
-        assert_eq!(kinds, [&b"IHDR"[..], b"IDAT", b"IEND"]);
-        let ihdr = &chunks[0].1;
-        let w = u32::from_be_bytes(ihdr[0..4].try_into().unwrap());
-        let h = u32::from_be_bytes(ihdr[4..8].try_into().unwrap());
-        assert_eq!(&ihdr[8..], [8, 2, 0, 0, 0]);
-        let mut raw = Vec::new();
-        flate2::read::ZlibDecoder::new(&chunks[1].1[..])
-            .read_to_end(&mut raw)
+        let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+            .read_info()
             .unwrap();
-        let row = w as usize * 3;
-        assert_eq!(raw.len(), (row + 1) * h as usize);
-        let mut rgb = Vec::new();
-        for line in raw.chunks_exact(row + 1) {
-            assert_eq!(line[0], 0, "filter type none");
-            rgb.extend_from_slice(&line[1..]);
-        }
-        (w, h, rgb)
+        let mut rgb = vec![0; reader.output_buffer_size().unwrap()];
+        let frame = reader.next_frame(&mut rgb).unwrap();
+        assert_eq!(
+            (frame.color_type, frame.bit_depth),
+            (png::ColorType::Rgb, png::BitDepth::Eight)
+        );
+        rgb.truncate(frame.buffer_size());
+        (frame.width, frame.height, rgb)
     }
 
     #[test]
     fn png_encoder_round_trips() {
         let rgb: Vec<u8> = (0..5 * 3 * 3).map(|i| (i * 37 % 256) as u8).collect();
         let bytes = encode_png(&rgb, (5, 3)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"));
         assert_eq!(decode_png(&bytes), (5, 3, rgb));
-        // The well-known CRC of an empty IEND chunk.
-        assert_eq!(&bytes[bytes.len() - 4..], [0xae, 0x42, 0x60, 0x82]);
     }
 
     fn pixel(img: &[u8], width: u32, x: u32, y: u32) -> [u8; 3] {

@@ -123,39 +123,59 @@ fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) ->
 /// single-threaded (parallelism is over chunks). Public for
 /// `examples/gemm_shapes.rs`, which times the products this module issues.
 ///
-/// # Safety
-/// Every index reachable through the dimensions and strides must be in bounds
-/// of its buffer, and `dst` must not overlap `lhs` or `rhs`.
+/// The one `unsafe` call of fd-node's kernels lives here, behind checks that
+/// make it sound for any arguments: every index the strides reach is asserted
+/// to lie inside its slice, and `dst` cannot overlap `lhs` or `rhs` because
+/// it is borrowed mutably while they are borrowed shared.
+///
+/// # Panics
+/// When a matrix's last element (`(rows − 1)·rs + (cols − 1)·cs`) lies
+/// outside its slice.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm(
+#[allow(unsafe_code)]
+pub fn gemm(
     m: usize,
     n: usize,
     k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    dst_cs: usize,
+    dst: &mut [f32],
+    (dst_rs, dst_cs): (usize, usize),
     accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
 ) {
-    // SAFETY: forwarded from the caller.
+    assert!(
+        extent(m, n, dst_rs, dst_cs) <= dst.len(),
+        "gemm: dst {m}×{n} overruns its buffer"
+    );
+    assert!(
+        extent(m, k, lhs_rs, lhs_cs) <= lhs.len(),
+        "gemm: lhs {m}×{k} overruns its buffer"
+    );
+    assert!(
+        extent(k, n, rhs_rs, rhs_cs) <= rhs.len(),
+        "gemm: rhs {k}×{n} overruns its buffer"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above put every index the dimensions and strides
+    // reach inside its slice; `dst` is a unique borrow, so it overlaps
+    // neither operand; gemm reads only `lhs`/`rhs` and writes only `dst`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst,
+            dst.as_mut_ptr(),
             dst_cs as isize,
             dst_rs as isize,
             accumulate,
-            lhs,
+            lhs.as_ptr(),
             lhs_cs as isize,
             lhs_rs as isize,
-            rhs,
+            rhs.as_ptr(),
             rhs_cs as isize,
             rhs_rs as isize,
             1.0,
@@ -165,6 +185,15 @@ pub unsafe fn gemm(
             false,
             gemm::Parallelism::None,
         )
+    }
+}
+
+/// Elements a `rows × cols` matrix with these strides spans (0 when empty).
+fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
     }
 }
 
@@ -285,25 +314,8 @@ pub fn conv2d_forward(g: &ConvGeom, x: &[f32], weight: &[f32], bias: Option<&[f3
             let n = cs * p;
             with_scratch(k * n, g.c_out * n, |col, res| {
                 im2col(g, x, cs, col);
-                // res[c_out × n] = W[c_out × k] · col[k × n]
-                // SAFETY: all three are dense row-major buffers of exactly these sizes.
-                unsafe {
-                    gemm(
-                        g.c_out,
-                        n,
-                        k,
-                        res.as_mut_ptr(),
-                        n,
-                        1,
-                        false,
-                        weight.as_ptr(),
-                        k,
-                        1,
-                        col.as_ptr(),
-                        n,
-                        1,
-                    );
-                }
+                // res[c_out × n] = W[c_out × k] · col[k × n], dense row-major.
+                gemm(g.c_out, n, k, res, (n, 1), false, weight, (k, 1), col, (n, 1));
                 // [c_out × (cs·p)] → NCHW, adding the bias.
                 for b in 0..cs {
                     for co in 0..g.c_out {
@@ -401,45 +413,13 @@ pub fn conv2d_backward(
                         // contiguous axis; `gc · colᵀ` ran 1.4–1.6× slower
                         // (strided packing of colᵀ). Transposed back after the
                         // chunk sum (`transpose` below).
-                        // SAFETY: dense buffers; gcᵀ is gc read with swapped strides.
-                        unsafe {
-                            gemm(
-                                k,
-                                g.c_out,
-                                n,
-                                dw.as_mut_ptr(),
-                                g.c_out,
-                                1,
-                                false,
-                                col.as_ptr(),
-                                n,
-                                1,
-                                gc.as_ptr(),
-                                1,
-                                n,
-                            );
-                        }
+                        // gcᵀ is gc read with swapped strides.
+                        gemm(k, g.c_out, n, dw, (g.c_out, 1), false, col, (n, 1), gc, (1, n));
                     }
                     if let Some(dx) = dx.as_deref_mut() {
                         // col[k × n] = Wᵀ[k × c_out] · gc[c_out × n]
-                        // SAFETY: dense buffers; Wᵀ is W read with swapped strides.
-                        unsafe {
-                            gemm(
-                                k,
-                                n,
-                                g.c_out,
-                                col.as_mut_ptr(),
-                                n,
-                                1,
-                                false,
-                                weight.as_ptr(),
-                                1,
-                                k,
-                                gc.as_ptr(),
-                                n,
-                                1,
-                            );
-                        }
+                        // Wᵀ is W read with swapped strides.
+                        gemm(k, n, g.c_out, col, (n, 1), false, weight, (1, k), gc, (n, 1));
                         col2im(g, col, cs, dx);
                     }
                 });

@@ -390,6 +390,7 @@ fn results_do_not_depend_on_the_thread_count() {
 }
 
 #[test]
+#[cfg(feature = "ndarray")]
 #[allow(deprecated)]
 fn other_devices_fall_back_to_burn_ops() {
     // ndarray takes the route wgpu takes: burn's own conv2d and max_pool2d.
@@ -440,4 +441,24 @@ fn layer_takes_over_burns_initialisation() {
             .bias
             .is_none()
     );
+}
+
+#[test]
+fn strided_gemm_multiplies_and_refuses_strides_that_overrun() {
+    // [1 2; 3 4] · [5 6; 7 8] with the right operand stored column-major.
+    let lhs = [1.0, 2.0, 3.0, 4.0];
+    let rhs_t = [5.0, 7.0, 6.0, 8.0];
+    let mut dst = [0.0f32; 4];
+    kernels::gemm(2, 2, 2, &mut dst, (2, 1), false, &lhs, (2, 1), &rhs_t, (1, 2));
+    assert_eq!(dst, [19.0, 22.0, 43.0, 50.0]);
+    kernels::gemm(2, 2, 2, &mut dst, (2, 1), true, &lhs, (2, 1), &rhs_t, (1, 2));
+    assert_eq!(dst, [38.0, 44.0, 86.0, 100.0]);
+    // A row stride one too long reaches past the 4-element lhs.
+    let overrun = std::panic::catch_unwind(|| {
+        let mut dst = [0.0f32; 4];
+        kernels::gemm(2, 2, 2, &mut dst, (2, 1), false, &lhs, (3, 1), &rhs_t, (1, 2));
+    });
+    let message = overrun.unwrap_err();
+    let message = message.downcast_ref::<String>().unwrap();
+    assert!(message.contains("lhs 2×2 overruns"), "{message}");
 }

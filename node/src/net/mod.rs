@@ -6,8 +6,15 @@
 //! requests as [`InboundRequest`]s from a channel. Network code never sees a
 //! tensor and learning code never sees a socket.
 //!
-//! Transport: TCP (+ optionally a libp2p private-network pre-shared key,
-//! [`NetConfig::psk`]) + Noise + Yamux. Application protocol: one
+//! Transports: QUIC (`/udp/<port>/quic-v1`: TLS 1.3 with the libp2p
+//! identity in the certificate, QUIC's own streams) and TCP + Noise + Yamux
+//! (`/tcp/<port>`), both built, so a member listens and dials on either.
+//! A closed network ([`NetConfig::psk`], libp2p pnet) wraps TCP only: pnet
+//! has no QUIC form, so with a key QUIC is not built at all and configs with
+//! QUIC addresses are refused ([`quic_under_psk`]). Dialling races every
+//! known address of a peer and keeps the first connection; [`prefer_quic`]
+//! puts QUIC addresses first, and QUIC's one-round-trip handshake usually
+//! wins. Application protocol: one
 //! request-response protocol, `/fd/1`, carrying [`fd_protocol::Message`]
 //! frames (see [`codec`]). Shares are pushed by their sender to each member;
 //! the receiver answers `ShareAccepted` or `ShareRejected` after validating.
@@ -71,7 +78,7 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Transport as _, gossipsub, identify, identity, kad, mdns,
-    noise, tcp, yamux,
+    noise, quic, tcp, yamux,
 };
 use tokio::sync::mpsc;
 
@@ -229,6 +236,32 @@ pub fn split_peer_addr(addr: &Multiaddr) -> anyhow::Result<(PeerId, Multiaddr)> 
     }
 }
 
+/// Whether `addr` is a QUIC address (`…/udp/<port>/quic-v1…`).
+pub fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::QuicV1))
+}
+
+/// `addrs` with QUIC addresses first, each group in its given order: the
+/// swarm dials a peer's addresses concurrently in this order.
+pub fn prefer_quic(mut addrs: Vec<Multiaddr>) -> Vec<Multiaddr> {
+    addrs.sort_by_key(|a| !is_quic(a));
+    addrs
+}
+
+/// The error for a QUIC address in a closed (pre-shared key) network, or
+/// `None`. `field` names the config field the address came from.
+pub fn quic_under_psk(field: &str, addr: &str) -> Option<String> {
+    let parsed: Multiaddr = addr.parse().ok()?;
+    is_quic(&parsed).then(|| {
+        format!(
+            "`{field}` has the QUIC address {addr}, but a closed federation (psk_file) runs \
+             over TCP only: libp2p's pre-shared key (pnet) wraps TCP streams and has no QUIC \
+             form. Use a /tcp/ address, or drop psk_file and keep the federation closed with \
+             its member list (the allow-list refuses any other PeerId)"
+        )
+    })
+}
+
 fn transport(
     keypair: &identity::Keypair,
     psk: Option<PreSharedKey>,
@@ -244,12 +277,22 @@ fn transport(
         }
         None => Either::Right(tcp),
     };
-    Ok(tcp
+    let tcp = tcp
         .upgrade(Version::V1Lazy)
         .authenticate(noise)
         .multiplex(yamux::Config::default())
         .timeout(HANDSHAKE_TIMEOUT)
-        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
+    if psk.is_some() {
+        return Ok(tcp.boxed());
+    }
+    let mut quic_config = quic::Config::new(keypair);
+    quic_config.handshake_timeout = HANDSHAKE_TIMEOUT;
+    let quic = quic::tokio::Transport::new(quic_config)
+        .map(|(peer, connection), _| (peer, StreamMuxerBox::new(connection)));
+    Ok(quic
+        .or_transport(tcp)
+        .map(|either, _| either.into_inner())
         .boxed())
 }
 

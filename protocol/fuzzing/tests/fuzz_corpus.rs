@@ -3,11 +3,11 @@
 //! fuzzer found interesting (and every fixed crash, kept there as a
 //! regression input) keeps being exercised by `cargo test`.
 //!
-//! The checks are `fd_protocol::fuzzing::{check_decode, check_share_mutation}`;
+//! The checks are `fd_protocol_fuzzing::{check_decode, check_share_mutation}`;
 //! a panic or a broken invariant in any input fails the test and names the
 //! file. A missing corpus folder is a failure, not a skip.
 //!
-//! `cargo test -p fd-protocol --test fuzz_corpus -- --ignored write_seed_corpus`
+//! `cargo test --workspace --test fuzz_corpus -- --ignored write_seed_corpus`
 //! (re)writes the named seed inputs (`fuzzing::seed_inputs`) into the corpus
 //! folders, as a starting point for a fresh corpus.
 
@@ -15,7 +15,7 @@ use std::fs;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
-use fd_protocol::fuzzing::{check_decode, check_share_mutation, seed_inputs};
+use fd_protocol_fuzzing::{check_decode, check_share_mutation, seed_inputs};
 
 /// A target's check: panics on a broken invariant.
 type Check = fn(&[u8]);
@@ -27,7 +27,7 @@ const TARGETS: [(&str, Check); 2] = [
 ];
 
 fn corpus_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus")
 }
 
 /// Runs `check` on `bytes`, turning a panic into its message.

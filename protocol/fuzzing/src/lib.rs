@@ -1,12 +1,16 @@
 //! The checks behind the cargo-fuzz targets in `fuzz/` and their corpus
-//! replay test (`protocol/tests/fuzz_corpus.rs`).
+//! replay test (`protocol/fuzzing/tests/fuzz_corpus.rs`).
 //!
-//! They live here, not in the fuzz crate, so the nightly fuzzer and the
-//! stable test suite run exactly the same code: every input the fuzzer keeps
-//! in `fuzz/corpus/` is replayed by `cargo test` on stable. Each check panics
-//! when an invariant breaks and returns normally otherwise (rejecting an
-//! input is normal). No extra dependency, and nothing here is used by the
-//! protocol itself.
+//! Why a crate of its own: the nightly fuzzer and the stable test suite must
+//! run exactly the same code (every input the fuzzer keeps in `fuzz/corpus/`
+//! is replayed by `cargo test` on stable), but these are panicking oracles
+//! with a fixed, public signing key, so they must not be compiled into the
+//! production `fd-protocol` that every binary links. `fuzz/` itself is
+//! nightly-only and outside the workspace, so it cannot hold them either.
+//! Nothing but `fuzz/` and this crate's tests depends on it.
+//!
+//! Each check panics when an invariant breaks and returns normally otherwise
+//! (rejecting an input is normal). It uses only `fd-protocol`'s public API.
 //!
 //! - [`check_decode`] (target `decode_message`): arbitrary bytes as a frame
 //!   and as a share encoded on its own (the chunked-transfer form).
@@ -21,13 +25,13 @@
 
 use std::sync::OnceLock;
 
-use crate::codec::{decode, decode_share, encode, encode_share};
-use crate::control::{Control, SignedControl};
-use crate::digest::sha256;
-use crate::identity::{Signature, SigningKey};
-use crate::message::*;
-use crate::share::{LogitShare, PayloadEncoding, PublicSubset, RowWeights, ShareExpectation};
-use crate::transfer::{CHUNK_BYTES, MAX_CHUNKS, ShareAnnouncement};
+use fd_protocol::codec::{decode, decode_share, encode, encode_share};
+use fd_protocol::control::{Control, SignedControl};
+use fd_protocol::digest::sha256;
+use fd_protocol::identity::{Signature, SigningKey};
+use fd_protocol::message::*;
+use fd_protocol::share::{LogitShare, PayloadEncoding, PublicSubset, RowWeights, ShareExpectation};
+use fd_protocol::transfer::{CHUNK_BYTES, MAX_CHUNKS, ShareAnnouncement};
 
 /// Federation id of the fixed [`expectation`].
 pub const FEDERATION_ID: &str = "fd-fuzz";
@@ -665,7 +669,7 @@ pub fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
         let name = format!("{form}{}", original.name);
         // The frame ends with the payload, the row weights (an option) and
         // the signature (a length byte and 64 bytes).
-        let weights_len = crate::codec::canonical_bytes(&original.share.row_weights)
+        let weights_len = fd_protocol::codec::canonical_bytes(&original.share.row_weights)
             .expect("the weights encode")
             .len();
         let payload_end = (len - 65 - weights_len - 1) as u16;
@@ -705,7 +709,7 @@ mod tests {
 
     #[test]
     fn bad_payload_seeds_get_past_the_signature() {
-        use crate::error::RejectReason;
+        use fd_protocol::error::RejectReason;
         let mut seen = 0;
         for (_, name, bytes) in seed_inputs() {
             let (expected, share) = if let Some(expected) = name.strip_prefix("seed-signed-") {
