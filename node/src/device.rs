@@ -65,7 +65,10 @@ impl DeviceKind {
         let feature = self.feature()?;
         (!built).then(|| {
             format!(
-                "device {} was not built into this binary: rebuild with the cargo feature                  `{feature}` (`cargo build --bin fd-node` builds it by default; for fd-sim,                  `cargo run --bin fd-sim --features {feature} -- ...`), or use device = \"flex\"",
+                "device {} was not built into this binary: rebuild with the cargo feature \
+                 `{feature}` (`cargo build --workspace` and `cargo build -p fd-node` build it; \
+                 for fd-sim alone, `cargo run -p fd-sim --features {feature} -- ...`), or use \
+                 device = \"flex\"",
                 self.name()
             )
         })

@@ -16,7 +16,8 @@
 //! - [`inbox`]: the validation gate between received shares and aggregation;
 //!   [`membership`]: member keys from the PeerIds in configs.
 //! - [`net`]: the libp2p swarm, its event loop and client.
-//! - [`runtime`]: the networked member and the isolated baseline.
+//! - [`runtime`]: the networked member and the isolated baseline;
+//!   [`doctor`]: `fd-node doctor`, which peers this member can reach and how.
 //! - [`config`], [`keyfile`]: configuration and identity on disk; [`fsutil`]: atomic writes.
 //! - [`export`]: the student as a deployable SafeTensors model (f32/f16/int8);
 //!   [`evaluate`]: its accuracy, latency, size, memory and energy;
@@ -30,6 +31,7 @@ pub mod compress;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod doctor;
 pub mod evaluate;
 pub mod export;
 pub mod fastconv;

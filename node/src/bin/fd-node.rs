@@ -51,6 +51,17 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// Check that this member can reach its federation: per peer (coordinator,
+    /// bootstrap peers, members found through them), reachable or not, over
+    /// which transport, the time to connect, and what to open in which
+    /// firewall when nothing works. Exits 1 when a peer is unreachable.
+    Doctor {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Seconds to wait for each peer.
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
+    },
     /// Write a new pre-shared key (libp2p pnet `swarm.key` format, mode 0600)
     /// for a closed federation; give every member a copy and set `psk_file`.
     GenPsk {
@@ -236,6 +247,38 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { config, rounds } => status(&config, rounds),
+        Command::Doctor {
+            config,
+            timeout_secs,
+        } => {
+            let config = NodeConfig::from_file(&config)?;
+            let key = keyfile::load(&config.key_file)
+                .with_context(|| format!("key_file {}", config.key_file.display()))?;
+            println!(
+                "{} peer id {}",
+                config.name,
+                runtime::peer_id_string(&key.public_key())
+            );
+            let timeout = std::time::Duration::from_secs(timeout_secs.max(1));
+            let probes = fd_node::fpenv::runtime()?
+                .block_on(fd_node::doctor::diagnose(&config, &key, timeout))?;
+            for probe in &probes {
+                println!("{probe}");
+            }
+            let unreachable = probes
+                .iter()
+                .filter(|p| matches!(p.outcome, fd_node::doctor::Outcome::Unreachable { .. }))
+                .count();
+            anyhow::ensure!(
+                unreachable == 0,
+                "{unreachable} of {} peers unreachable",
+                probes.len()
+            );
+            if probes.is_empty() {
+                println!("no coordinator, bootstrap peer or member to check in this config");
+            }
+            Ok(())
+        }
         Command::GenPsk { out } => {
             anyhow::ensure!(
                 !out.exists(),
