@@ -262,6 +262,10 @@ enum RoundClock {
     Schedule(Schedule),
 }
 
+/// How long a member keeps its swarm after the coordinator's `Done`, so
+/// its answer is delivered (loopback needs milliseconds; WAN links more).
+const DONE_ANSWER_GRACE: Duration = Duration::from_millis(500);
+
 /// The libp2p settings a member's config implies: the allow-list (members,
 /// coordinator, bootstrap peers), the pre-shared key, and discovery.
 pub fn net_config(config: &NodeConfig) -> anyhow::Result<NetConfig> {
@@ -579,7 +583,14 @@ pub async fn run_federated(
         // `Done` that passed the gate), so slower members can still deliver
         // their last shares to us.
         Some(_) => {
-            let _ = tokio::time::timeout(Duration::from_secs(30), done_rx.recv()).await;
+            let done = tokio::time::timeout(Duration::from_secs(30), done_rx.recv()).await;
+            if done.is_ok() {
+                // `Done` is acted on before its answer is written: give the
+                // answer time to reach the coordinator before the swarm
+                // goes, or it sees a closed connection, redials a member
+                // that is gone and logs it as not reached.
+                tokio::time::sleep(DONE_ANSWER_GRACE).await;
+            }
         }
         // Without a coordinator nobody says the federation is done: serve
         // our last share until the last round's window has closed.
