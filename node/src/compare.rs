@@ -30,7 +30,6 @@ use crate::data::Dataset;
 use crate::device::DeviceKind;
 use crate::evaluate::{EvaluateError, EvaluateOptions, Latency, Throughput, evaluate_exported};
 use crate::export::{ExportFormat, load_exported};
-use crate::learner::argmax;
 
 /// How to compare.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -168,23 +167,11 @@ pub fn compare_exported(
 
 /// Per sample: is `student`'s top class the label?
 fn correct(student: &crate::model::Student, data: &Dataset, device: &Device) -> Vec<bool> {
-    let all: Vec<usize> = (0..data.len()).collect();
-    let mut out = Vec::with_capacity(data.len());
-    for chunk in all.chunks(1024) {
-        let x = Tensor::<2>::from_data(
-            TensorData::new(data.features_f32(chunk), [chunk.len(), data.features]),
-            device,
-        );
-        let logits: Vec<f32> = student.forward(x).into_data().iter::<f32>().collect();
-        let classes = logits.len() / chunk.len();
-        out.extend(
-            logits
-                .chunks(classes)
-                .zip(chunk)
-                .map(|(row, &i)| argmax(row) == data.labels[i] as usize),
-        );
-    }
-    out
+    crate::model::predicted_classes(student, data, device)
+        .into_iter()
+        .zip(&data.labels)
+        .map(|(p, &label)| p == label as usize)
+        .collect()
 }
 
 /// The paired difference of two per-sample correctness vectors (same samples,
@@ -214,11 +201,8 @@ pub fn paired_difference(a: &[bool], b: &[bool], resamples: usize, seed: u64) ->
         .collect();
     means.sort_by(f64::total_cmp);
     let confidence = 0.95;
-    let q = |p: f64| {
-        // Nearest rank, clamped: percentiles of the resampled means.
-        let rank = ((p * means.len() as f64).ceil() as usize).clamp(1, means.len());
-        means[rank - 1]
-    };
+    // Nearest rank: percentiles of the resampled means.
+    let q = |p: f64| crate::evaluate::percentile(&means, p);
     let (low, high) = (
         q((1.0 - confidence) / 2.0),
         q(1.0 - (1.0 - confidence) / 2.0),

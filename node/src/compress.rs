@@ -47,8 +47,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{Dataset, portable_shuffle};
 use crate::device::DeviceKind;
 use crate::export::{ExportFormat, ModelCard, Provenance, export_student, load_exported};
-use crate::learner::argmax;
-use crate::model::{InputShape, ModelConfig, Student};
+use crate::model::{InputShape, ModelConfig, Student, batch_of, predicted_classes};
 
 /// Weight of each loss term of a stage (0 switches a term off).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -322,22 +321,12 @@ pub fn accuracy(student: &Student, data: &Dataset) -> f64 {
     if data.is_empty() {
         return 0.0;
     }
-    let device = DeviceKind::Flex.device();
-    let all: Vec<usize> = (0..data.len()).collect();
-    let mut correct = 0usize;
-    for chunk in all.chunks(1024) {
-        let logits: Vec<f32> = student
-            .forward(features(data, chunk, &device))
-            .into_data()
-            .iter::<f32>()
-            .collect();
-        let classes = logits.len() / chunk.len();
-        correct += logits
-            .chunks(classes)
-            .zip(chunk)
-            .filter(|(row, i)| argmax(row) == data.labels[**i] as usize)
-            .count();
-    }
+    let predicted = predicted_classes(student, data, &DeviceKind::Flex.device());
+    let correct = predicted
+        .into_iter()
+        .zip(&data.labels)
+        .filter(|&(p, &label)| p == label as usize)
+        .count();
     correct as f64 / data.len() as f64
 }
 
@@ -370,13 +359,6 @@ fn check_data(input: InputShape, classes: usize, d: CompressData<'_>) -> Result<
         )));
     }
     Ok(())
-}
-
-fn features(data: &Dataset, rows: &[usize], device: &Device) -> Tensor<2> {
-    Tensor::from_data(
-        TensorData::new(data.features_f32(rows), [rows.len(), data.features]),
-        device,
-    )
 }
 
 /// The module a stage trains: the student and the hint projections (student
@@ -523,12 +505,12 @@ fn train_stage(
             }
             let idx: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
             let labelled: Vec<usize> = (0..chunk.len()).filter(|&k| chunk[k].1).collect();
-            let x = features(data.data, &idx, &train);
+            let x = batch_of(data.data, &idx, &train);
             let (logits, stages) = model.student.forward_features(x);
             let mut terms: Vec<(usize, f64, Tensor<1>)> = Vec::new();
             if let Some((teacher, _)) = teacher {
                 let (t_logits, t_stages) =
-                    teacher.forward_features(features(data.data, &idx, &infer));
+                    teacher.forward_features(batch_of(data.data, &idx, &infer));
                 // The teacher's outputs enter as constants on the training device.
                 let on_train = |x: Tensor<2>| Tensor::<2>::from_data(x.into_data(), &train);
                 if weights.response > 0.0 {
@@ -1061,7 +1043,7 @@ mod tests {
         assert!(s > b + 0.01, "distilled {s} vs scratch {b} (teacher {t})");
         // Seeded: a rerun gives the same student, bit for bit.
         let again = compress(&teacher, "mlp-200-200", INPUT, 10, d, &o).unwrap();
-        let x = features(&data.test, &[0, 1, 2], &DeviceKind::Flex.device());
+        let x = batch_of(&data.test, &[0, 1, 2], &DeviceKind::Flex.device());
         let bits = |m: &Student| -> Vec<u32> {
             m.forward(x.clone())
                 .into_data()

@@ -54,10 +54,6 @@ pub enum Outcome {
 }
 
 impl Probe {
-    pub fn reachable(&self) -> bool {
-        matches!(self.outcome, Outcome::Reachable { .. })
-    }
-
     fn transport(&self) -> &'static str {
         match &self.addr {
             Some(addr) if net::is_quic(addr) => "quic",

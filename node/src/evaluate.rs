@@ -34,8 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{DataSource, Dataset};
 use crate::device::DeviceKind;
 use crate::export::{CARD_FILE, ExportError, ExportFormat, load_exported};
-use crate::learner::argmax;
-use crate::model::Student;
+use crate::model::{Student, batch_of, predicted_classes};
 
 /// How much to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,25 +280,11 @@ fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
-fn batch(test: &Dataset, indices: &[usize], device: &Device) -> Tensor<2> {
-    Tensor::from_data(
-        TensorData::new(test.features_f32(indices), [indices.len(), test.features]),
-        device,
-    )
-}
 
 fn accuracy(student: &Student, test: &Dataset, classes: usize, device: &Device) -> Accuracy {
     let mut confusion = vec![vec![0u64; classes]; classes];
-    let all: Vec<usize> = (0..test.len()).collect();
-    for chunk in all.chunks(1024) {
-        let logits: Vec<f32> = student
-            .forward(batch(test, chunk, device))
-            .into_data()
-            .iter::<f32>()
-            .collect();
-        for (row, &i) in logits.chunks(classes).zip(chunk) {
-            confusion[test.labels[i] as usize][argmax(row)] += 1;
-        }
+    for (predicted, &label) in predicted_classes(student, test, device).into_iter().zip(&test.labels) {
+        confusion[label as usize][predicted] += 1;
     }
     let per_class: Vec<ClassAccuracy> = confusion
         .iter()
@@ -325,14 +310,15 @@ fn accuracy(student: &Student, test: &Dataset, classes: usize, device: &Device) 
 }
 
 /// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], q: f64) -> f64 {
+/// Nearest-rank percentile `q` ∈ [0, 1] of an ascending, non-empty slice.
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
 }
 
 fn latency(student: &Student, test: &Dataset, device: &Device, o: EvaluateOptions) -> Latency {
     let inputs: Vec<Tensor<2>> = (0..o.warmup + o.latency_runs)
-        .map(|i| batch(test, &[i % test.len()], device))
+        .map(|i| batch_of(test, &[i % test.len()], device))
         .collect();
     let mut times = Vec::with_capacity(o.latency_runs);
     for (i, x) in inputs.into_iter().enumerate() {
@@ -366,7 +352,7 @@ fn throughput(
     let b = o.throughput_batch;
     let make = |k: usize| {
         let indices: Vec<usize> = (0..b).map(|j| (k * b + j) % test.len()).collect();
-        batch(test, &indices, device)
+        batch_of(test, &indices, device)
     };
     for k in 0..2 {
         let _ = student.forward(make(k)).into_data();

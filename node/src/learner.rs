@@ -759,17 +759,22 @@ impl Learner {
             0 => data.len(),
             k => k.min(data.len()),
         };
-        if n == 0 {
+        let indices: Vec<usize> = (0..n).collect();
+        self.accuracy_on(data, &indices)
+    }
+
+    /// Fraction of the samples `indices` of `data` classified correctly (0 for none).
+    pub fn accuracy_on(&self, data: &Dataset, indices: &[usize]) -> f64 {
+        if indices.is_empty() {
             return 0.0;
         }
-        let indices: Vec<usize> = (0..n).collect();
-        let logits = self.predict(data, &indices);
+        let logits = self.predict(data, indices);
         let correct = logits
             .chunks(self.classes)
-            .zip(data.labels_of(&indices))
+            .zip(data.labels_of(indices))
             .filter(|(row, label)| argmax(row) == *label as usize)
             .count();
-        correct as f64 / n as f64
+        correct as f64 / indices.len() as f64
     }
 
     /// Everything that determines this learner's future training, as bytes:

@@ -16,7 +16,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::NodeConfig;
 use crate::data::DataSplits;
 use crate::data::public::{round_subset, split_public};
-use crate::learner::{Learner, LearnerStateError, argmax};
+use crate::learner::{Learner, LearnerStateError};
 use crate::model::InputShape;
 use crate::rollback::{Monitor, RollbackConfig, Verdict, validation_split};
 
@@ -373,16 +373,8 @@ impl LocalMember {
 
     /// Accuracy of the current student on the validation split; `None` without one.
     pub fn validation_accuracy(&self) -> Option<f64> {
-        if self.validation.is_empty() {
-            return None;
-        }
-        let logits = self.learner.predict(&self.data.train, &self.validation);
-        let correct = logits
-            .chunks(self.classes())
-            .zip(self.data.train.labels_of(&self.validation))
-            .filter(|(row, label)| argmax(row) == *label as usize)
-            .count();
-        Some(correct as f64 / self.validation.len() as f64)
+        (!self.validation.is_empty())
+            .then(|| self.learner.accuracy_on(&self.data.train, &self.validation))
     }
 
     /// Step 5 under monitoring ([`crate::rollback`]): distils like

@@ -818,6 +818,31 @@ fn probe_conv(conv: &FastConv2d, x: Tensor<4>, layers: &mut Vec<ProbedLayer>) ->
     y + probe
 }
 
+/// `rows` of `data` as one `[rows, features]` batch on `device`.
+pub fn batch_of(data: &crate::data::Dataset, rows: &[usize], device: &Device) -> Tensor<2> {
+    Tensor::from_data(
+        TensorData::new(data.features_f32(rows), [rows.len(), data.features]),
+        device,
+    )
+}
+
+/// For every sample of `data`, the class `student` (inference mode) ranks
+/// first; forwarded 1,024 rows at a time so memory stays bounded.
+pub fn predicted_classes(student: &Student, data: &crate::data::Dataset, device: &Device) -> Vec<usize> {
+    let all: Vec<usize> = (0..data.len()).collect();
+    let mut out = Vec::with_capacity(data.len());
+    for chunk in all.chunks(1024) {
+        let logits: Vec<f32> = student
+            .forward(batch_of(data, chunk, device))
+            .into_data()
+            .iter::<f32>()
+            .collect();
+        let classes = logits.len() / chunk.len();
+        out.extend(logits.chunks(classes).map(crate::learner::argmax));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
