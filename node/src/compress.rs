@@ -39,7 +39,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::log_softmax;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -47,6 +47,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{Dataset, portable_shuffle};
 use crate::device::DeviceKind;
 use crate::export::{ExportFormat, ModelCard, Provenance, export_student, load_exported};
+use crate::learner::distillation_kl;
 use crate::model::{InputShape, ModelConfig, Student, batch_of, predicted_classes};
 
 /// Weight of each loss term of a stage (0 switches a term off).
@@ -514,12 +515,7 @@ fn train_stage(
                 // The teacher's outputs enter as constants on the training device.
                 let on_train = |x: Tensor<2>| Tensor::<2>::from_data(x.into_data(), &train);
                 if weights.response > 0.0 {
-                    let p = softmax(on_train(t_logits) / t, 1);
-                    let log_q = log_softmax(logits.clone() / t, 1);
-                    let kl = (p.clone() * (p.clamp_min(1e-12).log() - log_q))
-                        .sum_dim(1)
-                        .mean()
-                        * (t * t);
+                    let kl = distillation_kl(on_train(t_logits), logits.clone(), t);
                     terms.push((0, weights.response, kl.reshape([1])));
                 }
                 if let Some(p) = &model.backbone {

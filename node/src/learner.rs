@@ -696,12 +696,7 @@ impl Learner {
                     TensorData::new(target, [chunk.len(), self.classes]),
                     &self.device,
                 );
-                let p = softmax(teacher_logits / t, 1);
-                let log_q = log_softmax(self.student().forward(x) / t, 1);
-                let kl = (p.clone() * (p.clamp_min(1e-12).log() - log_q))
-                    .sum_dim(1)
-                    .mean()
-                    * (t * t);
+                let kl = distillation_kl(teacher_logits, self.student().forward(x), t);
                 if let Some((q, expected, noise)) = dp_plan {
                     let loss = if self.dp_may_step() {
                         let dp = self.dp.as_mut().expect("under DP");
@@ -1008,6 +1003,18 @@ impl Learner {
         }
         Ok(())
     }
+}
+
+/// The response-distillation loss `T² · KL(softmax(teacher/T) ‖ softmax(student/T))`,
+/// averaged over the batch (Hinton et al. 2015: T² keeps the gradient scale
+/// independent of T); a one-element tensor. Teacher logits are constants.
+pub fn distillation_kl(teacher_logits: Tensor<2>, student_logits: Tensor<2>, t: f64) -> Tensor<1> {
+    let p = softmax(teacher_logits / t, 1);
+    let log_q = log_softmax(student_logits / t, 1);
+    (p.clone() * (p.clamp_min(1e-12).log() - log_q))
+        .sum_dim(1)
+        .mean()
+        * (t * t)
 }
 
 /// Index of the largest value (first on ties).

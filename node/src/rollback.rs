@@ -196,9 +196,6 @@ pub struct Monitor {
     pub best_kept: Option<f64>,
     /// Rollbacks since the member started.
     pub rollbacks: u64,
-    /// Whether the last [`Self::observe_kept`] set a new best (the member's
-    /// best student should be saved).
-    pub improved: bool,
 }
 
 impl Monitor {
@@ -235,7 +232,6 @@ impl Monitor {
         if improved {
             self.best_kept = Some(accuracy);
         }
-        self.improved = improved;
         improved
     }
 }

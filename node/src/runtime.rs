@@ -92,12 +92,13 @@ fn report_line(m: &RoundMetrics) -> String {
 }
 
 /// Saves the member's student to `config.rollback.best_file` when the
-/// round just completed kept a new best validation accuracy
-/// ([`crate::rollback`]); atomic, so a kill leaves the previous best.
+/// round just completed (`metrics`) kept a new best validation accuracy
+/// ([`crate::rollback`]; ties count, so it equals the monitor's best);
+/// atomic, so a kill leaves the previous best.
 async fn save_best_student(
     engine: &mut RoundEngine,
     config: &NodeConfig,
-    round: u64,
+    metrics: &RoundMetrics,
     key: &SigningKey,
 ) -> anyhow::Result<()> {
     let (Some(path), Some(accuracy)) = (
@@ -106,9 +107,10 @@ async fn save_best_student(
     ) else {
         return Ok(());
     };
-    if !engine.member().monitor.improved {
+    if metrics.validation_accuracy != Some(accuracy) {
         return Ok(());
     }
+    let round = metrics.round;
     let public = key.public_key();
     let name = config.name.clone();
     engine
@@ -136,7 +138,7 @@ pub async fn run_isolated(
     let mut out = Vec::new();
     for round in 1..=config.federation.rounds {
         let metrics = engine.run_local_round(round).await?;
-        save_best_student(&mut engine, config, round, key).await?;
+        save_best_student(&mut engine, config, &metrics, key).await?;
         // Saved (not resumed from) so the baseline's student can be exported too.
         if let Some(path) = config.checkpoint_file.clone() {
             let public = key.public_key();
@@ -538,7 +540,7 @@ pub async fn run_federated(
         telemetry.set_validation_accuracy(metrics.validation_accuracy);
         // Before the checkpoint: a node killed between the two resumes with
         // the best of the rounds it completed.
-        save_best_student(&mut engine, &config, round, &key).await?;
+        save_best_student(&mut engine, &config, &metrics, &key).await?;
         if let Some(path) = config.checkpoint_file.clone() {
             let public = key.public_key();
             let (seconds, digest) = engine
