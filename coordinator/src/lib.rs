@@ -20,12 +20,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use fd_node::config::{ConfigError, FederationConfig, resolve};
-use fd_node::data::DataSource;
-use fd_node::fsutil::{now_unix_ms, write_atomic};
-use fd_node::net::{self, Client, InboundRequest, Traffic};
-use fd_node::runtime::request_with_retry;
-use fd_node::telemetry::{self, Telemetry};
+use fd_net::config::{ConfigError, FederationConfig, resolve};
+use fd_data::DataSource;
+use fd_data::fsutil::{now_unix_ms, write_atomic};
+use fd_net::{self as net, Client, InboundRequest, Traffic};
+use fd_net::request_with_retry;
+use fd_net::telemetry::{self, Telemetry};
 use fd_protocol::{
     Control, FederationManifest, Member, Message, ProtocolError, PublicKey, RoundMetrics,
     SignedControl, SigningKey,
@@ -35,6 +35,7 @@ use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
 
 use crate::state::{CoordinatorState, NextRound, StateError};
 
@@ -49,7 +50,7 @@ round_timeout_secs = 600             # each round's deadline, from its announcem
 metrics_file = "metrics.csv"         # optional: per-round, per-member metrics (CSV)
 address_file = "coordinator.addr"    # optional: the full address members dial is written here
 state_file = "coordinator-state.json"  # members, round, metrics; a restart resumes from it (this is the default)
-# metrics_listen = "127.0.0.1:9101"  # optional: Prometheus text format at http://<this>/metrics
+# metrics_listen = "127.0.0.1:9101"  # optional: OpenMetrics text (Prometheus) at http://<this>/metrics
 # psk_file = "swarm.key"             # closed network: the members' pre-shared key (libp2p pnet)
 
 [federation]                         # members' [federation] must be identical
@@ -86,7 +87,7 @@ pub struct CoordinatorConfig {
     /// built in code): nothing persisted, a restart starts over.
     #[serde(default)]
     pub state_file: Option<PathBuf>,
-    /// Serve the Prometheus text format at `GET /metrics` on this address.
+    /// Serve the metrics (OpenMetrics text) at `GET /metrics` on this address.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
     /// Pre-shared key of a closed network (libp2p pnet), the members' `psk_file`.
@@ -141,7 +142,7 @@ impl CoordinatorConfig {
             ));
         }
         if c.psk_file.is_some()
-            && let Some(reason) = fd_node::net::quic_under_psk("listen", &c.listen)
+            && let Some(reason) = fd_net::quic_under_psk("listen", &c.listen)
         {
             return Err(invalid("listen", reason));
         }
@@ -149,7 +150,7 @@ impl CoordinatorConfig {
             return Err(invalid("federation.rounds", "must be at least 1".into()));
         }
         for (i, member) in c.federation.members.iter().enumerate() {
-            if let Err(e) = fd_node::membership::member_key(member) {
+            if let Err(e) = fd_net::membership::member_key(member) {
                 return Err(invalid(
                     "federation.members",
                     format!("entry {i} (`{member}`) is not an Ed25519 PeerId: {e}"),
@@ -296,15 +297,6 @@ fn write_csv(path: &Path, closed: &BTreeMap<u64, Vec<RoundMetrics>>) -> anyhow::
     write_atomic(path, &bytes, 0o644).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Aborts the task when dropped: the metrics endpoint lives as long as [`run`].
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Runs the federation to its last round. Returns every round's metrics.
 ///
 /// With a state file from an earlier run of the same federation it resumes:
@@ -350,9 +342,9 @@ pub async fn run(
     telemetry.set_members(state.members.len());
     let _metrics_server = match config.metrics_listen {
         Some(addr) => {
-            let (bound, task) = telemetry::serve(addr, telemetry.clone()).await?;
+            let (bound, server) = telemetry::serve(addr, telemetry.clone()).await?;
             tracing::info!(%bound, "metrics at http://{bound}/metrics");
-            Some(AbortOnDrop(task))
+            Some(server)
         }
         None => None,
     };
@@ -369,7 +361,7 @@ pub async fn run(
         psk: config
             .psk_file
             .as_deref()
-            .map(fd_node::runtime::load_psk)
+            .map(fd_net::load_psk)
             .transpose()?,
         ..net::NetConfig::open()
     };
@@ -379,7 +371,10 @@ pub async fn run(
         event_loop,
         ..
     } = net::new_with(&key, &net_config)?;
-    tokio::spawn(event_loop.run());
+    // The network's tasks (event loop, request server), owned here: they stop
+    // when this function returns, however it returns.
+    let mut network = JoinSet::new();
+    network.spawn(event_loop.run());
     let mut address = client.listen(config.listen.parse()?).await?;
     address.push(Protocol::P2p(client.local_peer_id()));
     // Restored members are dialled at the addresses they joined with.
@@ -411,7 +406,7 @@ pub async fn run(
         counted: Mutex::new(Traffic::default()),
     });
     let (joined_tx, mut joined_rx) = mpsc::unbounded_channel();
-    let mut server = tokio::spawn(serve(client.clone(), shared.clone(), requests, joined_tx));
+    network.spawn(serve(client.clone(), shared.clone(), requests, joined_tx));
 
     // Wait for enough members, unless a run before a restart already started rounds.
     if !started {
@@ -425,7 +420,7 @@ pub async fn run(
             }
             tokio::select! {
                 _ = notified => {}
-                _ = &mut server => bail!("the network stopped before enough members joined"),
+                _ = network.join_next() => bail!("the network stopped before enough members joined"),
             }
         }
     }
@@ -498,6 +493,7 @@ pub async fn run(
     .await;
     shared.count_traffic(&client);
     let all = shared.state().closed_metrics();
+    network.shutdown().await;
     Ok(all)
 }
 
@@ -533,12 +529,16 @@ async fn serve(
     mut requests: mpsc::Receiver<InboundRequest>,
     joined: mpsc::UnboundedSender<Member>,
 ) {
+    // Catch-up announcements in flight, owned here (stopped with the server);
+    // finished ones are reaped as requests come in.
+    let mut catch_ups = JoinSet::new();
     while let Some(InboundRequest {
         peer,
         message,
         channel,
     }) = requests.recv().await
     {
+        while catch_ups.try_join_next().is_some() {}
         // The open round's announcement, for a member that joins while it runs.
         let mut catch_up = None;
         let answer = match message {
@@ -605,7 +605,7 @@ async fn serve(
                     continue;
                 }
             };
-            tokio::spawn(async move {
+            catch_ups.spawn(async move {
                 if let Err(e) = request_with_retry(&client, peer, Message::Control(signed), 3).await
                 {
                     tracing::warn!(%peer, round, "round announcement not delivered: {e:#}");
@@ -774,7 +774,7 @@ mod tests {
         }
 
         async fn join(&self, coordinator: &Multiaddr, manifest: &FederationManifest) -> Message {
-            let (peer, addr) = fd_node::runtime::split_peer_addr(coordinator).unwrap();
+            let (peer, addr) = fd_net::split_peer_addr(coordinator).unwrap();
             self.client.add_address(peer, addr).await.unwrap();
             let join = Message::Join(JoinRequest {
                 federation_id: manifest.federation_id.clone(),
@@ -826,7 +826,7 @@ mod tests {
         }
 
         async fn report(&self, coordinator: &Multiaddr, manifest: &FederationManifest, round: u64) {
-            let (peer, _) = fd_node::runtime::split_peer_addr(coordinator).unwrap();
+            let (peer, _) = fd_net::split_peer_addr(coordinator).unwrap();
             let m = metrics(manifest, &self.member, round);
             let answer = request_with_retry(&self.client, peer, Message::Metrics(m), 5)
                 .await
@@ -988,7 +988,7 @@ mod tests {
         let config = config(dir.path(), "reports", 2, Vec::new());
         let manifest = manifest_of(&config);
         let (coordinator, address) = start(config.clone()).await;
-        let (peer, _) = fd_node::runtime::split_peer_addr(&address).unwrap();
+        let (peer, _) = fd_net::split_peer_addr(&address).unwrap();
         let mut a = TestMember::new(1).await;
         let mut b = TestMember::new(2).await;
         b.member.name = "b, \"quoted\"\nsecond line".into();
@@ -1084,7 +1084,7 @@ mod tests {
         let (coordinator, address) = start(config).await;
 
         // The allow-list closes the outsider's connection before it can ask.
-        let (peer, addr) = fd_node::runtime::split_peer_addr(&address).unwrap();
+        let (peer, addr) = fd_net::split_peer_addr(&address).unwrap();
         outsider.client.add_address(peer, addr).await.unwrap();
         let join = Message::Join(JoinRequest {
             federation_id: manifest.federation_id.clone(),

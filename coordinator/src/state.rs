@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use fd_node::fsutil::write_atomic;
+use fd_data::fsutil::write_atomic;
 use fd_protocol::{FederationManifest, Member, PublicKey, RoundAnnouncement, RoundMetrics};
 use serde::{Deserialize, Serialize};
 

@@ -7,7 +7,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fd_node::aggregate::{Aggregator, Contribution};
-use fd_node::data::{DataSource, DataSplits};
+use fd_data::{DataSource, DataSplits};
 use fd_node::device::DeviceKind;
 use fd_node::learner::{Learner, OptimizerKind, TrainingConfig};
 use fd_node::model::{InputShape, ModelConfig};

@@ -32,7 +32,41 @@ use serde::{Deserialize, Serialize};
 use fd_protocol::secagg::KnowledgeSums;
 use fd_protocol::share::softmax_into;
 
-use crate::knowledge::TeacherFilter;
+/// Which teacher rows are distilled: those with max probability ≥
+/// `min_confidence` and entropy ≤ `max_entropy` (a 0 disables a test).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TeacherFilter {
+    pub min_confidence: f64,
+    pub max_entropy: f64,
+}
+
+impl TeacherFilter {
+    pub fn is_off(&self) -> bool {
+        self.min_confidence == 0.0 && self.max_entropy == 0.0
+    }
+
+    /// Whether a teacher row with probabilities `p` (summing to 1) is kept.
+    pub fn keeps(&self, p: &[f64]) -> bool {
+        if self.min_confidence > 0.0 {
+            let max = p.iter().copied().fold(0.0, f64::max);
+            if max < self.min_confidence {
+                return false;
+            }
+        }
+        if self.max_entropy > 0.0 {
+            let h: f64 = p
+                .iter()
+                .filter(|&&q| q > 0.0)
+                .map(|&q| -q * q.ln())
+                .sum();
+            if h > self.max_entropy {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 
 /// One member's logits (rows × classes) and its private sample count.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -568,6 +602,23 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn the_filter_drops_unsure_and_spread_rows() {
+        let filter = TeacherFilter {
+            min_confidence: 0.5,
+            max_entropy: 0.0,
+        };
+        assert!(filter.keeps(&[0.6, 0.4]));
+        assert!(!filter.keeps(&[0.4, 0.3, 0.3]));
+        let filter = TeacherFilter {
+            min_confidence: 0.0,
+            max_entropy: 0.5,
+        };
+        assert!(filter.keeps(&[0.95, 0.05]));
+        assert!(!filter.keeps(&[0.5, 0.5]));
+        assert!(TeacherFilter::default().keeps(&[0.1; 10]));
+    }
+
     /// Contributions with one sample each.
     fn each<'a>(logits: &[&'a [f32]]) -> Vec<Contribution<'a>> {
         logits
@@ -614,7 +665,7 @@ mod tests {
         ] {
             let t = aggregator.aggregate(&weighted, 2, 3).unwrap();
             assert_eq!(t.kept, vec![true, true]);
-            let rows: Vec<usize> = t.logits.chunks(3).map(crate::learner::argmax).collect();
+            let rows: Vec<usize> = t.logits.chunks(3).map(crate::model::argmax).collect();
             assert_eq!(rows, vec![0, 2], "{aggregator:?}");
             // Row 0 is A's answer alone: B's wrong, confident vote is gone.
             let p0 = softmax(&t.logits[..3]);

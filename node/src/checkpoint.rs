@@ -11,7 +11,7 @@
 //!   logs and tests can show that the restored weights are the saved ones;
 //!   [`LocalMember::restore`](crate::member::LocalMember::restore) checks it.
 //! - Durability: [`Checkpoint::save`] goes through
-//!   [`crate::fsutil::write_atomic`] (temporary file beside the target, fsync,
+//!   [`fd_data::fsutil::write_atomic`] (temporary file beside the target, fsync,
 //!   rename, fsync of the folder), so after a crash at any point the path
 //!   holds either the old checkpoint or the new one, whole. A temporary file
 //!   left behind by a kill is never read.
@@ -19,42 +19,33 @@
 //!   truncated or corrupted file is reported ([`CheckpointError`], naming the
 //!   file) rather than loaded.
 //!
-//! File layout (integers little-endian):
-//!
-//! ```text
-//! "FDCKPT\0\n"  magic, 8 bytes
-//! u32           format version (1)
-//! u64           body length n
-//! body, n bytes:
-//!   u32 + bytes   federation id (UTF-8)
-//!   [u8; 32]      member public key
-//!   u64           last completed round
-//!   [u8; 32]      weights digest
-//!   u64 + bytes   learner state
-//! [u8; 32]      SHA-256 of everything above
-//! ```
+//! File layout: [`fd_data::fsutil::seal`] (magic `"FDCKPT\0\n"`, version,
+//! body length, bincode 2 body, SHA-256 trailer) of the [`Checkpoint`]
+//! itself. Version 1 was a hand-written body; such files are refused with
+//! their version named (pre-1.0: delete the file, the member re-runs from
+//! round 1).
 
 use std::path::{Path, PathBuf};
 
-use fd_protocol::digest::sha256;
+use fd_data::fsutil::{SealError, seal, unseal};
 use fd_protocol::{Digest, PublicKey};
 
 const MAGIC: &[u8; 8] = b"FDCKPT\0\n";
-/// Bump when the layout changes.
-pub const CHECKPOINT_VERSION: u32 = 1;
-const HEADER: usize = 8 + 4 + 8;
-const CHECKSUM: usize = 32;
+/// Bump when the fields change.
+pub const CHECKPOINT_VERSION: u32 = 2;
 
 /// One member's learning state after a completed round.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
 pub struct Checkpoint {
     pub federation_id: String,
+    #[bincode(with_serde)]
     pub member: PublicKey,
     /// The last completed round; training resumes at `round + 1`.
     pub round: u64,
     /// [`Learner::state_bytes`](crate::learner::Learner::state_bytes).
     pub learner: Vec<u8>,
     /// [`Learner::weights_digest`](crate::learner::Learner::weights_digest) at save time.
+    #[bincode(with_serde)]
     pub weights_digest: Digest,
 }
 
@@ -86,74 +77,31 @@ pub enum CheckpointError {
 impl Checkpoint {
     /// The file contents (see the module doc).
     pub fn encode(&self) -> Vec<u8> {
-        let id = self.federation_id.as_bytes();
-        let body_len = 4 + id.len() + 32 + 8 + 32 + 8 + self.learner.len();
-        let mut out = Vec::with_capacity(HEADER + body_len + CHECKSUM);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&CHECKPOINT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(body_len as u64).to_le_bytes());
-        out.extend_from_slice(&(id.len() as u32).to_le_bytes());
-        out.extend_from_slice(id);
-        out.extend_from_slice(&self.member.0);
-        out.extend_from_slice(&self.round.to_le_bytes());
-        out.extend_from_slice(&self.weights_digest.0);
-        out.extend_from_slice(&(self.learner.len() as u64).to_le_bytes());
-        out.extend_from_slice(&self.learner);
-        let checksum = sha256(&out);
-        out.extend_from_slice(&checksum.0);
-        out
+        seal(MAGIC, CHECKPOINT_VERSION, self)
     }
 
     /// Parses [`Self::encode`]'s output; `path` only names the file in errors.
     pub fn decode(bytes: &[u8], path: &Path) -> Result<Checkpoint, CheckpointError> {
-        let path = || path.to_path_buf();
-        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-            // A file cut inside the magic is a truncated checkpoint, not a foreign file.
-            if bytes.len() < MAGIC.len() && MAGIC.starts_with(bytes) {
-                return Err(CheckpointError::Length {
-                    path: path(),
-                    len: bytes.len(),
-                    expected: (HEADER + CHECKSUM) as u64,
-                });
-            }
-            return Err(CheckpointError::BadMagic { path: path() });
-        }
-        if bytes.len() < HEADER {
-            return Err(CheckpointError::Length {
-                path: path(),
-                len: bytes.len(),
-                expected: (HEADER + CHECKSUM) as u64,
-            });
-        }
-        let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-        if version != CHECKPOINT_VERSION {
-            return Err(CheckpointError::UnsupportedVersion {
-                path: path(),
-                version,
-            });
-        }
-        let body_len = u64::from_le_bytes(bytes[12..20].try_into().unwrap());
-        let expected = body_len.saturating_add((HEADER + CHECKSUM) as u64);
-        if bytes.len() as u64 != expected {
-            return Err(CheckpointError::Length {
-                path: path(),
-                len: bytes.len(),
+        let path = path.to_path_buf();
+        unseal(MAGIC, CHECKPOINT_VERSION, bytes).map_err(|e| match e {
+            SealError::BadMagic => CheckpointError::BadMagic { path },
+            SealError::UnsupportedVersion { found, .. } => CheckpointError::UnsupportedVersion {
+                path,
+                version: found,
+            },
+            SealError::Length { len, expected } => CheckpointError::Length {
+                path,
+                len,
                 expected,
-            });
-        }
-        let (content, checksum) = bytes.split_at(bytes.len() - CHECKSUM);
-        if sha256(content).0 != checksum {
-            return Err(CheckpointError::Checksum { path: path() });
-        }
-        decode_body(&content[HEADER..]).map_err(|reason| CheckpointError::Malformed {
-            path: path(),
-            reason,
+            },
+            SealError::Checksum => CheckpointError::Checksum { path },
+            SealError::Malformed(reason) => CheckpointError::Malformed { path, reason },
         })
     }
 
     /// Writes the checkpoint to `path` atomically (see the module doc).
     pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
-        crate::fsutil::write_atomic(path, &self.encode(), 0o600).map_err(|source| {
+        fd_data::fsutil::write_atomic(path, &self.encode(), 0o600).map_err(|source| {
             CheckpointError::Io {
                 path: path.to_path_buf(),
                 source,
@@ -174,44 +122,11 @@ impl Checkpoint {
     }
 }
 
-/// The body behind a valid checksum; an error here means a writer bug, not disk damage.
-fn decode_body(mut body: &[u8]) -> Result<Checkpoint, String> {
-    fn take<'a>(body: &mut &'a [u8], n: usize, what: &str) -> Result<&'a [u8], String> {
-        if body.len() < n {
-            return Err(format!("{what} runs past the end"));
-        }
-        let (head, rest) = body.split_at(n);
-        *body = rest;
-        Ok(head)
-    }
-    fn array<const N: usize>(body: &mut &[u8], what: &str) -> Result<[u8; N], String> {
-        Ok(take(body, N, what)?.try_into().unwrap())
-    }
-    let id_len = u32::from_le_bytes(array(&mut body, "federation id length")?) as usize;
-    let federation_id = String::from_utf8(take(&mut body, id_len, "federation id")?.to_vec())
-        .map_err(|_| "federation id is not UTF-8".to_string())?;
-    let member = PublicKey(array(&mut body, "member key")?);
-    let round = u64::from_le_bytes(array(&mut body, "round")?);
-    let weights_digest = Digest(array(&mut body, "weights digest")?);
-    let learner_len = u64::from_le_bytes(array(&mut body, "learner state length")?);
-    let learner_len =
-        usize::try_from(learner_len).map_err(|_| "learner state too long".to_string())?;
-    let learner = take(&mut body, learner_len, "learner state")?.to_vec();
-    if !body.is_empty() {
-        return Err(format!("{} bytes after the learner state", body.len()));
-    }
-    Ok(Checkpoint {
-        federation_id,
-        member,
-        round,
-        learner,
-        weights_digest,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fd_data::fsutil::SEAL_HEADER as HEADER;
+    use fd_protocol::digest::sha256;
 
     fn sample(round: u64) -> Checkpoint {
         let learner: Vec<u8> = (0..10_000u32)
@@ -277,10 +192,10 @@ mod tests {
         let err = Checkpoint::decode(&bad, path).unwrap_err();
         assert!(matches!(err, CheckpointError::Checksum { .. }), "{err}");
         bad = bytes;
-        bad[8] = 2;
+        bad[8] = 1;
         assert!(matches!(
             Checkpoint::decode(&bad, path),
-            Err(CheckpointError::UnsupportedVersion { version: 2, .. })
+            Err(CheckpointError::UnsupportedVersion { version: 1, .. })
         ));
         assert!(matches!(
             Checkpoint::decode(b"PK\x03\x04 something else", path),
@@ -322,10 +237,10 @@ mod tests {
     /// with a small overhead for names, ids and the RNG.
     #[test]
     fn checkpoint_size_and_save_time() {
-        use crate::data::DataSource;
         use crate::device::DeviceKind;
         use crate::learner::{Learner, TrainingConfig};
         use crate::model::{InputShape, ModelConfig};
+        use fd_data::DataSource;
 
         let data = DataSource::Synthetic {
             seed: 3,

@@ -26,7 +26,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::Dataset;
+use fd_data::Dataset;
 use crate::device::DeviceKind;
 use crate::evaluate::{EvaluateError, EvaluateOptions, Latency, Throughput, evaluate_exported};
 use crate::export::{ExportFormat, load_exported};
@@ -346,7 +346,7 @@ pub fn run_cli(args: CompareArgs) -> Result<ComparisonReport, Box<dyn std::error
     print!("{report}");
     if let Some(path) = &args.json {
         let text = serde_json::to_vec_pretty(&report)?;
-        crate::fsutil::write_atomic(path, &text, 0o644)
+        fd_data::fsutil::write_atomic(path, &text, 0o644)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         println!("report      {}", path.display());
     }
@@ -356,7 +356,7 @@ pub fn run_cli(args: CompareArgs) -> Result<ComparisonReport, Box<dyn std::error
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{DataSource, DataSplits};
+    use fd_data::{DataSource, DataSplits};
     use crate::export::{Provenance, export_student};
     use crate::learner::{Learner, TrainingConfig};
     use crate::model::{InputShape, ModelConfig, Student};

@@ -44,7 +44,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Dataset, portable_shuffle};
+use fd_data::{Dataset, portable_shuffle};
 use crate::device::DeviceKind;
 use crate::export::{ExportFormat, ModelCard, Provenance, export_student, load_exported};
 use crate::learner::distillation_kl;
@@ -761,7 +761,7 @@ pub fn compress_from_config(
     };
     let path = out.join(REPORT_FILE);
     let json = serde_json::to_vec_pretty(&report).expect("a report serializes");
-    crate::fsutil::write_atomic(&path, &json, 0o644)
+    fd_data::fsutil::write_atomic(&path, &json, 0o644)
         .map_err(|source| CompressError::Io { path, source })?;
     Ok(report)
 }
@@ -961,7 +961,7 @@ pub fn run_cli(args: CompressArgs) -> Result<CompressReport, Box<dyn std::error:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{DataSource, DataSplits};
+    use fd_data::{DataSource, DataSplits};
     use crate::learner::{Learner, OptimizerKind, TrainingConfig};
 
     const INPUT: InputShape = InputShape {

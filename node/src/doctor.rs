@@ -30,7 +30,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
 use crate::config::NodeConfig;
-use crate::net::{self, Client, Network};
+use fd_net::{self as net, Client, Network};
 
 /// What the doctor found for one peer.
 #[derive(Debug, Clone)]

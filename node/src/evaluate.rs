@@ -31,7 +31,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{DataSource, Dataset};
+use fd_data::{DataSource, Dataset};
 use crate::device::DeviceKind;
 use crate::export::{CARD_FILE, ExportError, ExportFormat, load_exported};
 use crate::model::{Student, batch_of, predicted_classes};
@@ -529,7 +529,7 @@ mod tests {
     use crate::export::{Provenance, export_student};
     use crate::model::{InputShape, ModelConfig};
 
-    fn exported(dir: &Path, data: &crate::data::DataSplits, record_source: bool) {
+    fn exported(dir: &Path, data: &fd_data::DataSplits, record_source: bool) {
         let model = ModelConfig::Mlp { hidden: vec![32] };
         let input = InputShape::new(data.train.shape);
         let student = model.init(input, data.train.classes, 3, &Device::flex());

@@ -34,7 +34,7 @@
 //!   yet supported in safetensors"; a test here pins that), and a file of
 //!   plain `I8` + scales is what any reader can dequantise with one multiply.
 //!   The int8 format is thus a storage format: inference runs in f32.
-//! - Writes are atomic ([`crate::fsutil::write_atomic`]): weights first,
+//! - Writes are atomic ([`fd_data::fsutil::write_atomic`]): weights first,
 //!   then the card that names their digest, so a reader never sees a card
 //!   whose weights are missing or half-written.
 
@@ -53,7 +53,7 @@ use burn_store::{
 use fd_protocol::digest::sha256;
 use serde::{Deserialize, Serialize};
 
-use crate::data::DataSource;
+use fd_data::DataSource;
 use crate::model::{InputShape, ModelConfig, Student};
 
 /// The weights file inside an export folder.
@@ -491,7 +491,7 @@ pub fn export_student(
             path: weights_path.clone(),
             reason,
         })?;
-    crate::fsutil::write_atomic(&weights_path, &bytes, 0o644).map_err(|source| {
+    fd_data::fsutil::write_atomic(&weights_path, &bytes, 0o644).map_err(|source| {
         ExportError::Io {
             path: weights_path.clone(),
             source,
@@ -518,7 +518,7 @@ pub fn export_student(
     };
     let card_path = dir.join(CARD_FILE);
     let json = serde_json::to_vec_pretty(&card).expect("a model card serializes");
-    crate::fsutil::write_atomic(&card_path, &json, 0o644).map_err(|source| ExportError::Io {
+    fd_data::fsutil::write_atomic(&card_path, &json, 0o644).map_err(|source| ExportError::Io {
         path: card_path,
         source,
     })?;
@@ -731,9 +731,10 @@ pub fn export_which(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{DataSource, DataSplits};
+    use fd_data::{DataSource, DataSplits};
     use crate::device::DeviceKind;
-    use crate::learner::{Learner, TrainingConfig, argmax};
+    use crate::learner::{Learner, TrainingConfig};
+    use crate::model::argmax;
 
     fn synthetic(train: usize, test: usize) -> DataSplits {
         DataSource::Synthetic {
@@ -771,7 +772,7 @@ mod tests {
         learner
     }
 
-    fn logits(student: &Student, data: &crate::data::Dataset, n: usize) -> Vec<f32> {
+    fn logits(student: &Student, data: &fd_data::Dataset, n: usize) -> Vec<f32> {
         let indices: Vec<usize> = (0..n).collect();
         let x = Tensor::from_data(
             TensorData::new(data.features_f32(&indices), [n, data.features]),
@@ -913,7 +914,7 @@ mod tests {
         );
     }
 
-    fn accuracy(student: &Student, data: &crate::data::Dataset) -> f64 {
+    fn accuracy(student: &Student, data: &fd_data::Dataset) -> f64 {
         let n = data.len();
         let l = logits(student, data, n);
         let correct = l

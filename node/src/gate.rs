@@ -121,7 +121,7 @@ impl ControlGate {
         rounds: u64,
         listed: Option<Vec<PublicKey>>,
     ) -> anyhow::Result<Self> {
-        let coordinator_key = crate::membership::key_of_peer(&coordinator).map_err(|e| {
+        let coordinator_key = fd_net::membership::key_of_peer(&coordinator).map_err(|e| {
             anyhow::anyhow!("field `coordinator`: the PeerId {coordinator} cannot pin a key: {e}")
         })?;
         Ok(ControlGate {
@@ -249,9 +249,9 @@ mod tests {
     #[test]
     fn only_the_pinned_coordinator_moves_rounds_forward() {
         let coordinator = SigningKey::from_seed([100; 32]);
-        let coordinator_peer = crate::net::peer_id_of(&coordinator.public_key()).unwrap();
+        let coordinator_peer = fd_net::peer_id_of(&coordinator.public_key()).unwrap();
         let mallory = SigningKey::from_seed([66; 32]);
-        let mallory_peer = crate::net::peer_id_of(&mallory.public_key()).unwrap();
+        let mallory_peer = fd_net::peer_id_of(&mallory.public_key()).unwrap();
         let listed = vec![member(1).key, member(2).key];
         let gate = ControlGate::new("fed", coordinator_peer, 5, Some(listed)).unwrap();
         let mut admitted = Vec::new();

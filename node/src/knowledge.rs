@@ -15,7 +15,7 @@
 //! (`fd_protocol::RowWeights`, one u8 per row). The receiver forms the
 //! teacher row by row as the weighted mean of the contributors'
 //! probabilities ([`crate::aggregate`]), then drops rows nobody vouches for
-//! or whose teacher is not confident ([`TeacherFilter`]); dropped rows are
+//! or whose teacher is not confident ([`TeacherFilter`](crate::aggregate::TeacherFilter)); dropped rows are
 //! left out of the distillation loss.
 //!
 //! Selectors (cost per round, for P public rows, C classes, D feature
@@ -42,6 +42,8 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use fd_protocol::share::softmax_into;
 use serde::{Deserialize, Serialize};
+
+use crate::aggregate::TeacherFilter;
 
 /// How a member scores the public rows it shares (`[knowledge] selector`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -147,41 +149,6 @@ impl KnowledgeConfig {
             min_confidence: self.min_confidence,
             max_entropy: self.max_entropy,
         }
-    }
-}
-
-/// Which teacher rows are distilled: those with max probability ≥
-/// `min_confidence` and entropy ≤ `max_entropy` (a 0 disables a test).
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct TeacherFilter {
-    pub min_confidence: f64,
-    pub max_entropy: f64,
-}
-
-impl TeacherFilter {
-    pub fn is_off(&self) -> bool {
-        self.min_confidence == 0.0 && self.max_entropy == 0.0
-    }
-
-    /// Whether a teacher row with probabilities `p` (summing to 1) is kept.
-    pub fn keeps(&self, p: &[f64]) -> bool {
-        if self.min_confidence > 0.0 {
-            let max = p.iter().copied().fold(0.0, f64::max);
-            if max < self.min_confidence {
-                return false;
-            }
-        }
-        if self.max_entropy > 0.0 {
-            let h: f64 = p
-                .iter()
-                .filter(|&&q| q > 0.0)
-                .map(|&q| -q * q.ln())
-                .sum();
-            if h > self.max_entropy {
-                return false;
-            }
-        }
-        true
     }
 }
 
@@ -414,23 +381,6 @@ mod tests {
     fn density_with_too_few_anchors_vouches_for_nothing() {
         let (w, _) = density_weights(&[0.0, 0.0], &[0.0, 0.0, 1.0, 1.0], 2, &Default::default());
         assert_eq!(w, vec![0.0]);
-    }
-
-    #[test]
-    fn the_filter_drops_unsure_and_spread_rows() {
-        let filter = TeacherFilter {
-            min_confidence: 0.5,
-            max_entropy: 0.0,
-        };
-        assert!(filter.keeps(&[0.6, 0.4]));
-        assert!(!filter.keeps(&[0.4, 0.3, 0.3]));
-        let filter = TeacherFilter {
-            min_confidence: 0.0,
-            max_entropy: 0.5,
-        };
-        assert!(filter.keeps(&[0.95, 0.05]));
-        assert!(!filter.keeps(&[0.5, 0.5]));
-        assert!(TeacherFilter::default().keeps(&[0.1; 10]));
     }
 
     #[test]

@@ -32,9 +32,9 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::Dataset;
+use fd_data::Dataset;
 use crate::device::DeviceKind;
-use crate::model::{InputShape, ModelConfig, Student};
+use crate::model::{InputShape, ModelConfig, Student, argmax};
 use crate::privacy::DpConfig;
 use crate::privacy::accountant::Accountant;
 use crate::privacy::dpsgd::{AddNoise, clip_factors, per_sample_sq_norms, poisson_sample};
@@ -190,12 +190,14 @@ pub enum LearnerStateError {
     Truncated(&'static str),
     #[error("not a learner state (bad magic)")]
     BadMagic,
-    #[error(
-        "learner state version {0} is not supported (expected {LEARNER_STATE_VERSION} or {LEARNER_STATE_VERSION_DP})"
-    )]
+    #[error("learner state version {0} is not supported (expected {LEARNER_STATE_VERSION})")]
     UnsupportedVersion(u32),
     #[error("learner state has {0} bytes after its end")]
     TrailingBytes(usize),
+    #[error("learner state is corrupt (checksum mismatch)")]
+    Corrupt,
+    #[error("learner state is malformed: {0}")]
+    Malformed(String),
     #[error("the state was saved with the {saved} optimizer, this learner uses {here}")]
     OptimizerMismatch { saved: String, here: String },
     #[error("the saved student does not fit this learner's: {0}")]
@@ -221,54 +223,80 @@ pub enum DpError {
     NoPrivateData,
 }
 
-const LEARNER_STATE_MAGIC: &[u8; 4] = b"FDLS";
-/// Bump when the layout of [`Learner::state_bytes`] changes.
-pub const LEARNER_STATE_VERSION: u32 = 1;
-/// The version of states of learners that train with DP-SGD: version 1
-/// followed by the DP section (see [`Learner::state_bytes`]).
-pub const LEARNER_STATE_VERSION_DP: u32 = 2;
+const LEARNER_STATE_MAGIC: &[u8; 8] = b"FDLEARN\n";
+/// Bump when the fields of [`LearnerState`] change.
+pub const LEARNER_STATE_VERSION: u32 = 3;
 
-fn optimizer_code(kind: OptimizerKind) -> u8 {
-    match kind {
-        OptimizerKind::Adam => 0,
-        OptimizerKind::Sgd => 1,
-    }
+/// What [`Learner::state_bytes`] seals ([`fd_data::fsutil::seal`]).
+#[derive(bincode::Encode, bincode::Decode)]
+struct LearnerState {
+    optimizer: OptimizerCode,
+    /// The shuffling RNG's position.
+    rng: RngPosition,
+    /// The student's burn record (burnpack): parameters with their
+    /// `ParamId`s and running statistics.
+    student: Vec<u8>,
+    /// The optimizer's burn record, keyed by the student's `ParamId`s.
+    optimizer_record: Vec<u8>,
+    /// Present exactly when the learner trains with DP-SGD.
+    dp: Option<DpPosition>,
 }
 
-fn optimizer_name(code: u8) -> String {
-    match code {
-        0 => "adam".into(),
-        1 => "sgd".into(),
-        other => format!("unknown ({other})"),
-    }
+/// [`OptimizerKind`] as stored (its serde names, not a Rust discriminant).
+#[derive(Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+enum OptimizerCode {
+    Adam,
+    Sgd,
 }
 
-/// Reads the fixed-size pieces of a learner state front to back.
-struct StateReader<'a>(&'a [u8]);
-
-impl<'a> StateReader<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], LearnerStateError> {
-        if self.0.len() < n {
-            return Err(LearnerStateError::Truncated(what));
+impl OptimizerCode {
+    fn of(kind: OptimizerKind) -> Self {
+        match kind {
+            OptimizerKind::Adam => OptimizerCode::Adam,
+            OptimizerKind::Sgd => OptimizerCode::Sgd,
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
     }
 
-    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], LearnerStateError> {
-        Ok(self
-            .take(N, what)?
-            .try_into()
-            .expect("take returns N bytes"))
+    fn name(self) -> String {
+        match self {
+            OptimizerCode::Adam => "adam".into(),
+            OptimizerCode::Sgd => "sgd".into(),
+        }
+    }
+}
+
+/// Where a ChaCha stream is: restoring it continues the same numbers.
+#[derive(bincode::Encode, bincode::Decode)]
+struct RngPosition {
+    seed: [u8; 32],
+    stream: u64,
+    word_pos: u128,
+}
+
+impl RngPosition {
+    fn of(rng: &ChaCha8Rng) -> Self {
+        RngPosition {
+            seed: rng.get_seed(),
+            stream: rng.get_stream(),
+            word_pos: rng.get_word_pos(),
+        }
     }
 
-    /// A `u64` little-endian length, then that many bytes.
-    fn section(&mut self, what: &'static str) -> Result<&'a [u8], LearnerStateError> {
-        let len = u64::from_le_bytes(self.array(what)?);
-        let len = usize::try_from(len).map_err(|_| LearnerStateError::Truncated(what))?;
-        self.take(len, what)
+    fn rng(&self) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::from_seed(self.seed);
+        rng.set_stream(self.stream);
+        rng.set_word_pos(self.word_pos);
+        rng
     }
+}
+
+/// DP-SGD's saved state: the steps taken are the privacy spent, so a
+/// restarted member goes on from them.
+#[derive(bincode::Encode, bincode::Decode)]
+struct DpPosition {
+    steps: u64,
+    rng: RngPosition,
+    exhausted: bool,
 }
 
 /// A node's student with its optimizer.
@@ -778,14 +806,8 @@ impl Learner {
     /// those ids) and the position of the shuffling RNG. The config, device
     /// and thread count are not in it: they come from the node's config.
     ///
-    /// Layout (integers little-endian): `"FDLS"`, version `u32`, optimizer
-    /// code `u8`, RNG seed `[u8; 32]`, stream `u64`, word position `u128`,
-    /// then the student and the optimizer record (burnpack), each as a
-    /// `u64` length and its bytes. A learner with DP-SGD writes version
-    /// [`LEARNER_STATE_VERSION_DP`] and appends its DP section: steps taken
-    /// `u64`, the DP RNG's seed `[u8; 32]`, stream `u64`, word position
-    /// `u128`, and whether `max_epsilon` was reached `u8`. The step count is
-    /// the privacy spent: a restarted member goes on from it.
+    /// Sealed with [`fd_data::fsutil::seal`] (magic, version, SHA-256);
+    /// the fields are [`LearnerState`]'s.
     pub fn state_bytes(&self) -> Vec<u8> {
         // Batch norm keeps its latest running statistics per thread until a
         // sync; `valid()` syncs them (as every predict does), so the record
@@ -802,31 +824,18 @@ impl Learner {
             .to_record()
             .into_bytes()
             .expect("an optimizer record serializes in memory");
-        let mut out =
-            Vec::with_capacity(4 + 4 + 1 + 32 + 8 + 16 + 16 + student.len() + optimizer.len());
-        out.extend_from_slice(LEARNER_STATE_MAGIC);
-        let version = if self.dp.is_some() {
-            LEARNER_STATE_VERSION_DP
-        } else {
-            LEARNER_STATE_VERSION
+        let state = LearnerState {
+            optimizer: OptimizerCode::of(self.config.optimizer),
+            rng: RngPosition::of(&self.rng),
+            student: student.to_vec(),
+            optimizer_record: optimizer.to_vec(),
+            dp: self.dp.as_ref().map(|dp| DpPosition {
+                steps: dp.steps,
+                rng: RngPosition::of(&dp.rng),
+                exhausted: dp.exhausted,
+            }),
         };
-        out.extend_from_slice(&version.to_le_bytes());
-        out.push(optimizer_code(self.config.optimizer));
-        out.extend_from_slice(&self.rng.get_seed());
-        out.extend_from_slice(&self.rng.get_stream().to_le_bytes());
-        out.extend_from_slice(&self.rng.get_word_pos().to_le_bytes());
-        for section in [&student[..], &optimizer[..]] {
-            out.extend_from_slice(&(section.len() as u64).to_le_bytes());
-            out.extend_from_slice(section);
-        }
-        if let Some(dp) = &self.dp {
-            out.extend_from_slice(&dp.steps.to_le_bytes());
-            out.extend_from_slice(&dp.rng.get_seed());
-            out.extend_from_slice(&dp.rng.get_stream().to_le_bytes());
-            out.extend_from_slice(&dp.rng.get_word_pos().to_le_bytes());
-            out.push(u8::from(dp.exhausted));
-        }
-        out
+        fd_data::fsutil::seal(LEARNER_STATE_MAGIC, LEARNER_STATE_VERSION, &state)
     }
 
     /// Puts this learner in the state [`Self::state_bytes`] captured, so that
@@ -834,50 +843,43 @@ impl Learner {
     /// been built with another seed; it must have the same architecture and
     /// optimizer. On error nothing is changed.
     pub fn restore_state(&mut self, bytes: &[u8]) -> Result<(), LearnerStateError> {
-        let mut r = StateReader(bytes);
-        if r.take(4, "magic")? != LEARNER_STATE_MAGIC {
-            return Err(LearnerStateError::BadMagic);
-        }
-        let version = u32::from_le_bytes(r.array("version")?);
-        let saved_dp = match version {
-            LEARNER_STATE_VERSION => false,
-            LEARNER_STATE_VERSION_DP => true,
-            other => return Err(LearnerStateError::UnsupportedVersion(other)),
-        };
-        if saved_dp != self.dp.is_some() {
-            return Err(LearnerStateError::DpMismatch { saved: saved_dp });
-        }
-        let [code] = r.array::<1>("optimizer")?;
-        let here = optimizer_code(self.config.optimizer);
-        if code != here {
-            return Err(LearnerStateError::OptimizerMismatch {
-                saved: optimizer_name(code),
-                here: optimizer_name(here),
+        use fd_data::fsutil::SealError;
+        let state: LearnerState =
+            fd_data::fsutil::unseal(LEARNER_STATE_MAGIC, LEARNER_STATE_VERSION, bytes).map_err(
+                |e| match e {
+                    SealError::BadMagic => LearnerStateError::BadMagic,
+                    SealError::UnsupportedVersion { found, .. } => {
+                        LearnerStateError::UnsupportedVersion(found)
+                    }
+                    SealError::Length { len, expected } if len as u64 > expected => {
+                        LearnerStateError::TrailingBytes((len as u64 - expected) as usize)
+                    }
+                    SealError::Length { .. } => LearnerStateError::Truncated("state"),
+                    SealError::Checksum => LearnerStateError::Corrupt,
+                    SealError::Malformed(reason) => LearnerStateError::Malformed(reason),
+                },
+            )?;
+        if state.dp.is_some() != self.dp.is_some() {
+            return Err(LearnerStateError::DpMismatch {
+                saved: state.dp.is_some(),
             });
         }
-        let seed: [u8; 32] = r.array("rng seed")?;
-        let stream = u64::from_le_bytes(r.array("rng stream")?);
-        let word_pos = u128::from_le_bytes(r.array("rng position")?);
-        let student = r.section("student record")?;
-        let optimizer = r.section("optimizer record")?;
-        let dp_state = if saved_dp {
-            let steps = u64::from_le_bytes(r.array("dp steps")?);
-            let seed: [u8; 32] = r.array("dp rng seed")?;
-            let stream = u64::from_le_bytes(r.array("dp rng stream")?);
-            let word_pos = u128::from_le_bytes(r.array("dp rng position")?);
-            let [exhausted] = r.array::<1>("dp exhausted")?;
-            let mut rng = ChaCha8Rng::from_seed(seed);
-            rng.set_stream(stream);
-            rng.set_word_pos(word_pos);
-            Some((steps, rng, exhausted != 0))
-        } else {
-            None
-        };
-        if !r.0.is_empty() {
-            return Err(LearnerStateError::TrailingBytes(r.0.len()));
+        let here = OptimizerCode::of(self.config.optimizer);
+        if state.optimizer != here {
+            return Err(LearnerStateError::OptimizerMismatch {
+                saved: state.optimizer.name(),
+                here: here.name(),
+            });
         }
-
-        let student = ModuleRecord::from_bytes(Bytes::from_bytes_vec(student.to_vec()))
+        let LearnerState {
+            rng,
+            student,
+            optimizer_record: optimizer,
+            dp,
+            ..
+        } = state;
+        let dp_state = dp.map(|dp| (dp.steps, dp.rng.rng(), dp.exhausted));
+        let student = ModuleRecord::from_bytes(Bytes::from_bytes_vec(student))
             .map_err(|e| LearnerStateError::Student(e.to_string()))?;
         // The record carries the saved ParamIds and load_record gives them to
         // the parameters; the optimizer state below is keyed by those ids.
@@ -886,7 +888,7 @@ impl Learner {
             .clone()
             .try_load_record(student)
             .map_err(|e| LearnerStateError::Student(e.to_string()))?;
-        let record = OptimizerRecord::from_bytes(Bytes::from_bytes_vec(optimizer.to_vec()))
+        let record = OptimizerRecord::from_bytes(Bytes::from_bytes_vec(optimizer))
             .map_err(|e| LearnerStateError::Optimizer(e.to_string()))?;
         let saved_tensors = record.len();
         let optimizer = self.optimizer.clone().load_record(record);
@@ -897,9 +899,7 @@ impl Learner {
                 "{loaded_tensors} of {saved_tensors} state tensors could be loaded"
             )));
         }
-        let mut rng = ChaCha8Rng::from_seed(seed);
-        rng.set_stream(stream);
-        rng.set_word_pos(word_pos);
+        let rng = rng.rng();
 
         self.student = Some(student);
         self.optimizer = optimizer;
@@ -1017,21 +1017,10 @@ pub fn distillation_kl(teacher_logits: Tensor<2>, student_logits: Tensor<2>, t: 
         * (t * t)
 }
 
-/// Index of the largest value (first on ties).
-pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, v) in row.iter().enumerate() {
-        if *v > row[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{DataSource, DataSplits};
+    use fd_data::{DataSource, DataSplits};
 
     fn data() -> DataSplits {
         DataSource::Synthetic {

@@ -1,11 +1,15 @@
 //! # fd-node
 //!
 //! One member of an fd federation: its private data, its student, the steps
-//! of a round, the ensemble teacher, and the libp2p networking that carries
+//! of a round, the ensemble teacher, and (through `fd-net`) the networking that carries
 //! logit shares (never weights, never data) between members.
 //!
+//! Below it: `fd-data` (loaders, partitioners, the public set, atomic
+//! files) and `fd-net` (the libp2p swarm and client, codec, transfers,
+//! membership, key files, the `[federation]` table, the metrics endpoint).
+//! Neither knows about learning; this crate joins them to it.
+//!
 //! Map:
-//! - [`data`]: loaders (Fashion-MNIST IDX, synthetic), partitioners, the public set.
 //! - [`model`], [`device`], [`learner`]: burn students and their training;
 //!   [`fastconv`]: the CPU convolution and pooling kernels of the CNN students.
 //! - [`aggregate`]: the ensemble teacher.
@@ -14,11 +18,9 @@
 //! - [`gate`]: who may steer a member (the coordinator's signed control
 //!   messages) and the bounded pool where inbound signatures are checked;
 //! - [`inbox`]: the validation gate between received shares and aggregation;
-//!   [`membership`]: member keys from the PeerIds in configs.
-//! - [`net`]: the libp2p swarm, its event loop and client.
 //! - [`runtime`]: the networked member and the isolated baseline;
 //!   [`doctor`]: `fd-node doctor`, which peers this member can reach and how.
-//! - [`config`], [`keyfile`]: configuration and identity on disk; [`fsutil`]: atomic writes.
+//! - [`config`]: a node's configuration file.
 //! - [`export`]: the student as a deployable SafeTensors model (f32/f16/int8);
 //!   [`evaluate`]: its accuracy, latency, size, memory and energy;
 //!   [`compress`]: distilling it into a smaller student; [`compare`]: A/B
@@ -29,25 +31,19 @@ pub mod checkpoint;
 pub mod compare;
 pub mod compress;
 pub mod config;
-pub mod data;
 pub mod device;
 pub mod doctor;
 pub mod evaluate;
 pub mod export;
 pub mod fastconv;
 pub mod fpenv;
-pub mod fsutil;
 pub mod gate;
 pub mod inbox;
 pub mod knowledge;
-pub mod keyfile;
 pub mod learner;
 pub mod member;
-pub mod membership;
 pub mod model;
-pub mod net;
 pub mod privacy;
 pub mod rollback;
 pub mod round;
 pub mod runtime;
-pub mod telemetry;

@@ -14,8 +14,8 @@ use crate::aggregate::{AggregateError, Aggregator, Contribution, EnsembleTeacher
 use crate::knowledge::{self, KnowledgeConfig, Selector, SharedKnowledge};
 use crate::checkpoint::Checkpoint;
 use crate::config::NodeConfig;
-use crate::data::DataSplits;
-use crate::data::public::{round_subset, split_public};
+use fd_data::DataSplits;
+use fd_data::public::{round_subset, split_public};
 use crate::learner::{Learner, LearnerStateError};
 use crate::model::InputShape;
 use crate::rollback::{Monitor, RollbackConfig, Verdict, validation_split};
@@ -498,7 +498,7 @@ impl LocalMember {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::learner::argmax;
+    use crate::model::argmax;
     use fd_protocol::PayloadEncoding;
 
     fn member(index: usize) -> LocalMember {

@@ -819,7 +819,7 @@ fn probe_conv(conv: &FastConv2d, x: Tensor<4>, layers: &mut Vec<ProbedLayer>) ->
 }
 
 /// `rows` of `data` as one `[rows, features]` batch on `device`.
-pub fn batch_of(data: &crate::data::Dataset, rows: &[usize], device: &Device) -> Tensor<2> {
+pub fn batch_of(data: &fd_data::Dataset, rows: &[usize], device: &Device) -> Tensor<2> {
     Tensor::from_data(
         TensorData::new(data.features_f32(rows), [rows.len(), data.features]),
         device,
@@ -828,7 +828,7 @@ pub fn batch_of(data: &crate::data::Dataset, rows: &[usize], device: &Device) ->
 
 /// For every sample of `data`, the class `student` (inference mode) ranks
 /// first; forwarded 1,024 rows at a time so memory stays bounded.
-pub fn predicted_classes(student: &Student, data: &crate::data::Dataset, device: &Device) -> Vec<usize> {
+pub fn predicted_classes(student: &Student, data: &fd_data::Dataset, device: &Device) -> Vec<usize> {
     let all: Vec<usize> = (0..data.len()).collect();
     let mut out = Vec::with_capacity(data.len());
     for chunk in all.chunks(1024) {
@@ -838,9 +838,20 @@ pub fn predicted_classes(student: &Student, data: &crate::data::Dataset, device:
             .iter::<f32>()
             .collect();
         let classes = logits.len() / chunk.len();
-        out.extend(logits.chunks(classes).map(crate::learner::argmax));
+        out.extend(logits.chunks(classes).map(argmax));
     }
     out
+}
+
+/// Index of the largest value (first on ties).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = i;
+        }
+    }
+    best
 }
 
 #[cfg(test)]

@@ -23,19 +23,12 @@
 //!   ([`BestStudent`]), atomically, so `fd-node export` ships the best
 //!   student, not merely the last one.
 //!
-//! Best-student file layout (integers little-endian):
-//!
-//! ```text
-//! "FDBEST\0\n"  magic, 8 bytes
-//! u32           format version (1)
-//! f64           validation accuracy of the saved student
-//! u64 + bytes   a checkpoint file (crate::checkpoint), its own checksum included
-//! [u8; 32]      SHA-256 of everything above
-//! ```
+//! Best-student file: [`fd_data::fsutil::seal`] (magic `"FDBEST\0\n"`,
+//! version, length, bincode 2 body, SHA-256) of [`BestStudent`]: the
+//! validation accuracy and the [`Checkpoint`] of the student.
 
 use std::path::{Path, PathBuf};
 
-use fd_protocol::digest::sha256;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
@@ -143,7 +136,7 @@ pub fn validation_split(
         let class = (label as usize).min(by_class.len() - 1);
         by_class[class].push(position);
     }
-    let mut rng = crate::data::derived_rng("validation-split", seed);
+    let mut rng = fd_data::derived_rng("validation-split", seed);
     let mut held_out = vec![false; private.len()];
     for positions in &mut by_class {
         let n = positions.len();
@@ -151,7 +144,7 @@ pub fn validation_split(
             continue;
         }
         let k = ((fraction * n as f64).round() as usize).min(n - 1);
-        crate::data::portable_shuffle(positions, &mut rng);
+        fd_data::portable_shuffle(positions, &mut rng);
         for &p in &positions[..k] {
             held_out[p] = true;
         }
@@ -237,11 +230,11 @@ impl Monitor {
 }
 
 const MAGIC: &[u8; 8] = b"FDBEST\0\n";
-/// Bump when the layout changes.
-pub const BEST_VERSION: u32 = 1;
+/// Bump when the fields change.
+pub const BEST_VERSION: u32 = 2;
 
 /// The best student a member kept, with its validation accuracy.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
 pub struct BestStudent {
     pub validation_accuracy: f64,
     pub checkpoint: Checkpoint,
@@ -267,58 +260,26 @@ pub enum BestStudentError {
 impl BestStudent {
     /// The file contents (see the module doc).
     pub fn encode(&self) -> Vec<u8> {
-        let checkpoint = self.checkpoint.encode();
-        let mut out = Vec::with_capacity(8 + 4 + 8 + 8 + checkpoint.len() + 32);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&BEST_VERSION.to_le_bytes());
-        out.extend_from_slice(&self.validation_accuracy.to_le_bytes());
-        out.extend_from_slice(&(checkpoint.len() as u64).to_le_bytes());
-        out.extend_from_slice(&checkpoint);
-        let checksum = sha256(&out);
-        out.extend_from_slice(&checksum.0);
-        out
+        fd_data::fsutil::seal(MAGIC, BEST_VERSION, self)
     }
 
     /// Parses [`Self::encode`]'s output; `path` names the file in errors.
     pub fn decode(bytes: &[u8], path: &Path) -> Result<Self, BestStudentError> {
-        let bad = |reason: String| BestStudentError::Malformed {
-            path: path.to_path_buf(),
-            reason,
-        };
-        if bytes.len() < 8 + 4 + 8 + 8 + 32 || &bytes[..8] != MAGIC {
-            return Err(bad("not a best-student file (bad magic or too short)".into()));
-        }
-        let (content, checksum) = bytes.split_at(bytes.len() - 32);
-        if sha256(content).0 != checksum {
-            return Err(BestStudentError::Checksum {
+        fd_data::fsutil::unseal(MAGIC, BEST_VERSION, bytes).map_err(|e| match e {
+            fd_data::fsutil::SealError::Checksum => BestStudentError::Checksum {
                 path: path.to_path_buf(),
-            });
-        }
-        let version = u32::from_le_bytes(content[8..12].try_into().unwrap());
-        if version != BEST_VERSION {
-            return Err(bad(format!(
-                "format version {version} is not supported (expected {BEST_VERSION})"
-            )));
-        }
-        let validation_accuracy = f64::from_le_bytes(content[12..20].try_into().unwrap());
-        let len = u64::from_le_bytes(content[20..28].try_into().unwrap());
-        if content.len() as u64 != 28 + len {
-            return Err(bad(format!(
-                "checkpoint of {len} bytes promised, {} present",
-                content.len() - 28
-            )));
-        }
-        let checkpoint = Checkpoint::decode(&content[28..], path)?;
-        Ok(BestStudent {
-            validation_accuracy,
-            checkpoint,
+            },
+            other => BestStudentError::Malformed {
+                path: path.to_path_buf(),
+                reason: other.to_string(),
+            },
         })
     }
 
-    /// Writes the file atomically ([`crate::fsutil::write_atomic`]): after a
+    /// Writes the file atomically ([`fd_data::fsutil::write_atomic`]): after a
     /// crash `path` holds the previous best or this one, whole.
     pub fn save(&self, path: &Path) -> Result<(), BestStudentError> {
-        crate::fsutil::write_atomic(path, &self.encode(), 0o600).map_err(|source| {
+        fd_data::fsutil::write_atomic(path, &self.encode(), 0o600).map_err(|source| {
             BestStudentError::Io {
                 path: path.to_path_buf(),
                 source,
@@ -342,6 +303,7 @@ impl BestStudent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fd_protocol::digest::sha256;
 
     #[test]
     fn the_validation_split_is_disjoint_stratified_and_deterministic_per_seed() {
@@ -464,7 +426,7 @@ mod tests {
         best.save(&path).unwrap();
         assert_eq!(BestStudent::load(&path).unwrap(), Some(best.clone()));
         let mut bytes = best.encode();
-        bytes[14] ^= 1;
+        bytes[fd_data::fsutil::SEAL_HEADER + 2] ^= 1;
         assert!(matches!(
             BestStudent::decode(&bytes, &path),
             Err(BestStudentError::Checksum { .. })

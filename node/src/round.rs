@@ -29,7 +29,7 @@ use crate::gate::VerifyPool;
 use crate::inbox::{ShareInbox, subset_for};
 use crate::knowledge::SharedKnowledge;
 use crate::member::LocalMember;
-use crate::net::Traffic;
+use fd_net::Traffic;
 
 /// A member's [`ShareInbox`], shared between whatever receives shares (a
 /// network task, or the in-memory network) and the round that consumes them.
@@ -160,6 +160,28 @@ pub struct RoundPlan {
     pub quorum: usize,
     /// When the round closes for shares still missing (wall clock).
     pub deadline: Option<Instant>,
+}
+
+impl RoundPlan {
+    /// The plan for `round`: push to `targets`, wait for `expected` peer
+    /// shares until `deadline`, and distil only if at least
+    /// `quorum_fraction` of them (rounded up) were accepted. fd-node and
+    /// fd-sim both build their plans here, so the quorum rule is one.
+    pub fn new(
+        round: u64,
+        targets: Vec<Member>,
+        expected: usize,
+        quorum_fraction: f64,
+        deadline: Option<Instant>,
+    ) -> Self {
+        RoundPlan {
+            round,
+            targets,
+            expected,
+            quorum: (quorum_fraction * expected as f64).ceil() as usize,
+            deadline,
+        }
+    }
 }
 
 /// How shares travel between members.
@@ -480,7 +502,7 @@ impl RoundEngine {
             &shared,
             row_weights,
         )?;
-        let share_bytes = crate::net::frame_len(&fd_protocol::Message::Share(share.clone()))?;
+        let share_bytes = fd_net::frame_len(&fd_protocol::Message::Share(share.clone()))?;
         let encode_seconds = encode_start.elapsed().as_secs_f64();
         let name = self.member().name.clone();
         let network_start = std::time::Instant::now();

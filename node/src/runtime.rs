@@ -14,31 +14,30 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, bail};
 use fd_protocol::transfer::{INLINE_SHARE_BYTES, ShareAnnouncement};
 use fd_protocol::{
     FederationManifest, JoinRequest, LogitShare, Member, Message, ProtocolError, PublicKey,
     RejectReason, RoundAnnouncement, RoundMetrics, SignedControl, SigningKey,
 };
-use libp2p::pnet::PreSharedKey;
+use fd_net::telemetry::{self, Telemetry};
+use fd_net::{
+    self as net, Client, InboundRequest, NetConfig, Network, Traffic, load_psk,
+    request_with_retry, split_peer_addr,
+};
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::checkpoint::Checkpoint;
-use crate::rollback::BestStudent;
 use crate::config::{NodeConfig, Schedule};
 use crate::gate::{Admitted, ControlGate, VerifyPool};
 use crate::member::LocalMember;
-use crate::net::{self, Client, InboundRequest, NetConfig, Network, Traffic};
+use crate::rollback::BestStudent;
 use crate::round::{RoundEngine, RoundPlan, ShareTransport, SharedInbox};
-use crate::telemetry::{self, Telemetry};
 
 /// Where a caller may watch rounds finish.
 pub type MetricsObserver = mpsc::UnboundedSender<RoundMetrics>;
-
-/// Splits `/ip4/../tcp/../p2p/<id>` into its peer id and dialable address.
-pub use crate::net::split_peer_addr;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f)
@@ -291,24 +290,6 @@ pub fn net_config(config: &NodeConfig) -> anyhow::Result<NetConfig> {
     })
 }
 
-/// Reads a pre-shared key in the go-ipfs `swarm.key` format.
-pub fn load_psk(path: &std::path::Path) -> anyhow::Result<PreSharedKey> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read psk_file {}", path.display()))?;
-    text.parse::<PreSharedKey>().map_err(|e| {
-        anyhow!(
-            "psk_file {} is not a pre-shared key (\"/key/swarm/psk/1.0.0/\", \"/base16/\", 64 hex digits): {e}",
-            path.display()
-        )
-    })
-}
-
-/// A fresh pre-shared key in the `swarm.key` format.
-pub fn new_psk_text() -> String {
-    let key: [u8; 32] = rand::random();
-    format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", hex::encode(key))
-}
-
 /// The members a config names, for a federation without a coordinator.
 fn configured_members(config: &NodeConfig) -> Vec<Member> {
     config
@@ -397,22 +378,28 @@ pub async fn run_federated(
     }
 
     let telemetry = Arc::new(Telemetry::new("node", &config.name));
-    if let Some(addr) = &config.metrics_listen {
-        let (bound, _) = telemetry::serve(addr.parse()?, telemetry.clone()).await?;
-        tracing::info!(node = %config.name, %bound, "Prometheus metrics at http://{bound}/metrics");
-    }
+    // The endpoint stops when this function returns (the server is dropped).
+    let _metrics_server = match &config.metrics_listen {
+        Some(addr) => {
+            let (bound, server) = telemetry::serve(addr.parse()?, telemetry.clone()).await?;
+            tracing::info!(node = %config.name, %bound, "Prometheus metrics at http://{bound}/metrics");
+            Some(server)
+        }
+        None => None,
+    };
 
-    let Network {
-        client,
-        requests,
-        announcements,
-        event_loop,
-    } = net::new_with(&key, &net_config(&config)?)?;
-    tokio::spawn(event_loop.run());
+    let listen = config
+        .listen
+        .addrs()
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<Vec<Multiaddr>, _>>()
+        .context("field `listen` is not a multiaddress")?;
+    let mut network = MemberNetwork::start(&key, &net_config(&config)?, &listen).await?;
+    let client = network.client().clone();
     telemetry.count_busy_from(client.counters());
     let mut addrs = Vec::new();
-    for addr in config.listen.addrs() {
-        let listen = client.listen(addr.parse()?).await?;
+    for listen in network.listening() {
         tracing::info!(node = %config.name, peer = %client.local_peer_id(), %listen, "listening");
         addrs.push(listen.to_string());
     }
@@ -440,7 +427,8 @@ pub async fn run_federated(
     engine.inbox().lock().take_round(last_done);
     let (rounds_tx, mut rounds_rx) = mpsc::unbounded_channel::<RoundAnnouncement>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
-    // The tasks this function owns: dropped (aborted) when it returns.
+    // The round schedule's task (no coordinator), owned here like the
+    // network's: stopped when this function returns.
     let mut tasks = JoinSet::new();
     let listed = (!config.federation.members.is_empty()).then(|| config.federation.member_keys());
     let (coordinator_peer, control) = match clock {
@@ -474,25 +462,12 @@ pub async fn run_federated(
             (None, None)
         }
     };
-    let pool = VerifyPool::for_this_machine();
-    tasks.spawn(serve_inbound(
-        Inbound {
-            client: client.clone(),
-            inbox: engine.inbox().clone(),
-            telemetry: telemetry.clone(),
-            pool: pool.clone(),
-            control,
-        },
-        requests,
-    ));
-    tasks.spawn(pull_announced_shares(
-        client.clone(),
+    network.serve(
         engine.inbox().clone(),
-        announcements,
-        manifest.federation_id.clone(),
         telemetry.clone(),
-        pool,
-    ));
+        control,
+        &manifest.federation_id,
+    );
     let transport = Libp2pTransport::new(client.clone());
 
     let mut results: Vec<RoundMetrics> = Vec::new();
@@ -523,16 +498,11 @@ pub async fn run_federated(
             + Duration::from_millis(
                 announcement
                     .deadline_unix_ms
-                    .saturating_sub(crate::fsutil::now_unix_ms()),
+                    .saturating_sub(fd_data::fsutil::now_unix_ms()),
             );
         last_deadline = Some(announcement.deadline_unix_ms);
-        let plan = RoundPlan {
-            round,
-            expected: targets.len(),
-            quorum: (quorum_fraction * targets.len() as f64).ceil() as usize,
-            targets,
-            deadline: Some(deadline),
-        };
+        let expected = targets.len();
+        let plan = RoundPlan::new(round, targets, expected, quorum_fraction, Some(deadline));
         let mut metrics = engine.run_round(&plan, &transport).await?;
         if metrics.rolled_back {
             telemetry.rolled_back();
@@ -598,12 +568,13 @@ pub async fn run_federated(
         // our last share until the last round's window has closed.
         None => {
             if let Some(deadline) = last_deadline {
-                let wait = deadline.saturating_sub(crate::fsutil::now_unix_ms()) + 2_000;
+                let wait = deadline.saturating_sub(fd_data::fsutil::now_unix_ms()) + 2_000;
                 tokio::time::sleep(Duration::from_millis(wait)).await;
             }
         }
     }
     tasks.shutdown().await;
+    network.shutdown().await;
     Ok(results)
 }
 
@@ -652,11 +623,11 @@ async fn scheduled_rounds(
     rounds: mpsc::UnboundedSender<RoundAnnouncement>,
     inbox: Arc<SharedInbox>,
 ) {
-    let now = crate::fsutil::now_unix_ms();
+    let now = fd_data::fsutil::now_unix_ms();
     let first = first.max(schedule.current_round(now));
     for round in first..=manifest.rounds {
         let (open, deadline) = schedule.window_ms(round);
-        let now = crate::fsutil::now_unix_ms();
+        let now = fd_data::fsutil::now_unix_ms();
         if now < open {
             tokio::time::sleep(Duration::from_millis(open - now)).await;
         }
@@ -783,6 +754,97 @@ async fn pull_one(
     match inbox.offer_verified_in(share, pool).await {
         Ok(()) => telemetry.share_accepted(),
         Err(e) => reject(e),
+    }
+}
+
+/// A member's libp2p stack, as `fd-node` and `fd-sim --network libp2p` both
+/// run it: the swarm's event loop from [`MemberNetwork::start`], then, from
+/// [`MemberNetwork::serve`], the inbound server ([`serve_inbound`]) and the
+/// large-share puller ([`pull_announced_shares`]). They are tasks this value
+/// owns (a `JoinSet`): [`MemberNetwork::shutdown`], or dropping it, stops
+/// them, so no network task outlives the member that started it.
+pub struct MemberNetwork {
+    client: Client,
+    listening: Vec<Multiaddr>,
+    requests: Option<mpsc::Receiver<InboundRequest>>,
+    announcements: Option<mpsc::Receiver<(PeerId, ShareAnnouncement)>>,
+    tasks: JoinSet<()>,
+}
+
+impl MemberNetwork {
+    /// Builds the swarm for `key`, starts its event loop and listens on
+    /// every address of `listen`. Requests that arrive before
+    /// [`serve`](Self::serve) wait in the event loop's bounded queue.
+    pub async fn start(key: &SigningKey, config: &NetConfig, listen: &[Multiaddr]) -> anyhow::Result<Self> {
+        let Network {
+            client,
+            requests,
+            announcements,
+            event_loop,
+        } = net::new_with(key, config)?;
+        let mut tasks = JoinSet::new();
+        tasks.spawn(event_loop.run());
+        let mut listening = Vec::with_capacity(listen.len());
+        for addr in listen {
+            listening.push(client.listen(addr.clone()).await?);
+        }
+        Ok(MemberNetwork {
+            client,
+            listening,
+            requests: Some(requests),
+            announcements: Some(announcements),
+            tasks,
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The addresses the swarm listens on (with the ports it was given).
+    pub fn listening(&self) -> &[Multiaddr] {
+        &self.listening
+    }
+
+    /// Starts answering peers: shares into `inbox`, control messages through
+    /// `control` (`None`: all refused), and pulls the large shares announced
+    /// on `federation_id`'s topic. Call it once.
+    pub fn serve(
+        &mut self,
+        inbox: Arc<SharedInbox>,
+        telemetry: Arc<Telemetry>,
+        control: Option<ControlPlane>,
+        federation_id: &str,
+    ) {
+        let (Some(requests), Some(announcements)) =
+            (self.requests.take(), self.announcements.take())
+        else {
+            panic!("MemberNetwork::serve called twice");
+        };
+        let pool = VerifyPool::for_this_machine();
+        self.tasks.spawn(pull_announced_shares(
+            self.client.clone(),
+            inbox.clone(),
+            announcements,
+            federation_id.to_string(),
+            telemetry.clone(),
+            pool.clone(),
+        ));
+        self.tasks.spawn(serve_inbound(
+            Inbound {
+                client: self.client.clone(),
+                inbox,
+                telemetry,
+                pool,
+                control,
+            },
+            requests,
+        ));
+    }
+
+    /// Stops the event loop, the server and the puller, and waits for them.
+    pub async fn shutdown(mut self) {
+        self.tasks.shutdown().await;
     }
 }
 
@@ -922,32 +984,6 @@ pub async fn serve_inbound(inbound: Inbound, mut requests: mpsc::Receiver<Inboun
         }
     }
     tasks.shutdown().await;
-}
-
-/// Sends a request, retrying transport failures and `busy` answers with a
-/// growing pause.
-pub async fn request_with_retry(
-    client: &Client,
-    peer: PeerId,
-    message: Message,
-    attempts: u32,
-) -> anyhow::Result<Message> {
-    let mut last = None;
-    for attempt in 0..attempts.max(1) {
-        match client.request(peer, message.clone()).await {
-            Ok(Message::Refused { code, reason }) if code == RejectReason::Busy.as_str() => {
-                tracing::debug!(%peer, attempt, "peer busy: {reason}");
-                last = Some(anyhow!("{peer} stayed busy: {reason}"));
-            }
-            Ok(answer) => return Ok(answer),
-            Err(e) => {
-                tracing::debug!(%peer, attempt, "request failed: {e:#}");
-                last = Some(e);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(250 * (attempt as u64 + 1))).await;
-    }
-    Err(last.unwrap_or_else(|| anyhow!("no attempt made")))
 }
 
 /// Pushes `share` to `peer`; retries while the peer does not know us yet

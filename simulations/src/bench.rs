@@ -26,11 +26,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use fd_node::data::DataSource;
+use fd_data::DataSource;
 use fd_node::device::DeviceKind;
 use fd_node::learner::{Learner, OptimizerKind, TrainingConfig};
 use fd_node::model::{InputShape, ModelConfig};
-use fd_node::net::frame_len;
+use fd_net::frame_len;
 use fd_node::privacy::DpConfig;
 use fd_protocol::{
     LogitShare, Message, PayloadEncoding, PublicSubset, RoundMetrics, ShareExpectation, SigningKey,
@@ -644,7 +644,7 @@ pub fn codec_table(repeats: usize) -> anyhow::Result<String> {
 /// times are each member's own steps (the median member), not the round's.
 pub fn secure_table(repeats: usize) -> anyhow::Result<String> {
     use fd_node::aggregate::{Aggregator, Contribution, probabilities};
-    use fd_node::knowledge::TeacherFilter;
+    use fd_node::aggregate::TeacherFilter;
     use fd_protocol::secagg::{KnowledgeSums, Participant, RoundContext, encode_knowledge, wire_len};
     use rand_chacha::ChaCha20Rng;
 
@@ -805,7 +805,7 @@ pub fn write_section(path: &Path, body: &str) -> anyhow::Result<()> {
         (Some(b), Some(e)) if e > b => format!("{}{section}{}", &text[..b], &text[e + END.len()..]),
         _ => format!("{}\n{section}\n", text.trim_end()),
     };
-    fd_node::fsutil::write_atomic(path, text.as_bytes(), 0o644)?;
+    fd_data::fsutil::write_atomic(path, text.as_bytes(), 0o644)?;
     Ok(())
 }
 

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use fd_node::aggregate::Aggregator;
 use fd_node::config::{FederationConfig, NodeConfig, PartitionConfig};
-use fd_node::data::DataSource;
-use fd_node::data::partition::Partitioner;
+use fd_data::DataSource;
+use fd_data::partition::Partitioner;
 use fd_node::device::DeviceKind;
 use fd_node::knowledge::KnowledgeConfig;
 use fd_node::learner::TrainingConfig;
@@ -95,6 +95,8 @@ latency = 0.0               # seconds per share on a link (memory network)
 bandwidth = 0.0             # bytes per second of a link, 0 = unlimited (memory network)
 byzantine = 0.0             # fraction of members that attack (fd shares)
 attack = "random"           # random | label-flip | { scaled = { factor = -10.0 } } | { constant-class = { class = 0 } }
+quorum = 0.0                # fraction of expected peer shares a member needs to distil (fd-node's
+                            #   federation.quorum, default 0.5 there); 0 = distil whatever arrived
 
 [audit]                     # leakage audit (fd over the memory network only): a curious member estimates
                             #   every other member's label distribution from the shares it receives
@@ -280,7 +282,7 @@ impl Experiment {
             subset_size: self.public.subset_size,
             seed: self.seed,
             members: Vec::new(),
-            quorum: 0.0,
+            quorum: self.scenario.quorum,
             schedule: None,
         }
     }

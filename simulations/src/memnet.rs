@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::bail;
-use fd_node::net::{Traffic, frame_len};
+use fd_net::{Traffic, frame_len};
 use fd_node::round::{RoundPlan, ShareTransport, SharedInbox};
 use fd_protocol::{LogitShare, Member, Message, PublicKey};
 use tokio::sync::Notify;

@@ -11,7 +11,7 @@
 //!   per member, wall time per round, peak memory, the leakage audit. Written last: a cell with
 //!   a `summary.json` is finished, which is how a sweep resumes.
 //! * `accuracy_vs_round` and `accuracy_vs_bytes` plots (SVG with text, PNG
-//!   without; see [`fd_node::data::heatmap`] for why), and the partition's
+//!   without; see [`fd_data::heatmap`] for why), and the partition's
 //!   `labels` heatmap.
 //!
 //! Every file is written atomically (temporary file, fsync, rename), so an
@@ -22,8 +22,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context as _;
-use fd_node::data::heatmap::encode_png;
-use fd_node::fsutil::write_atomic;
+use fd_data::heatmap::encode_png;
+use fd_data::fsutil::write_atomic;
 use fd_node::member::MemberData;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -233,7 +233,7 @@ pub fn write_run(
     write(dir, "timings.csv", timings.as_bytes())?;
     let labels = shared.data.train.labels.as_slice();
     for ext in ["svg", "png"] {
-        fd_node::data::partition::label_heatmap(
+        fd_data::partition::label_heatmap(
             labels,
             shared.data.train.classes,
             &shared.parts,

@@ -16,11 +16,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
-use fd_node::gate::VerifyPool;
 use fd_node::member::{LocalMember, MemberData};
-use fd_node::net::{self, Traffic};
+use fd_net::Traffic;
 use fd_node::round::{RoundEngine, RoundPlan, SecureSum, ShareTransport, SharedInbox};
-use fd_node::runtime::{Inbound, Libp2pTransport, pull_announced_shares, serve_inbound};
+use fd_node::runtime::{Libp2pTransport, MemberNetwork};
 use fd_protocol::{LogitShare, Member, RoundMetrics, SigningKey, digest};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::Semaphore;
@@ -390,6 +389,8 @@ async fn run_fd(
     // 127.0.0.1, or the secure-aggregation hub.
     let mut members = members(e);
     let mut memory = None;
+    // The members' libp2p stacks (`Network::Libp2p`), owned by this run.
+    let mut networks: Vec<MemberNetwork> = Vec::new();
     let transports: Vec<Arc<SimTransport>> = match e.network {
         Network::Memory if hub.is_some() => {
             let hub = hub.clone().expect("checked");
@@ -412,35 +413,23 @@ async fn run_fd(
             let mut transports = Vec::with_capacity(n);
             for (i, engine) in engines.iter().enumerate() {
                 let engine = engine.as_ref().unwrap();
-                let config = fd_node::net::NetConfig {
+                let config = fd_net::NetConfig {
                     federation_id: e.name.clone(),
-                    ..fd_node::net::NetConfig::open()
+                    ..fd_net::NetConfig::open()
                 };
-                let network = net::new_with(engine.key(), &config)?;
-                let client = network.client;
-                tokio::spawn(network.event_loop.run());
-                let addr = client.listen("/ip4/127.0.0.1/tcp/0".parse()?).await?;
-                members[i].addrs = vec![addr.to_string()];
-                let telemetry = Arc::new(fd_node::telemetry::Telemetry::default());
-                tokio::spawn(serve_inbound(
-                    Inbound {
-                        client: client.clone(),
-                        inbox: engine.inbox().clone(),
-                        telemetry: telemetry.clone(),
-                        pool: VerifyPool::for_this_machine(),
-                        // The simulator runs the clock itself.
-                        control: None,
-                    },
-                    network.requests,
-                ));
-                tokio::spawn(pull_announced_shares(
-                    client.clone(),
+                let mut network =
+                    MemberNetwork::start(engine.key(), &config, &["/ip4/127.0.0.1/tcp/0".parse()?])
+                        .await?;
+                members[i].addrs = network.listening().iter().map(|a| a.to_string()).collect();
+                // The simulator runs the clock itself: no control plane.
+                network.serve(
                     engine.inbox().clone(),
-                    network.announcements,
-                    e.name.clone(),
-                    telemetry,
-                    VerifyPool::for_this_machine(),
-                ));
+                    Arc::new(fd_net::telemetry::Telemetry::default()),
+                    None,
+                    &e.name,
+                );
+                let client = network.client().clone();
+                networks.push(network);
                 transports.push(Arc::new(SimTransport::Libp2p(Libp2pTransport::new(client))));
             }
             transports
@@ -506,14 +495,7 @@ async fn run_fd(
                 .filter(|j| draw.picked.binary_search(j).is_ok())
                 .count();
             expected_of[i] = expected;
-            let plan = RoundPlan {
-                round,
-                targets,
-                expected,
-                // The simulator's rounds always distil what arrived.
-                quorum: 0,
-                deadline,
-            };
+            let plan = RoundPlan::new(round, targets, expected, e.scenario.quorum, deadline);
             let mut engine = engines[i].take().expect("engine is home between rounds");
             let transport = transports[i].clone();
             tasks.spawn(async move {
@@ -600,6 +582,10 @@ async fn run_fd(
     }
     if let Some((_, truth)) = &audit {
         result.audit = Some(AuditSummary::new(&e.audit, truth, &result.rows, e.rounds));
+    }
+    drop(transports);
+    for network in networks {
+        network.shutdown().await;
     }
     Ok(result)
 }

@@ -134,6 +134,13 @@ pub struct Scenario {
     pub byzantine: f64,
     #[serde(default)]
     pub attack: Attack,
+    /// Fraction of the expected peer shares that must have been accepted
+    /// when a member's round closes for it to distil (fd-node's
+    /// `federation.quorum`, whose default is 0.5); below it the member keeps
+    /// its locally trained student. Default 0: distil whatever arrived, so
+    /// dropout experiments measure how the teacher degrades.
+    #[serde(default)]
+    pub quorum: f64,
 }
 
 fn one() -> f64 {
@@ -154,6 +161,7 @@ impl Default for Scenario {
             bandwidth: 0.0,
             byzantine: 0.0,
             attack: Attack::Random,
+            quorum: 0.0,
         }
     }
 }
@@ -193,6 +201,12 @@ impl Scenario {
             return Err((
                 "scenario.dropout",
                 format!("must be in [0, 1), got {}", self.dropout),
+            ));
+        }
+        if !fraction(self.quorum) {
+            return Err((
+                "scenario.quorum",
+                format!("must be a fraction in [0, 1], got {}", self.quorum),
             ));
         }
         if !fraction(self.byzantine) {

@@ -144,7 +144,7 @@ pub async fn run_file(path: &Path, options: &RunOptions) -> anyhow::Result<Vec<C
             .map(|o| (o.cell.clone(), o.summary.clone()))
             .collect();
         let table = output::sweep_table(&rows);
-        fd_node::fsutil::write_atomic(&base.join("sweep.md"), table.as_bytes(), 0o644)?;
+        fd_data::fsutil::write_atomic(&base.join("sweep.md"), table.as_bytes(), 0o644)?;
         let series: Vec<(String, Vec<(f64, f64)>)> = rows
             .iter()
             .map(|(cell, s)| {
@@ -165,7 +165,7 @@ pub async fn run_file(path: &Path, options: &RunOptions) -> anyhow::Result<Vec<C
                 &series,
                 ext,
             )?;
-            fd_node::fsutil::write_atomic(
+            fd_data::fsutil::write_atomic(
                 &base.join(format!("sweep_accuracy.{ext}")),
                 &chart,
                 0o644,
@@ -185,7 +185,7 @@ pub async fn run_file(path: &Path, options: &RunOptions) -> anyhow::Result<Vec<C
                         &series,
                         ext,
                     )?;
-                    fd_node::fsutil::write_atomic(
+                    fd_data::fsutil::write_atomic(
                         &base.join(format!("{file}.{ext}")),
                         &chart,
                         0o644,

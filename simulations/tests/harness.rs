@@ -7,7 +7,7 @@ use std::path::Path;
 
 use fd_sim::experiment::{self, Experiment};
 use fd_sim::output::metrics_csv;
-use fd_sim::runner::{self, Progress, RunResult};
+use fd_sim::runner::{self, NodeRow, Progress, RunResult};
 use fd_sim::sweep::{self, RunOptions};
 
 /// A small, strongly non-IID federation on the synthetic set.
@@ -325,6 +325,33 @@ fn scenario_and_topology_shape_the_rounds() {
             .iter()
             .all(|x| x.shares_aggregated == 0 && x.shares_late == 3)
     );
+}
+
+#[test]
+fn a_member_short_of_its_quorum_keeps_its_local_student() {
+    // Dropouts leave members short of the three shares they expect. With
+    // quorum 0 (the simulator's default) they distil what arrived; with
+    // quorum 1 (the same draws, seeded) a member that is short aggregates
+    // nothing and distils nothing: the round plan fd-node uses.
+    let lenient = run(&parse(&experiment_text("[scenario]\ndropout = 0.4\n")));
+    let strict = run(&parse(&experiment_text(
+        "[scenario]\ndropout = 0.4\nquorum = 1.0\n",
+    )));
+    let short = |x: &&NodeRow| x.active && x.shares_aggregated > 0 && x.shares_aggregated < 3;
+    let partial: Vec<_> = lenient.rows.iter().filter(short).collect();
+    assert!(!partial.is_empty(), "no member was short of shares: raise the dropout");
+    assert_eq!(strict.rows.iter().filter(short).count(), 0);
+    for row in partial {
+        let same = strict
+            .rows
+            .iter()
+            .find(|x| x.round == row.round && x.node == row.node)
+            .unwrap();
+        assert!(same.active);
+        assert_eq!(same.shares_aggregated, 0, "round {} node {}", row.round, row.node);
+        assert_eq!(same.distill_loss, 0.0, "round {} node {}", row.round, row.node);
+        assert_eq!(same.test_accuracy, same.local_accuracy);
+    }
 }
 
 #[test]

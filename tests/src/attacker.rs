@@ -1,5 +1,5 @@
 //! An attacker built only on fd's public crate API: its own libp2p swarm
-//! (`fd_node::net`), the real codec and signatures (`fd_protocol`). The
+//! (`fd_net`), the real codec and signatures (`fd_protocol`). The
 //! process tests point it at real `fd-node` and `fd-coordinator` processes
 //! and play an outsider (a key that never joined) or a malicious member (a
 //! key that joined honestly and then misbehaves).
@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use fd_node::inbox::subset_for;
-use fd_node::net::{self, Client, InboundRequest};
-use fd_node::runtime::split_peer_addr;
+use fd_net::{self as net, Client, InboundRequest};
+use fd_net::split_peer_addr;
 use fd_protocol::{
     Control, FederationManifest, JoinRequest, LogitShare, Member, Message, PayloadEncoding,
     RoundAnnouncement, SignedControl, SigningKey,
@@ -89,7 +89,7 @@ impl Attacker {
             public_set_digest: manifest.public_set.digest,
             train_samples: 100,
         });
-        fd_node::runtime::request_with_retry(&self.client, coordinator, join, 20)
+        fd_net::request_with_retry(&self.client, coordinator, join, 20)
             .await
             .expect("the coordinator answers a join")
     }

@@ -230,8 +230,8 @@ pub fn free_port() -> u16 {
 /// Writes a seeded key file and returns the PeerId it gives.
 pub fn seeded_key(path: &Path, seed: u8) -> String {
     let key = fd_protocol::SigningKey::from_seed([seed; 32]);
-    fd_node::keyfile::write(path, &key).expect("key file");
-    fd_node::net::peer_id_of(&key.public_key())
+    fd_net::keyfile::write(path, &key).expect("key file");
+    fd_net::peer_id_of(&key.public_key())
         .expect("ed25519 key")
         .to_string()
 }
@@ -403,7 +403,7 @@ pub fn manifest_of(federation_and_data: &str) -> FederationManifest {
     #[derive(serde::Deserialize)]
     struct Tables {
         federation: fd_node::config::FederationConfig,
-        data: fd_node::data::DataSource,
+        data: fd_data::DataSource,
     }
     let tables: Tables = toml::from_str(federation_and_data).expect("federation and data tables");
     let data = tables.data.load().expect("the test data loads");

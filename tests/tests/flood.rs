@@ -123,14 +123,14 @@ fn a_flooding_member_does_not_stall_the_others() {
             {
                 let peer = flooder.learn_member(member).await;
                 let share = Message::Share(flooder.share(&manifest, round));
-                let answer = fd_node::runtime::request_with_retry(&flooder.client, peer, share, 10)
+                let answer = fd_net::request_with_retry(&flooder.client, peer, share, 10)
                     .await
                     .unwrap();
                 assert_eq!(answer, Message::ShareAccepted, "round {round}");
             }
             paused.store(false, Ordering::Relaxed);
             let report = RoundMetrics::new(&manifest.federation_id, round, flooder.me.key, "f");
-            fd_node::runtime::request_with_retry(
+            fd_net::request_with_retry(
                 &flooder.client,
                 coordinator_peer,
                 Message::Metrics(report),

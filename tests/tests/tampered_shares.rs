@@ -12,10 +12,10 @@
 use std::time::Duration;
 
 use fd_node::config::FederationConfig;
-use fd_node::data::DataSource;
+use fd_data::DataSource;
 use fd_node::inbox::subset_for;
-use fd_node::net;
-use fd_node::runtime::{request_with_retry, split_peer_addr};
+use fd_net as net;
+use fd_net::{request_with_retry, split_peer_addr};
 use fd_protocol::{
     Control, JoinRequest, LogitShare, Member, Message, PayloadEncoding, RoundMetrics,
     SignedControl, SigningKey,
@@ -105,7 +105,7 @@ fn tampered_forged_replayed_oversize_and_nan_shares_are_rejected_and_strangers_r
 /// Writes honest node `index`'s key file (seeded) and returns its PeerId.
 fn member_key_file(dir: &std::path::Path, index: usize) -> String {
     let key = SigningKey::from_seed([index as u8 + 1; 32]);
-    fd_node::keyfile::write(&dir.join(format!("node-{index}.key")), &key).unwrap();
+    fd_net::keyfile::write(&dir.join(format!("node-{index}.key")), &key).unwrap();
     peer_id(&key)
 }
 

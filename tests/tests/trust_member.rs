@@ -35,7 +35,7 @@ fn a_malicious_member_cannot_steer_others_or_report_for_them() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let mut members = seeded_node_keys(dir, 2);
-    let mallory_id = fd_node::net::peer_id_of(
+    let mallory_id = fd_net::peer_id_of(
         &fd_protocol::SigningKey::from_seed([MALLORY_SEED; 32]).public_key(),
     )
     .unwrap()
@@ -54,7 +54,7 @@ fn a_malicious_member_cannot_steer_others_or_report_for_them() {
         let coordinator_peer = mallory.learn(&address).await;
         let welcome = mallory.join(coordinator_peer, &manifest).await;
         assert!(matches!(welcome, Message::Welcome { .. }), "{welcome:?}");
-        let member0 = fd_node::membership::member_key(&members[0]).unwrap();
+        let member0 = fd_net::membership::member_key(&members[0]).unwrap();
         play_mallory(mallory, coordinator_peer, &manifest, member0).await
     });
     for node in &mut honest {
@@ -181,7 +181,7 @@ async fn play_mallory(
             .filter(|m| m.key != honest[1].key)
             .cloned()
             .collect();
-        let now = fd_node::fsutil::now_unix_ms();
+        let now = fd_data::fsutil::now_unix_ms();
         let mut sends = vec![
             (
                 "same round without member 1",
@@ -226,7 +226,7 @@ async fn play_mallory(
         // Then behave: its own share to both, its own report.
         for peer in [member0, member1] {
             let share = Message::Share(mallory.share(manifest, round));
-            let answer = fd_node::runtime::request_with_retry(&mallory.client, peer, share, 5)
+            let answer = fd_net::request_with_retry(&mallory.client, peer, share, 5)
                 .await
                 .unwrap();
             assert_eq!(answer, Message::ShareAccepted, "round {round}");

@@ -40,14 +40,14 @@ fn an_outsider_can_neither_steer_nor_feed_an_open_federation() {
         answers = rt.block_on(async {
             let outsider = Attacker::new(77, "outsider").await;
             let coordinator_key =
-                fd_node::membership::member_key(coordinator.rsplit("/p2p/").next().unwrap())
+                fd_net::membership::member_key(coordinator.rsplit("/p2p/").next().unwrap())
                     .unwrap();
             let target = outsider.learn(&victim_address).await;
             let mut answers = Vec::new();
             let mut round = 1;
             // Until the victim exits (it finishes all rounds on the real clock).
             while resident_kib(pid).is_some() {
-                let deadline = fd_node::fsutil::now_unix_ms() + 30_000;
+                let deadline = fd_data::fsutil::now_unix_ms() + 30_000;
                 let members = vec![outsider.me.clone()];
                 let sends = [
                     (
@@ -129,7 +129,7 @@ fn an_outsider_can_neither_steer_nor_feed_an_open_federation() {
         last.rejections
     );
     let outsider_id =
-        fd_node::net::peer_id_of(&fd_protocol::SigningKey::from_seed([77; 32]).public_key())
+        fd_net::peer_id_of(&fd_protocol::SigningKey::from_seed([77; 32]).public_key())
             .unwrap()
             .to_string();
     let log = std::fs::read_to_string(attacked.path().join("node-0.log")).unwrap();

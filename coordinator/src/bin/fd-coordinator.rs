@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use fd_coordinator::{CoordinatorConfig, EXAMPLE_CONFIG};
-use fd_node::keyfile;
+use fd_net::keyfile;
 
 #[derive(Parser)]
 #[command(

@@ -6,7 +6,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use fd_node::config::{EXAMPLE_CONFIG, NodeConfig};
 use fd_node::export::ExportFormat;
-use fd_node::{keyfile, runtime};
+use fd_net::keyfile;
+use fd_node::runtime;
 
 #[derive(Parser)]
 #[command(
@@ -190,7 +191,7 @@ fn main() -> anyhow::Result<()> {
             let path =
                 json.unwrap_or_else(|| model.join(format!("evaluation-{}.json", kind.name())));
             let text = serde_json::to_vec_pretty(&report)?;
-            fd_node::fsutil::write_atomic(&path, &text, 0o644)
+            fd_data::fsutil::write_atomic(&path, &text, 0o644)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             println!("report      {}", path.display());
             Ok(())
@@ -285,7 +286,7 @@ fn main() -> anyhow::Result<()> {
                 "{} already exists; not overwriting a key members may hold",
                 out.display()
             );
-            fd_node::fsutil::write_atomic(&out, runtime::new_psk_text().as_bytes(), 0o600)
+            fd_data::fsutil::write_atomic(&out, fd_net::new_psk_text().as_bytes(), 0o600)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!(
                 "wrote {} (mode 0600): copy it to every member and set psk_file",
@@ -324,7 +325,7 @@ fn status(path: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
             s.start_unix,
             s.round_secs,
             s.share_deadline_secs,
-            s.current_round(fd_node::fsutil::now_unix_ms())
+            s.current_round(fd_data::fsutil::now_unix_ms())
         ),
         (None, None) => println!("clock       none (isolated)"),
     }

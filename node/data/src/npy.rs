@@ -531,7 +531,7 @@ pub fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::DataSource;
+    use crate::DataSource;
     use std::path::PathBuf;
 
     fn put(dir: &Path, name: &str, bytes: Vec<u8>) -> PathBuf {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
-use fd_protocol::Message;
+use fd_protocol::{Message, RejectReason};
 use fd_protocol::transfer::{MAX_SHARE_BYTES, ShareAnnouncement};
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
@@ -293,4 +293,30 @@ impl Client {
     pub async fn allow_peer(&self, peer: PeerId, allow: bool) -> anyhow::Result<()> {
         self.send(Command::AllowPeer { peer, allow }).await
     }
+}
+
+/// Sends a request, retrying transport failures and `busy` answers with a
+/// growing pause.
+pub async fn request_with_retry(
+    client: &Client,
+    peer: PeerId,
+    message: Message,
+    attempts: u32,
+) -> anyhow::Result<Message> {
+    let mut last = None;
+    for attempt in 0..attempts.max(1) {
+        match client.request(peer, message.clone()).await {
+            Ok(Message::Refused { code, reason }) if code == RejectReason::Busy.as_str() => {
+                tracing::debug!(%peer, attempt, "peer busy: {reason}");
+                last = Some(anyhow!("{peer} stayed busy: {reason}"));
+            }
+            Ok(answer) => return Ok(answer),
+            Err(e) => {
+                tracing::debug!(%peer, attempt, "request failed: {e:#}");
+                last = Some(e);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250 * (attempt as u64 + 1))).await;
+    }
+    Err(last.unwrap_or_else(|| anyhow!("no attempt made")))
 }

@@ -172,7 +172,7 @@ fn write_idx(path: &Path, magic: u32, dims: &[u32], body: &[u8]) -> Result<(), D
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{DataSource, IMAGE_PIXELS};
+    use crate::{DataSource, IMAGE_PIXELS};
     use flate2::{Compression, write::GzEncoder};
     use std::path::PathBuf;
 

@@ -138,7 +138,7 @@ pub fn read_batch(path: &Path, out: &mut Dataset) -> Result<(), DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::DataSource;
+    use crate::DataSource;
 
     /// A record whose pixels encode (batch, record, position), so the test
     /// can tell where every byte ended up.

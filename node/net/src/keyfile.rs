@@ -82,7 +82,7 @@ pub fn write(path: &Path, key: &SigningKey) -> Result<(), KeyFileError> {
         .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(write_err)?;
     let text = format!("{}\n", fd_protocol::Digest(*key.seed()).to_hex());
-    crate::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(write_err)
+    fd_data::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(write_err)
 }
 
 #[cfg(test)]

@@ -135,7 +135,7 @@ pub fn round_subset(public_len: usize, size: usize, seed: u64, round: u64) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::synthetic;
+    use crate::synthetic;
 
     #[test]
     fn split_is_deterministic_and_exact() {

@@ -1,4 +1,9 @@
+//! # fd-data
+//!
 //! Labelled data: where a node's samples come from and how they are cut up.
+//! The bottom layer of a member beside `fd-protocol`: no networking, no ML,
+//! so the coordinator (which only digests the public set) links it without
+//! burn. Also home of [`fsutil`], the one atomic file write every crate uses.
 //!
 //! Design:
 //! * Everything is held in memory as raw bytes ([`Dataset`]): Fashion-MNIST is
@@ -32,6 +37,7 @@
 
 pub mod cifar;
 pub mod csv;
+pub mod fsutil;
 pub mod heatmap;
 pub mod idx;
 pub mod npy;
@@ -629,7 +635,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
 /// the given numbers. Separate domains keep e.g. the public split and the
 /// partition independent even when a user gives both the same seed, and the
 /// derivation is portable, which matters for choices peers must agree on.
-pub(crate) fn derived_rng(domain: &str, parts: &[u64]) -> ChaCha8Rng {
+pub fn derived_rng(domain: &str, parts: &[u64]) -> ChaCha8Rng {
     let mut bytes = Vec::with_capacity(domain.len() + 1 + 8 * parts.len());
     bytes.extend_from_slice(domain.as_bytes());
     bytes.push(0);
@@ -641,7 +647,7 @@ pub(crate) fn derived_rng(domain: &str, parts: &[u64]) -> ChaCha8Rng {
 
 /// Fisher–Yates shuffle drawing `u64`s, so the permutation does not depend on
 /// the platform's `usize` width (peers on different machines must agree).
-pub(crate) fn portable_shuffle<T>(items: &mut [T], rng: &mut ChaCha8Rng) {
+pub fn portable_shuffle<T>(items: &mut [T], rng: &mut ChaCha8Rng) {
     use rand::Rng;
     for i in (1..items.len()).rev() {
         let j = rng.random_range(0..=i as u64) as usize;

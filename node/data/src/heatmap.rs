@@ -248,7 +248,7 @@ fn draw<DB: DrawingBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::partition::Partitioner;
+    use crate::partition::Partitioner;
 
     /// 3 nodes × 4 classes with distinctive counts: node 0 holds 17 of class
     /// 0 and 5 of class 2; node 1 holds 23 of class 1; node 2 holds 41 of

@@ -1,7 +1,7 @@
 //! Who belongs to a federation, named by PeerId in configs.
 //!
 //! A member's PeerId and its share-signing key are the same Ed25519 key
-//! (see [`crate::net::libp2p_keypair`]); an Ed25519 PeerId embeds the public
+//! (see [`crate::libp2p_keypair`]); an Ed25519 PeerId embeds the public
 //! key itself (identity multihash), so a config that lists PeerIds gives
 //! every member the keys it verifies shares against, with no key exchange.
 
@@ -35,7 +35,7 @@ mod tests {
     #[test]
     fn a_peer_id_gives_back_its_signing_key() {
         let key = SigningKey::from_seed([7; 32]);
-        let peer = crate::net::peer_id_of(&key.public_key()).unwrap();
+        let peer = crate::peer_id_of(&key.public_key()).unwrap();
         assert_eq!(member_key(&peer.to_string()).unwrap(), key.public_key());
         assert!(member_key("not-a-peer-id").is_err());
         // An RSA-style (sha256 multihash) PeerId carries no key.

@@ -1,28 +1,43 @@
-//! Operational counters of a node or coordinator, served as Prometheus text.
+//! Operational counters of a node or coordinator, served for Prometheus.
 //!
 //! Operators watch a running federation (rounds completed, shares accepted
 //! and rejected by reason, bytes on the wire, last accuracy, members) without
-//! reading logs. [`Telemetry`] is a set of atomics shared as
-//! `Arc<Telemetry>` by whoever counts; [`Telemetry::render`] writes the
-//! Prometheus text exposition format (version 0.0.4), and [`serve`] answers
-//! `GET /metrics` with it over a deliberately tiny HTTP/1.1 server (one
-//! connection at a time, bounded reads, timeouts): the endpoint is optional
-//! and scraped every few seconds, so it needs no HTTP framework.
+//! reading logs. [`Telemetry`] holds `prometheus-client` metrics in a
+//! registry and is shared as `Arc<Telemetry>` by whoever counts;
+//! [`Telemetry::render`] encodes them in the OpenMetrics text format (which
+//! Prometheus scrapes), and [`serve`] answers `GET /metrics` with it over a
+//! deliberately tiny HTTP/1.1 server (one connection at a time, bounded
+//! reads, timeouts). Counts by reason code, including the requests the event
+//! loop answered `busy`, are read at scrape time by a collector.
+//!
+//! Why not hyper for the server: hyper's `http1` feature turns on
+//! futures-core's `default` feature, which changes the build hash of
+//! futures-core and so of everything above it (libp2p, tokio users, burn):
+//! adding it rebuilt most of the dependency tree (measured, issue 19). The
+//! endpoint answers one fixed path to a scraper; 60 lines do that.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-
-use crate::net::TrafficCounters;
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelValue, EncodeMetric as _, LabelValueEncoder,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The `Content-Type` of the Prometheus text exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+use crate::TrafficCounters;
+
+/// The `Content-Type` of the OpenMetrics text format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The most bytes of a request read before answering: a scrape is one short line.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -34,26 +49,31 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Counters and gauges of one process; every method takes `&self`.
 #[derive(Debug)]
 pub struct Telemetry {
-    role: String,
-    name: String,
-    rounds_completed: AtomicU64,
-    last_round: AtomicU64,
-    /// `f64` bits; NaN until a round completes.
-    last_accuracy: AtomicU64,
-    shares_accepted: AtomicU64,
+    registry: Registry,
+    rounds_completed: Counter,
+    last_round: Gauge,
+    /// NaN until a round completes.
+    last_accuracy: Gauge<f64, AtomicU64>,
+    shares_accepted: Counter,
+    metrics_received: Counter,
+    bytes_sent: Counter,
+    bytes_received: Counter,
+    members: Gauge,
+    /// Distillations undone by fd-node's rollback (validation accuracy fell).
+    rollbacks: Counter,
+    /// The last round's validation accuracy; NaN when unknown.
+    validation_accuracy: Gauge<f64, AtomicU64>,
+    by_reason: Arc<ByReason>,
+}
+
+/// Counts keyed by a reason code, encoded at each scrape.
+#[derive(Debug, Default)]
+struct ByReason {
     shares_rejected: Mutex<BTreeMap<String, u64>>,
     /// Requests other than shares refused, by reason code.
     refusals: Mutex<BTreeMap<String, u64>>,
     /// Where requests refused as busy (by the event loop) are counted.
     busy: OnceLock<Arc<TrafficCounters>>,
-    metrics_received: AtomicU64,
-    bytes_sent: AtomicU64,
-    bytes_received: AtomicU64,
-    members: AtomicU64,
-    /// Distillations undone by [`crate::rollback`].
-    rollbacks: AtomicU64,
-    /// `f64` bits of the last round's validation accuracy; NaN when unknown.
-    validation_accuracy: AtomicU64,
 }
 
 impl Default for Telemetry {
@@ -66,201 +86,146 @@ impl Default for Telemetry {
 impl Telemetry {
     /// `role` ("node", "coordinator") and `name` appear in the `fd_info` series.
     pub fn new(role: &str, name: &str) -> Self {
+        let mut registry = Registry::default();
+        let mut labels = vec![("role".to_string(), Escaped(role.to_string()))];
+        if !name.is_empty() {
+            labels.push(("name".to_string(), Escaped(name.to_string())));
+        }
+        registry.register("fd", "Role and name of this process.", Info::new(labels));
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            let metric = Counter::default();
+            registry.register(name, help, metric.clone());
+            metric
+        };
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let metric = Gauge::default();
+            registry.register(name, help, metric.clone());
+            metric
+        };
+        let ratio = |registry: &mut Registry, name: &str, help: &str| {
+            let metric = Gauge::<f64, AtomicU64>::default();
+            metric.set(f64::NAN);
+            registry.register(name, help, metric.clone());
+            metric
+        };
+        let rounds_completed = counter(&mut registry, "fd_rounds_completed", "Rounds completed.");
+        let last_round = gauge(&mut registry, "fd_last_round", "The last round completed.");
+        let last_accuracy = ratio(
+            &mut registry,
+            "fd_last_test_accuracy",
+            "Test accuracy after the last completed round (mean over reports on the coordinator).",
+        );
+        let shares_accepted = counter(
+            &mut registry,
+            "fd_shares_accepted",
+            "Peer logit shares accepted.",
+        );
+        let metrics_received = counter(
+            &mut registry,
+            "fd_metrics_received",
+            "Round metrics reports received from members.",
+        );
+        let bytes_sent = counter(
+            &mut registry,
+            "fd_bytes_sent",
+            "Bytes written to the network.",
+        );
+        let bytes_received = counter(
+            &mut registry,
+            "fd_bytes_received",
+            "Bytes read from the network.",
+        );
+        let members = gauge(
+            &mut registry,
+            "fd_members",
+            "Members of the federation known to this process.",
+        );
+        let rollbacks = counter(
+            &mut registry,
+            "fd_rollbacks",
+            "Distillations undone because validation accuracy fell beyond rollback_tolerance.",
+        );
+        let validation_accuracy = ratio(
+            &mut registry,
+            "fd_validation_accuracy",
+            "Validation accuracy of the student kept in the last round (NaN: no validation split).",
+        );
+        let by_reason = Arc::new(ByReason::default());
+        registry.register_collector(Box::new(ByReasonCollector(by_reason.clone())));
         Telemetry {
-            role: role.to_string(),
-            name: name.to_string(),
-            rounds_completed: AtomicU64::new(0),
-            last_round: AtomicU64::new(0),
-            last_accuracy: AtomicU64::new(f64::NAN.to_bits()),
-            shares_accepted: AtomicU64::new(0),
-            shares_rejected: Mutex::new(BTreeMap::new()),
-            refusals: Mutex::new(BTreeMap::new()),
-            busy: OnceLock::new(),
-            metrics_received: AtomicU64::new(0),
-            bytes_sent: AtomicU64::new(0),
-            bytes_received: AtomicU64::new(0),
-            members: AtomicU64::new(0),
-            rollbacks: AtomicU64::new(0),
-            validation_accuracy: AtomicU64::new(f64::NAN.to_bits()),
+            registry,
+            rounds_completed,
+            last_round,
+            last_accuracy,
+            shares_accepted,
+            metrics_received,
+            bytes_sent,
+            bytes_received,
+            members,
+            rollbacks,
+            validation_accuracy,
+            by_reason,
         }
     }
 
     /// A round finished with this test accuracy (NaN when unknown).
     pub fn round_completed(&self, round: u64, accuracy: f64) {
-        self.rounds_completed.fetch_add(1, Ordering::Relaxed);
-        self.last_round.store(round, Ordering::Relaxed);
-        self.last_accuracy
-            .store(accuracy.to_bits(), Ordering::Relaxed);
+        self.rounds_completed.inc();
+        self.last_round.set(round as i64);
+        self.last_accuracy.set(accuracy);
     }
 
     pub fn share_accepted(&self) {
-        self.shares_accepted.fetch_add(1, Ordering::Relaxed);
+        self.shares_accepted.inc();
     }
 
     /// A share was refused; `reason` is a [`fd_protocol::RejectReason`] code.
     pub fn share_rejected(&self, reason: &str) {
-        count_by_reason(&self.shares_rejected, reason);
+        count_by_reason(&self.by_reason.shares_rejected, reason);
     }
 
     /// A request that is not a share was refused (control message, report,
     /// unexpected kind); `reason` is a [`fd_protocol::RejectReason`] code.
     pub fn refused(&self, reason: &str) {
-        count_by_reason(&self.refusals, reason);
+        count_by_reason(&self.by_reason.refusals, reason);
     }
 
     /// Reports the requests the network refused as busy
     /// ([`TrafficCounters::requests_busy`]) among the refusals.
     pub fn count_busy_from(&self, counters: Arc<TrafficCounters>) {
-        let _ = self.busy.set(counters);
+        let _ = self.by_reason.busy.set(counters);
     }
 
     /// The coordinator received a member's round metrics.
     pub fn metrics_received(&self) {
-        self.metrics_received.fetch_add(1, Ordering::Relaxed);
+        self.metrics_received.inc();
     }
 
     /// Adds bytes written to and read from the network.
     pub fn bytes(&self, sent: u64, received: u64) {
-        self.bytes_sent.fetch_add(sent, Ordering::Relaxed);
-        self.bytes_received.fetch_add(received, Ordering::Relaxed);
+        self.bytes_sent.inc_by(sent);
+        self.bytes_received.inc_by(received);
     }
 
-    /// A round's distillation was rolled back ([`crate::rollback`]).
+    /// A round's distillation was rolled back (fd-node's rollback).
     pub fn rolled_back(&self) {
-        self.rollbacks.fetch_add(1, Ordering::Relaxed);
+        self.rollbacks.inc();
     }
 
     /// The validation accuracy of the student kept in the last round.
     pub fn set_validation_accuracy(&self, accuracy: Option<f64>) {
-        self.validation_accuracy
-            .store(accuracy.unwrap_or(f64::NAN).to_bits(), Ordering::Relaxed);
+        self.validation_accuracy.set(accuracy.unwrap_or(f64::NAN));
     }
 
     pub fn set_members(&self, n: usize) {
-        self.members.store(n as u64, Ordering::Relaxed);
+        self.members.set(n as i64);
     }
 
-    /// Everything in the Prometheus text exposition format (0.0.4).
+    /// Everything in the OpenMetrics text format (ends with `# EOF`).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        header(
-            &mut out,
-            "fd_info",
-            "gauge",
-            "Role and name of this process.",
-        );
-        let _ = write!(out, "fd_info{{role=\"{}\"", escape(&self.role));
-        if !self.name.is_empty() {
-            let _ = write!(out, ",name=\"{}\"", escape(&self.name));
-        }
-        let _ = writeln!(out, "}} 1");
-        let simple: [(&str, &str, &str, f64); 10] = [
-            (
-                "fd_rounds_completed_total",
-                "counter",
-                "Rounds completed.",
-                load(&self.rounds_completed) as f64,
-            ),
-            (
-                "fd_last_round",
-                "gauge",
-                "The last round completed.",
-                load(&self.last_round) as f64,
-            ),
-            (
-                "fd_last_test_accuracy",
-                "gauge",
-                "Test accuracy after the last completed round (mean over reports on the coordinator).",
-                f64::from_bits(load(&self.last_accuracy)),
-            ),
-            (
-                "fd_shares_accepted_total",
-                "counter",
-                "Peer logit shares accepted.",
-                load(&self.shares_accepted) as f64,
-            ),
-            (
-                "fd_metrics_received_total",
-                "counter",
-                "Round metrics reports received from members.",
-                load(&self.metrics_received) as f64,
-            ),
-            (
-                "fd_bytes_sent_total",
-                "counter",
-                "Bytes written to the network.",
-                load(&self.bytes_sent) as f64,
-            ),
-            (
-                "fd_bytes_received_total",
-                "counter",
-                "Bytes read from the network.",
-                load(&self.bytes_received) as f64,
-            ),
-            (
-                "fd_members",
-                "gauge",
-                "Members of the federation known to this process.",
-                load(&self.members) as f64,
-            ),
-            (
-                "fd_rollbacks_total",
-                "counter",
-                "Distillations undone because validation accuracy fell beyond rollback_tolerance.",
-                load(&self.rollbacks) as f64,
-            ),
-            (
-                "fd_validation_accuracy",
-                "gauge",
-                "Validation accuracy of the student kept in the last round (NaN: no validation split).",
-                f64::from_bits(load(&self.validation_accuracy)),
-            ),
-        ];
-        for (name, kind, help, value) in simple {
-            header(&mut out, name, kind, help);
-            let _ = writeln!(out, "{name} {}", number(value));
-        }
-        header(
-            &mut out,
-            "fd_shares_rejected_total",
-            "counter",
-            "Peer logit shares rejected, by reason code.",
-        );
-        let rejected = self
-            .shares_rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        for (reason, count) in rejected {
-            let _ = writeln!(
-                out,
-                "fd_shares_rejected_total{{reason=\"{}\"}} {count}",
-                escape(&reason)
-            );
-        }
-        header(
-            &mut out,
-            "fd_refusals_total",
-            "counter",
-            "Requests other than shares refused (control messages, reports, load), by reason code.",
-        );
-        let mut refusals = self
-            .refusals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(counters) = self.busy.get() {
-            *refusals.entry("busy".to_string()).or_default() +=
-                counters.requests_busy.load(Ordering::Relaxed);
-        }
-        for (reason, count) in refusals {
-            let _ = writeln!(
-                out,
-                "fd_refusals_total{{reason=\"{}\"}} {count}",
-                escape(&reason)
-            );
-        }
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("encoding into a String cannot fail");
         out
     }
 }
@@ -274,40 +239,80 @@ fn count_by_reason(counts: &Mutex<BTreeMap<String, u64>>, reason: &str) {
         .or_default() += 1;
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
+/// Encodes [`ByReason`] as two counter families labelled `reason`.
+#[derive(Debug)]
+struct ByReasonCollector(Arc<ByReason>);
 
-/// Prometheus spells the special values `NaN`, `+Inf`, `-Inf`.
-fn number(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v.is_infinite() {
-        if v > 0.0 {
-            "+Inf".into()
-        } else {
-            "-Inf".into()
+impl Collector for ByReasonCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = |counts: &Mutex<BTreeMap<String, u64>>| {
+            counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        };
+        let rejected = snapshot(&self.0.shares_rejected);
+        let mut refusals = snapshot(&self.0.refusals);
+        if let Some(counters) = self.0.busy.get() {
+            *refusals.entry("busy".to_string()).or_default() +=
+                counters.requests_busy.load(Ordering::Relaxed);
         }
-    } else {
-        format!("{v}")
+        for (name, help, counts) in [
+            (
+                "fd_shares_rejected",
+                "Peer logit shares rejected, by reason code.",
+                rejected,
+            ),
+            (
+                "fd_refusals",
+                "Requests other than shares refused (control messages, reports, load), by reason code.",
+                refusals,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (reason, count) in counts {
+                let labels = [("reason", Escaped(reason))];
+                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
-/// Label values escape backslash, double quote and newline.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// A label value escaped as the text format requires (backslash, double
+/// quote, newline); prometheus-client 0.23 writes label values verbatim, so
+/// a quote in a node's name would otherwise break the exposition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Escaped(String);
+
+impl EncodeLabelValue for Escaped {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Serves `GET /metrics` on `addr` until the returned task is aborted.
-/// Returns the bound address (useful with port 0) and the server task.
+/// The metrics endpoint's server task; dropping it stops the server.
+#[derive(Debug)]
+pub struct MetricsServer(tokio::task::JoinHandle<()>);
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until the returned [`MetricsServer`] is
+/// dropped. Returns the bound address (useful with port 0).
 pub async fn serve(
     addr: SocketAddr,
     telemetry: Arc<Telemetry>,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(SocketAddr, MetricsServer)> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for the metrics endpoint on {addr}: {e}"))?;
@@ -328,7 +333,7 @@ pub async fn serve(
             }
         }
     });
-    Ok((local, task))
+    Ok((local, MetricsServer(task)))
 }
 
 async fn answer(mut stream: TcpStream, telemetry: &Telemetry) -> std::io::Result<()> {
@@ -396,7 +401,7 @@ mod tests {
     }
 
     #[test]
-    fn counters_render_in_the_prometheus_text_format() {
+    fn counters_render_in_the_openmetrics_text_format() {
         let t = Telemetry::new("node", "node-\"0\"");
         let before = samples(&t.render());
         assert_eq!(before["fd_rounds_completed_total"], "0");
@@ -415,6 +420,10 @@ mod tests {
         t.share_rejected("bad_signature");
         t.share_rejected("bad_signature");
         t.share_rejected("late");
+        t.refused("not_coordinator");
+        let busy = Arc::new(TrafficCounters::default());
+        busy.requests_busy.store(5, Ordering::Relaxed);
+        t.count_busy_from(busy);
         t.metrics_received();
         t.bytes(100, 20);
         t.bytes(1, 2);
@@ -434,26 +443,44 @@ mod tests {
         assert_eq!(s["fd_shares_accepted_total"], "3");
         assert_eq!(s["fd_shares_rejected_total{reason=\"bad_signature\"}"], "2");
         assert_eq!(s["fd_shares_rejected_total{reason=\"late\"}"], "1");
+        assert_eq!(s["fd_refusals_total{reason=\"not_coordinator\"}"], "1");
+        assert_eq!(s["fd_refusals_total{reason=\"busy\"}"], "5");
         assert_eq!(s["fd_metrics_received_total"], "1");
         assert_eq!(s["fd_bytes_sent_total"], "101");
         assert_eq!(s["fd_bytes_received_total"], "22");
         assert_eq!(s["fd_members"], "4");
 
-        // Every family has HELP and TYPE before its first sample, exactly once.
-        let mut declared = std::collections::BTreeSet::new();
+        // Every family has HELP and TYPE before its first sample, exactly
+        // once; a sample is named after its family (counters add `_total`,
+        // info `_info`); the text ends with `# EOF`.
+        let mut declared = BTreeMap::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let mut parts = rest.split(' ');
                 let name = parts.next().unwrap();
-                assert!(matches!(parts.next(), Some("counter" | "gauge")), "{line}");
-                assert!(declared.insert(name.to_string()), "{name} declared twice");
+                let kind = parts.next().unwrap();
+                assert!(matches!(kind, "counter" | "gauge" | "info"), "{line}");
+                assert!(
+                    declared
+                        .insert(name.to_string(), kind.to_string())
+                        .is_none(),
+                    "{name} declared twice"
+                );
             } else if !line.starts_with('#') {
                 let name = line.split(['{', ' ']).next().unwrap();
-                assert!(declared.contains(name), "{name} has no TYPE line");
+                let family = [("counter", "_total"), ("info", "_info")]
+                    .iter()
+                    .find_map(|(kind, suffix)| {
+                        let base = name.strip_suffix(suffix)?;
+                        (declared.get(base).map(String::as_str) == Some(*kind)).then_some(base)
+                    })
+                    .unwrap_or(name);
+                assert!(declared.contains_key(family), "{name} has no TYPE line");
                 assert!(name.starts_with("fd_"));
             }
         }
-        assert!(text.contains("# HELP fd_shares_rejected_total "));
+        assert!(text.contains("# HELP fd_shares_rejected "));
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 
     #[test]
@@ -520,6 +547,9 @@ mod tests {
         drop(stream);
         let again = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
         assert!(again.starts_with("HTTP/1.1 200 OK"));
-        task.abort();
+        // Dropping the server stops it: the port no longer answers.
+        drop(task);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(TcpStream::connect(addr).await.is_err());
     }
 }

@@ -1,4 +1,12 @@
-//! libp2p networking of an fd member (also used by the coordinator).
+//! # fd-net
+//!
+//! libp2p networking of an fd member, also the coordinator's: the swarm and
+//! its client ([`client`], [`event_loop`]), the wire codec ([`codec`]),
+//! large-share transfers ([`transfer`]), who may connect ([`membership`],
+//! the allow-list), identities on disk ([`keyfile`]), the `[federation]`
+//! table both read ([`config`]), and the Prometheus endpoint ([`telemetry`]).
+//! Depends on `fd-protocol` and `fd-data` only: no ML stack, so a host that
+//! runs only a coordinator never compiles burn.
 //!
 //! Shaped after rust-libp2p's file-sharing example: the [`Swarm`] lives in one
 //! [`EventLoop`] task; the rest of the program talks to it through a
@@ -53,7 +61,11 @@
 
 pub mod client;
 pub mod codec;
+pub mod config;
 pub mod event_loop;
+pub mod keyfile;
+pub mod membership;
+pub mod telemetry;
 pub mod transfer;
 
 #[cfg(test)]
@@ -82,7 +94,7 @@ use libp2p::{
 };
 use tokio::sync::mpsc;
 
-pub use client::Client;
+pub use client::{Client, request_with_retry};
 pub use codec::{FdCodec, Traffic, TrafficCounters};
 pub use event_loop::EventLoop;
 
@@ -422,4 +434,22 @@ pub fn new(
 ) -> anyhow::Result<(Client, mpsc::Receiver<InboundRequest>, EventLoop)> {
     let network = new_with(key, &NetConfig::open())?;
     Ok((network.client, network.requests, network.event_loop))
+}
+
+/// Reads a pre-shared key in the go-ipfs `swarm.key` format.
+pub fn load_psk(path: &std::path::Path) -> anyhow::Result<PreSharedKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read psk_file {}", path.display()))?;
+    text.parse::<PreSharedKey>().map_err(|e| {
+        anyhow!(
+            "psk_file {} is not a pre-shared key (\"/key/swarm/psk/1.0.0/\", \"/base16/\", 64 hex digits): {e}",
+            path.display()
+        )
+    })
+}
+
+/// A fresh pre-shared key in the `swarm.key` format.
+pub fn new_psk_text() -> String {
+    let key: [u8; 32] = rand::random();
+    format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", hex::encode(key))
 }

@@ -321,7 +321,7 @@ fn parse_label(cell: &str) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::DataSource;
+    use crate::DataSource;
     use std::path::PathBuf;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
