@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 
-use crate::state::{CoordinatorState, NextRound, StateError};
+use crate::state::{CoordinatorState, NextRound, Recorded, StateError};
 
 /// An annotated coordinator config.
 pub const EXAMPLE_CONFIG: &str = r#"# fd-coordinator configuration file (TOML): every field and its meaning.
@@ -571,15 +571,30 @@ async fn serve(
                     Err(e) => refuse(&shared, peer, "report", &e),
                     Ok(()) => {
                         let mut state = shared.state();
-                        if state.record_metrics(m) {
-                            if let Err(e) = shared.persist(&state) {
-                                tracing::error!("{e}");
+                        match state.record_metrics(m) {
+                            Recorded::New => {
+                                if let Err(e) = shared.persist(&state) {
+                                    tracing::error!("{e}");
+                                }
+                                shared.telemetry.metrics_received();
+                                Message::Ack
                             }
-                            shared.telemetry.metrics_received();
-                        } else {
-                            tracing::debug!(%peer, node = %node.to_hex(), round, "metrics ignored: not a member or not the open round");
+                            Recorded::Repeat => Message::Ack,
+                            Recorded::Conflict => {
+                                drop(state);
+                                let e = ProtocolError::InvalidField {
+                                    field: "round",
+                                    reason: format!(
+                                        "this member already reported round {round} with other values; the first report stands"
+                                    ),
+                                };
+                                refuse(&shared, peer, "report", &e)
+                            }
+                            Recorded::Ignored => {
+                                tracing::debug!(%peer, node = %node.to_hex(), round, "metrics ignored: not a member or not the open round");
+                                Message::Ack
+                            }
                         }
-                        Message::Ack
                     }
                 }
             }
@@ -616,11 +631,13 @@ async fn serve(
     }
 }
 
-/// A report is accepted only from the member it describes: the connection's
-/// peer must be the key named in it.
+/// A report is accepted only from the member it describes (the connection's
+/// peer must be the key named in it) and only with values a member can have
+/// measured ([`RoundMetrics::check`]): it replaces that member's row in the
+/// state file, metrics.csv and the round's summary.
 fn check_report(m: &RoundMetrics, peer: libp2p::PeerId) -> Result<(), ProtocolError> {
     match net::peer_id_of(&m.node) {
-        Ok(id) if id == peer => Ok(()),
+        Ok(id) if id == peer => m.check(),
         _ => Err(ProtocolError::NotSender {
             named: m.node.to_string(),
             peer: peer.to_string(),
@@ -896,7 +913,10 @@ mod tests {
         let mut saved = CoordinatorState::new(manifest.clone());
         saved.join(a.member.clone());
         saved.next_round(1);
-        assert!(saved.record_metrics(metrics(&manifest, &a.member, 1)));
+        assert_eq!(
+            saved.record_metrics(metrics(&manifest, &a.member, 1)),
+            Recorded::New
+        );
         saved.close_round();
         let NextRound::Announce(stale) = saved.next_round(1) else {
             panic!("round 2 opens")
@@ -1051,6 +1071,131 @@ mod tests {
         let names: Vec<&str> = rows.iter().map(|r| &r[2]).collect();
         assert_eq!(names.iter().filter(|n| **n == b.member.name).count(), 3);
         assert_eq!(names.iter().filter(|n| **n == "m1").count(), 3);
+    }
+
+    /// The malicious member: after its honest report it sends reports whose
+    /// values no member can have measured (NaN or out-of-range accuracies,
+    /// negative seconds, a rejection list of megabytes), then a plausible
+    /// but different one. Each would replace its honest row in the
+    /// coordinator's state file, metrics.csv and the round's summary; each
+    /// must be refused, counted, and leave the honest row in place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_with_impossible_values_are_refused_and_the_honest_row_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two members, so the round stays open until b reports last.
+        let mut config = config(dir.path(), "ranges", 2, Vec::new());
+        config.federation.rounds = 1;
+        let manifest = manifest_of(&config);
+        let (coordinator, address) = start(config.clone()).await;
+        let (peer, _) = fd_net::split_peer_addr(&address).unwrap();
+        let mut a = TestMember::new(1).await;
+        let mut b = TestMember::new(2).await;
+        for m in [&a, &b] {
+            assert!(matches!(
+                m.join(&address, &manifest).await,
+                Message::Welcome { .. }
+            ));
+        }
+        assert_eq!(a.next_round().await.round, 1);
+        assert_eq!(b.next_round().await.round, 1);
+        a.report(&address, &manifest, 1).await;
+        let honest = metrics(&manifest, &a.member, 1);
+        let mut bad: Vec<(&str, RoundMetrics)> = vec![
+            (
+                "test_accuracy",
+                RoundMetrics {
+                    test_accuracy: f64::NAN,
+                    ..honest.clone()
+                },
+            ),
+            (
+                "local_accuracy",
+                RoundMetrics {
+                    local_accuracy: 7.0,
+                    ..honest.clone()
+                },
+            ),
+            (
+                "validation_accuracy",
+                RoundMetrics {
+                    validation_accuracy: Some(-0.5),
+                    ..honest.clone()
+                },
+            ),
+            (
+                "teacher_rows_kept",
+                RoundMetrics {
+                    teacher_rows_kept: f64::INFINITY,
+                    ..honest.clone()
+                },
+            ),
+            (
+                "train_seconds",
+                RoundMetrics {
+                    train_seconds: -1.0,
+                    ..honest.clone()
+                },
+            ),
+            (
+                "distill_loss",
+                RoundMetrics {
+                    distill_loss: f64::NEG_INFINITY,
+                    ..honest.clone()
+                },
+            ),
+            (
+                "rejections",
+                RoundMetrics {
+                    rejections: (0..20_000).map(|i| (format!("code{i:0>100}"), 1)).collect(),
+                    ..honest.clone()
+                },
+            ),
+            (
+                "rejections",
+                RoundMetrics {
+                    rejections: vec![("no_such_reason".into(), 1)],
+                    ..honest.clone()
+                },
+            ),
+        ];
+        // Well-formed but different from the recorded report: a member
+        // cannot rewrite its row (nor make the coordinator rewrite its state
+        // file on every request); a retry of the same report is answered Ack.
+        bad.push((
+            "already reported",
+            RoundMetrics {
+                test_accuracy: 0.99,
+                ..honest.clone()
+            },
+        ));
+        assert_eq!(
+            request_with_retry(&a.client, peer, Message::Metrics(honest.clone()), 5)
+                .await
+                .unwrap(),
+            Message::Ack
+        );
+        for (field, report) in bad {
+            let answer = request_with_retry(&a.client, peer, Message::Metrics(report), 5)
+                .await
+                .unwrap();
+            assert!(
+                matches!(&answer, Message::Refused { code, reason }
+                    if code == "invalid_field" && reason.contains(field)),
+                "a report with a bad `{field}` was answered {answer:?}"
+            );
+        }
+        b.report(&address, &manifest, 1).await;
+        assert_eq!(a.next_done().await, 1);
+        assert_eq!(b.next_done().await, 1);
+        let all = tokio::time::timeout(WAIT, coordinator)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let recorded: Vec<&RoundMetrics> = all[&1].iter().filter(|m| m.node == a.member.key).collect();
+        assert_eq!(recorded, vec![&honest], "the honest report is what was recorded");
+        let text = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        assert!(!text.contains("NaN") && !text.contains("inf"), "{text}");
     }
 
     #[tokio::test]

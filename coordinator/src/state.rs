@@ -67,6 +67,20 @@ pub enum NextRound {
     Finished,
 }
 
+/// What [`CoordinatorState::record_metrics`] did with a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// The member's first report of the open round: recorded.
+    New,
+    /// The report already recorded, again (a retry): nothing changed.
+    Repeat,
+    /// The member already reported this round with other values: the first
+    /// report stands.
+    Conflict,
+    /// Not a member, another federation, or not the open round: ignored.
+    Ignored,
+}
+
 impl CoordinatorState {
     /// A federation before anyone joined.
     pub fn new(manifest: FederationManifest) -> Self {
@@ -156,16 +170,18 @@ impl CoordinatorState {
         self.members.iter().any(|m| m.key == *key)
     }
 
-    /// Records a member's metrics for the open round (a repeat replaces the
-    /// earlier report). False, and nothing recorded, for a non-member, another
-    /// federation, or a round that is not open.
-    pub fn record_metrics(&mut self, m: RoundMetrics) -> bool {
+    /// Records a member's metrics for the open round, once: a member's row of
+    /// a round is its first report (a retry of the same report changes
+    /// nothing and costs no write; a different one is refused), so it can
+    /// neither rewrite its row nor make the coordinator rewrite its state
+    /// file on every request.
+    pub fn record_metrics(&mut self, m: RoundMetrics) -> Recorded {
         let open = self.open.as_ref().map(|a| a.round);
         if m.federation_id != self.manifest.federation_id
             || Some(m.round) != open
             || !self.is_member(&m.node)
         {
-            return false;
+            return Recorded::Ignored;
         }
         // The name the member joined with (checked then), whatever the report says.
         let mut m = m;
@@ -173,15 +189,16 @@ impl CoordinatorState {
             m.name = member.name.clone();
         }
         let reports = self.metrics.entry(m.round).or_default();
-        match reports.iter_mut().find(|x| x.node == m.node) {
-            Some(x) => *x = m,
+        match reports.iter().find(|x| x.node == m.node) {
+            Some(x) if *x == m => Recorded::Repeat,
+            Some(_) => Recorded::Conflict,
             None => {
                 reports.push(m);
                 // Key order, as the CSV and `RoundClosed` have always listed them.
                 reports.sort_by_key(|r| r.node);
+                Recorded::New
             }
         }
-        true
     }
 
     /// Opens the next round, or refreshes the deadline and member list of the
@@ -295,11 +312,11 @@ mod tests {
         state.join(a.clone());
         state.join(b.clone());
         assert!(matches!(state.next_round(1000), NextRound::Announce(x) if x.round == 1));
-        assert!(state.record_metrics(metrics("f", 1, &a, 0.5)));
-        assert!(state.record_metrics(metrics("f", 1, &b, 0.7)));
+        assert_eq!(state.record_metrics(metrics("f", 1, &a, 0.5)), Recorded::New);
+        assert_eq!(state.record_metrics(metrics("f", 1, &b, 0.7)), Recorded::New);
         assert_eq!(state.close_round().unwrap().1.len(), 2);
         state.next_round(2000);
-        assert!(state.record_metrics(metrics("f", 2, &a, 0.6)));
+        assert_eq!(state.record_metrics(metrics("f", 2, &a, 0.6)), Recorded::New);
         state.save(&path).unwrap();
 
         let loaded = CoordinatorState::load(&path, &m).unwrap().unwrap();
@@ -320,7 +337,7 @@ mod tests {
         let a = member(1, "/ip4/127.0.0.1/tcp/1");
         state.join(a.clone());
         // No round open: metrics are not recorded.
-        assert!(!state.record_metrics(metrics("f", 1, &a, 0.5)));
+        assert_eq!(state.record_metrics(metrics("f", 1, &a, 0.5)), Recorded::Ignored);
         let NextRound::Announce(first) = state.next_round(10) else {
             panic!("round 1 opens")
         };
@@ -340,15 +357,21 @@ mod tests {
         assert_eq!(state.members, vec![a.clone(), moved.clone()]);
         assert_eq!(state.open.as_ref().unwrap().members, vec![a.clone(), moved]);
         // Foreign federation, wrong round, non-member: refused.
-        assert!(!state.record_metrics(metrics("g", 1, &a, 0.5)));
-        assert!(!state.record_metrics(metrics("f", 2, &a, 0.5)));
-        assert!(!state.record_metrics(metrics("f", 1, &member(3, "x"), 0.5)));
-        assert!(state.record_metrics(metrics("f", 1, &a, 0.5)));
-        assert!(state.record_metrics(metrics("f", 1, &a, 0.6)));
-        assert!(state.record_metrics(metrics("f", 1, &b, 0.6)));
+        assert_eq!(state.record_metrics(metrics("g", 1, &a, 0.5)), Recorded::Ignored);
+        assert_eq!(state.record_metrics(metrics("f", 2, &a, 0.5)), Recorded::Ignored);
+        assert_eq!(
+            state.record_metrics(metrics("f", 1, &member(3, "x"), 0.5)),
+            Recorded::Ignored
+        );
+        assert_eq!(state.record_metrics(metrics("f", 1, &a, 0.5)), Recorded::New);
+        // A retry is a repeat; a changed report does not replace the first.
+        assert_eq!(state.record_metrics(metrics("f", 1, &a, 0.5)), Recorded::Repeat);
+        assert_eq!(state.record_metrics(metrics("f", 1, &a, 0.6)), Recorded::Conflict);
+        assert_eq!(state.record_metrics(metrics("f", 1, &b, 0.6)), Recorded::New);
         assert_eq!(state.reports(), (2, 2));
         let (round, m) = state.close_round().unwrap();
-        assert_eq!((round, m.len(), m[0].test_accuracy), (1, 2, 0.6));
+        let a_row = m.iter().find(|r| r.node == a.key).unwrap();
+        assert_eq!((round, m.len(), a_row.test_accuracy), (1, 2, 0.5));
         assert!(matches!(state.next_round(30), NextRound::Announce(x) if x.round == 2));
         state.close_round();
         assert_eq!(state.next_round(40), NextRound::Finished);

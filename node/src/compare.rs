@@ -16,20 +16,20 @@
 //!   (exact, not the χ² approximation, which is poor for few disagreements).
 //!
 //! Accuracy, latency, throughput and size of each side come from
-//! [`crate::evaluate::evaluate_exported`], so the numbers match
-//! `fd-node evaluate`'s.
+//! [`crate::evaluate::evaluate_with_predictions`], so the numbers match
+//! `fd-node evaluate`'s; the same pass gives the per-sample predictions the
+//! paired test compares (each model is loaded and run once).
 
 use std::path::{Path, PathBuf};
 
-use burn::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use fd_data::Dataset;
 use crate::device::DeviceKind;
-use crate::evaluate::{EvaluateError, EvaluateOptions, Latency, Throughput, evaluate_exported};
-use crate::export::{ExportFormat, load_exported};
+use crate::evaluate::{EvaluateError, EvaluateOptions, Latency, Throughput, evaluate_with_predictions};
+use crate::export::{ExportFormat, read_card};
 
 /// How to compare.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -125,25 +125,25 @@ pub fn compare_exported(
         return Err(CompareError::Options("resamples must be at least 1".into()));
     }
     let device = DeviceKind::Flex;
-    let (ma, mb) = (
-        load_exported(a, &device.device()).map_err(EvaluateError::from)?,
-        load_exported(b, &device.device()).map_err(EvaluateError::from)?,
+    let (ca, cb) = (
+        read_card(a).map_err(EvaluateError::from)?,
+        read_card(b).map_err(EvaluateError::from)?,
     );
-    if ma.card.input.shape != mb.card.input.shape || ma.card.classes != mb.card.classes {
+    if ca.input.shape != cb.input.shape || ca.classes != cb.classes {
         return Err(CompareError::Mismatch(format!(
             "{} takes {:?} with {} classes, {} takes {:?} with {}",
             a.display(),
-            ma.card.input.shape,
-            ma.card.classes,
+            ca.input.shape,
+            ca.classes,
             b.display(),
-            mb.card.input.shape,
-            mb.card.classes
+            cb.input.shape,
+            cb.classes
         )));
     }
-    let ra = evaluate_exported(a, Some(data), device, options.evaluate)?;
-    let rb = evaluate_exported(b, Some(data), device, options.evaluate)?;
-    let ca = correct(&ma.student, data, &device.device());
-    let cb = correct(&mb.student, data, &device.device());
+    // Each model is loaded and run once: its report and its predictions.
+    let (ra, pa) = evaluate_with_predictions(a, Some(data), device, options.evaluate)?;
+    let (rb, pb) = evaluate_with_predictions(b, Some(data), device, options.evaluate)?;
+    let (ca, cb) = (correct(&pa, data), correct(&pb, data));
     let side = |r: crate::evaluate::EvaluationReport, c: &[bool]| Side {
         model_dir: r.model_dir,
         architecture: r.architecture,
@@ -165,12 +165,12 @@ pub fn compare_exported(
     })
 }
 
-/// Per sample: is `student`'s top class the label?
-fn correct(student: &crate::model::Student, data: &Dataset, device: &Device) -> Vec<bool> {
-    crate::model::predicted_classes(student, data, device)
-        .into_iter()
+/// Per sample: is the predicted class the label?
+fn correct(predictions: &[usize], data: &Dataset) -> Vec<bool> {
+    predictions
+        .iter()
         .zip(&data.labels)
-        .map(|(p, &label)| p == label as usize)
+        .map(|(&p, &label)| p == label as usize)
         .collect()
 }
 
@@ -312,12 +312,8 @@ pub struct CompareArgs {
     /// Bootstrap seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Timed batch-1 runs per model.
-    #[arg(long, default_value_t = 1000)]
-    pub runs: usize,
-    /// Untimed batch-1 runs first.
-    #[arg(long, default_value_t = 100)]
-    pub warmup: usize,
+    #[command(flatten)]
+    pub latency: crate::evaluate::LatencyArgs,
 }
 
 /// Runs `fd-node compare`: prints the report (and writes `--json`).
@@ -335,19 +331,13 @@ pub fn run_cli(args: CompareArgs) -> Result<ComparisonReport, Box<dyn std::error
     let options = CompareOptions {
         resamples: args.resamples,
         seed: args.seed,
-        evaluate: EvaluateOptions {
-            latency_runs: args.runs,
-            warmup: args.warmup,
-            ..EvaluateOptions::default()
-        },
+        evaluate: args.latency.options(),
     };
     let name = format!("{} (test split)", splits.source);
     let report = compare_exported(&args.a, &args.b, &splits.test, &name, options)?;
     print!("{report}");
     if let Some(path) = &args.json {
-        let text = serde_json::to_vec_pretty(&report)?;
-        fd_data::fsutil::write_atomic(path, &text, 0o644)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        crate::evaluate::write_json_report(path, &report)?;
         println!("report      {}", path.display());
     }
     Ok(report)
@@ -356,6 +346,7 @@ pub fn run_cli(args: CompareArgs) -> Result<ComparisonReport, Box<dyn std::error
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::module::Module as _;
     use fd_data::{DataSource, DataSplits};
     use crate::export::{Provenance, export_student};
     use crate::learner::{Learner, TrainingConfig};
@@ -483,10 +474,13 @@ mod tests {
             worse.a.accuracy,
             "the paired counts agree with evaluate's accuracy"
         );
+        // Each side was measured with the options given (percentile order
+        // is evaluate's own test).
         for s in [&worse.a, &worse.b] {
-            assert!(0.0 < s.latency.p50_ms && s.latency.p50_ms <= s.latency.p95_ms);
-            assert!(s.latency.p95_ms <= s.latency.p99_ms);
-            assert!(s.throughput.samples_per_second > 0.0 && s.weights_bytes > 0);
+            assert_eq!((s.latency.runs, s.latency.warmup), (50, 5), "{:?}", s.latency);
+            assert_eq!(s.throughput.batch, 64);
+            assert!(s.latency.p50_ms > 0.0 && s.throughput.samples_per_second > 0.0);
+            assert!(s.weights_bytes > 0);
         }
 
         // The JSON has every field and parses back into the same report.

@@ -374,16 +374,14 @@ struct Trainee {
 /// A projection drawn from `seed` under the zoo's seeding lock, so its
 /// initial weights depend on the seed alone (see [`ModelConfig::init`]).
 fn projection(from: usize, to: usize, seed: u64, device: &Device) -> Linear {
-    let _guard = crate::model::INIT_LOCK
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    device.seed(seed);
-    let linear = LinearConfig::new(from, to).init(device);
-    let _ = linear.weight.val();
-    if let Some(b) = &linear.bias {
-        let _ = b.val();
-    }
-    linear
+    crate::model::seeded_init(device, seed, || {
+        let linear = LinearConfig::new(from, to).init(device);
+        let _ = linear.weight.val();
+        if let Some(b) = &linear.bias {
+            let _ = b.val();
+        }
+        linear
+    })
 }
 
 /// Widths of the first and last stage of `model` (none: no hidden stage).
@@ -637,8 +635,9 @@ pub struct BaselineReport {
 pub const REPORT_FILE: &str = "compress.json";
 
 /// `fd-node compress`: the member of `config` (its data, public set and
-/// private partition), its student restored from the checkpoint, or the
-/// export in `teacher_dir`, compressed into `options.student` and exported
+/// private partition), its best student (or its checkpoint's; as `fd-node
+/// export` takes it, [`crate::export::MemberStudent`]), or the export in
+/// `teacher_dir`, compressed into `options.student` and exported
 /// to `out` in `format`; with `baseline`, the same student trained from
 /// scratch is exported there too.
 pub fn compress_from_config(
@@ -679,8 +678,20 @@ pub fn compress_from_config(
             )
         }
         None => {
-            let (student, fed, round) = teacher_from_checkpoint(config, input, classes)?;
-            (student, config.model.clone(), Some(fed), Some(round))
+            // The member's best student, as `fd-node export` takes it.
+            let member = crate::export::MemberStudent::load(
+                config,
+                crate::export::Which::Best,
+                input,
+                classes,
+            )
+            .map_err(CompressError::Teacher)?;
+            (
+                member.learner.student().valid(),
+                config.model.clone(),
+                Some(member.federation_id),
+                Some(member.round),
+            )
         }
     };
     let data = CompressData {
@@ -766,56 +777,6 @@ pub fn compress_from_config(
     Ok(report)
 }
 
-/// The student of `config`'s checkpoint (inference mode), its federation and round.
-fn teacher_from_checkpoint(
-    config: &crate::config::NodeConfig,
-    input: InputShape,
-    classes: usize,
-) -> Result<(Student, String, u64), CompressError> {
-    use crate::checkpoint::Checkpoint;
-    use crate::learner::Learner;
-    let path = config
-        .checkpoint_file
-        .clone()
-        .ok_or_else(|| CompressError::Teacher("the config has no `checkpoint_file`".into()))?;
-    let checkpoint = Checkpoint::load(&path)
-        .map_err(|e| CompressError::Teacher(e.to_string()))?
-        .ok_or_else(|| {
-            CompressError::Teacher(format!(
-                "no checkpoint at {} (field `checkpoint_file`): run the node first, or pass --teacher",
-                path.display()
-            ))
-        })?;
-    config
-        .model
-        .validate(input)
-        .map_err(|reason| CompressError::Teacher(format!("field `model`: {reason}")))?;
-    let mut learner = Learner::new(
-        &config.model,
-        config.training.clone(),
-        DeviceKind::Flex,
-        input,
-        classes,
-    );
-    learner.restore_state(&checkpoint.learner).map_err(|e| {
-        CompressError::Teacher(format!(
-            "checkpoint {} does not fit `[model]`/`[training]`: {e}",
-            path.display()
-        ))
-    })?;
-    if learner.weights_digest() != checkpoint.weights_digest {
-        return Err(CompressError::Teacher(format!(
-            "checkpoint {}: restored weights do not match its digest",
-            path.display()
-        )));
-    }
-    Ok((
-        learner.student().valid(),
-        checkpoint.federation_id,
-        checkpoint.round,
-    ))
-}
-
 impl std::fmt::Display for CompressReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
@@ -878,13 +839,14 @@ impl std::fmt::Display for CompressReport {
 #[derive(Debug, clap::Args)]
 pub struct CompressArgs {
     /// The member's TOML config: its data, public set and partition, and
-    /// (without --teacher) the checkpoint whose student is the teacher.
+    /// (without --teacher) the best-student file or checkpoint whose student
+    /// is the teacher, as `fd-node export` takes it.
     #[arg(long, short)]
     pub config: PathBuf,
     /// The small student: mlp-64, mlp-32, cnn-8-16-fc32, … (`ModelConfig::name` form).
     #[arg(long, default_value = "mlp-32")]
     pub student: ModelConfig,
-    /// Teacher from an export folder instead of the config's checkpoint.
+    /// Teacher from an export folder instead of the config's member.
     #[arg(long)]
     pub teacher: Option<PathBuf>,
     /// Progressive: intermediate students, largest first (comma-separated).

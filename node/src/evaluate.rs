@@ -49,6 +49,37 @@ pub struct EvaluateOptions {
     pub throughput_batches: usize,
 }
 
+/// How long to time a model at batch 1: the arguments `fd-node evaluate` and
+/// `fd-node compare` share (one definition, one set of defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct LatencyArgs {
+    /// Timed batch-1 runs per model (at least 1000 for the documented percentiles).
+    #[arg(long, default_value_t = 1000)]
+    pub runs: usize,
+    /// Untimed batch-1 runs first.
+    #[arg(long, default_value_t = 100)]
+    pub warmup: usize,
+}
+
+impl LatencyArgs {
+    /// The default measurement with these runs.
+    pub fn options(self) -> EvaluateOptions {
+        EvaluateOptions {
+            latency_runs: self.runs,
+            warmup: self.warmup,
+            ..EvaluateOptions::default()
+        }
+    }
+}
+
+/// Writes a report (evaluation, comparison) to `path` as pretty JSON,
+/// atomically.
+pub fn write_json_report<T: Serialize>(path: &Path, report: &T) -> Result<(), String> {
+    let text = serde_json::to_vec_pretty(report).map_err(|e| format!("cannot encode the report: {e}"))?;
+    fd_data::fsutil::write_atomic(path, &text, 0o644)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 impl Default for EvaluateOptions {
     fn default() -> Self {
         EvaluateOptions {
@@ -191,6 +222,18 @@ pub fn evaluate_exported(
     device: DeviceKind,
     options: EvaluateOptions,
 ) -> Result<EvaluationReport, EvaluateError> {
+    evaluate_with_predictions(dir, data, device, options).map(|(report, _)| report)
+}
+
+/// [`evaluate_exported`], also returning the predicted class of every
+/// evaluated sample (in the data's order), so a caller that needs them
+/// (`fd-node compare`'s paired test) does not run the model twice.
+pub fn evaluate_with_predictions(
+    dir: &Path,
+    data: Option<&Dataset>,
+    device: DeviceKind,
+    options: EvaluateOptions,
+) -> Result<(EvaluationReport, Vec<usize>), EvaluateError> {
     if options.latency_runs == 0 || options.throughput_batch == 0 || options.throughput_batches == 0
     {
         return Err(EvaluateError::Options(
@@ -237,7 +280,8 @@ pub fn evaluate_exported(
     let student = model.student.valid();
     let dev = device.device();
     let (rss_before, hwm_reset) = reset_peak_rss();
-    let accuracy = accuracy(&student, test, card.classes, &dev);
+    let predictions = predicted_classes(&student, test, &dev);
+    let accuracy = accuracy(&predictions, test, card.classes);
     let energy_start = rapl_read();
     let latency = latency(&student, test, &dev, options);
     let energy = energy(energy_start, rapl_read(), options.latency_runs);
@@ -245,7 +289,7 @@ pub fn evaluate_exported(
     let peak = proc_status_kib("VmHWM").map(|k| k * 1024);
     let weights_bytes = file_len(&dir.join(&card.weights_file));
     let card_bytes = file_len(&dir.join(CARD_FILE));
-    Ok(EvaluationReport {
+    let report = EvaluationReport {
         model_dir: dir.to_path_buf(),
         architecture: card.architecture_name.clone(),
         format: card.format,
@@ -273,7 +317,8 @@ pub fn evaluate_exported(
             },
         },
         energy,
-    })
+    };
+    Ok((report, predictions))
 }
 
 fn file_len(path: &Path) -> u64 {
@@ -281,9 +326,9 @@ fn file_len(path: &Path) -> u64 {
 }
 
 
-fn accuracy(student: &Student, test: &Dataset, classes: usize, device: &Device) -> Accuracy {
+fn accuracy(predictions: &[usize], test: &Dataset, classes: usize) -> Accuracy {
     let mut confusion = vec![vec![0u64; classes]; classes];
-    for (predicted, &label) in predicted_classes(student, test, device).into_iter().zip(&test.labels) {
+    for (&predicted, &label) in predictions.iter().zip(&test.labels) {
         confusion[label as usize][predicted] += 1;
     }
     let per_class: Vec<ClassAccuracy> = confusion

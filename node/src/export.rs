@@ -632,100 +632,131 @@ pub fn export_from_config(
 }
 
 /// `fd-node export --which`: the student of `config`'s best-student file
-/// or of its checkpoint, exported to `dir`. A config without a validation
-/// split (`rollback.validation_fraction = 0`) keeps no best student: there
-/// `Best` takes the checkpoint, and says so. Loads the data source (for the
-/// input shape, classes and test accuracy).
+/// or of its checkpoint ([`MemberStudent::load`]), exported to `dir`. Loads
+/// the data source (for the input shape, classes and test accuracy).
 pub fn export_which(
     config: &crate::config::NodeConfig,
     which: Which,
     format: ExportFormat,
     dir: &Path,
 ) -> Result<ModelCard, ExportError> {
-    use crate::checkpoint::Checkpoint;
-    use crate::learner::Learner;
-    use crate::rollback::BestStudent;
-
-    let mut validation_accuracy = None;
-    let (checkpoint, path) = if which == Which::Best && config.rollback.validation_fraction > 0.0 {
-        let path = config.rollback.best_file.clone().ok_or_else(|| {
-            ExportError::Source("the config has no `rollback.best_file`".into())
-        })?;
-        let best = BestStudent::load(&path)
-            .map_err(|e| ExportError::Source(e.to_string()))?
-            .ok_or_else(|| {
-                ExportError::Source(format!(
-                    "no best student at {} (field `rollback.best_file`): run the node for at least one round first, or export the checkpoint with `--which current`",
-                    path.display()
-                ))
-            })?;
-        validation_accuracy = Some(best.validation_accuracy);
-        (best.checkpoint, path)
-    } else {
-        if which == Which::Best {
-            tracing::warn!(
-                "`rollback.validation_fraction` is 0: no best student is kept, exporting the checkpoint's (current) student"
-            );
-        }
-        let path = config
-            .checkpoint_file
-            .clone()
-            .ok_or_else(|| ExportError::Source("the config has no `checkpoint_file`".into()))?;
-        let checkpoint = Checkpoint::load(&path)
-            .map_err(|e| ExportError::Source(e.to_string()))?
-            .ok_or_else(|| {
-                ExportError::Source(format!(
-                    "no checkpoint at {} (field `checkpoint_file`): run the node for at least one round first",
-                    path.display()
-                ))
-            })?;
-        (checkpoint, path)
-    };
     let source = config.data.resolve();
     let data = source
         .load()
         .map_err(|e| ExportError::Source(format!("field `data`: {e}")))?;
     let input = InputShape::new(data.train.shape);
-    config
-        .model
-        .validate(input)
-        .map_err(|reason| ExportError::Source(format!("field `model`: {reason}")))?;
-    let mut learner = Learner::new(
-        &config.model,
-        config.training.clone(),
-        crate::device::DeviceKind::Flex,
-        input,
-        data.train.classes,
-    );
-    learner.restore_state(&checkpoint.learner).map_err(|e| {
-        ExportError::Source(format!(
-            "checkpoint {} does not fit `[model]`/`[training]`: {e}",
-            path.display()
-        ))
-    })?;
-    if learner.weights_digest() != checkpoint.weights_digest {
-        return Err(ExportError::Source(format!(
-            "checkpoint {}: restored weights do not match its digest",
-            path.display()
-        )));
-    }
-    let test_accuracy = learner.evaluate(&data.test);
-    let student = learner.student().valid();
+    let member = MemberStudent::load(config, which, input, data.train.classes)
+        .map_err(ExportError::Source)?;
+    let test_accuracy = member.learner.evaluate(&data.test);
+    let student = member.learner.student().valid();
     export_student(
         &student,
         &config.model,
         input,
         data.train.classes,
         Provenance {
-            federation_id: Some(checkpoint.federation_id.clone()),
-            round: Some(checkpoint.round),
+            federation_id: Some(member.federation_id),
+            round: Some(member.round),
             test_accuracy: Some(test_accuracy),
-            validation_accuracy,
+            validation_accuracy: member.validation_accuracy,
             data: Some(source),
         },
         format,
         dir,
     )
+}
+
+/// A member's saved student, restored from its best-student file or its
+/// checkpoint (`fd-node export` and `fd-node compress` take it the same
+/// way), with where it came from.
+pub struct MemberStudent {
+    pub learner: crate::learner::Learner,
+    pub federation_id: String,
+    pub round: u64,
+    /// The validation accuracy it was kept for; `None` when it came from the
+    /// checkpoint.
+    pub validation_accuracy: Option<f64>,
+}
+
+impl MemberStudent {
+    /// The student `which` names, for data of `input` with `classes`. A
+    /// config without a validation split (`rollback.validation_fraction =
+    /// 0`) keeps no best student: there `Best` takes the checkpoint, and
+    /// says so. The error names the config field at fault.
+    pub fn load(
+        config: &crate::config::NodeConfig,
+        which: Which,
+        input: InputShape,
+        classes: usize,
+    ) -> Result<MemberStudent, String> {
+        use crate::checkpoint::Checkpoint;
+        use crate::learner::Learner;
+        use crate::rollback::BestStudent;
+
+        let mut validation_accuracy = None;
+        let (checkpoint, path) =
+            if which == Which::Best && config.rollback.validation_fraction > 0.0 {
+                let path = config
+                    .rollback
+                    .best_file
+                    .clone()
+                    .ok_or("the config has no `rollback.best_file`")?;
+                let best = BestStudent::load(&path).map_err(|e| e.to_string())?.ok_or_else(|| {
+                    format!(
+                        "no best student at {} (field `rollback.best_file`): run the node for at least one round first, or take the checkpoint's student with `--which current`",
+                        path.display()
+                    )
+                })?;
+                validation_accuracy = Some(best.validation_accuracy);
+                (best.checkpoint, path)
+            } else {
+                if which == Which::Best {
+                    tracing::warn!(
+                        "`rollback.validation_fraction` is 0: no best student is kept, taking the checkpoint's (current) student"
+                    );
+                }
+                let path = config
+                    .checkpoint_file
+                    .clone()
+                    .ok_or("the config has no `checkpoint_file`")?;
+                let checkpoint = Checkpoint::load(&path).map_err(|e| e.to_string())?.ok_or_else(|| {
+                    format!(
+                        "no checkpoint at {} (field `checkpoint_file`): run the node for at least one round first",
+                        path.display()
+                    )
+                })?;
+                (checkpoint, path)
+            };
+        config
+            .model
+            .validate(input)
+            .map_err(|reason| format!("field `model`: {reason}"))?;
+        let mut learner = Learner::new(
+            &config.model,
+            config.training.clone(),
+            crate::device::DeviceKind::Flex,
+            input,
+            classes,
+        );
+        learner.restore_state(&checkpoint.learner).map_err(|e| {
+            format!(
+                "{} does not fit `[model]`/`[training]`: {e}",
+                path.display()
+            )
+        })?;
+        if learner.weights_digest() != checkpoint.weights_digest {
+            return Err(format!(
+                "{}: restored weights do not match its digest",
+                path.display()
+            ));
+        }
+        Ok(MemberStudent {
+            learner,
+            federation_id: checkpoint.federation_id,
+            round: checkpoint.round,
+            validation_accuracy,
+        })
+    }
 }
 
 #[cfg(test)]

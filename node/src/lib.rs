@@ -5,15 +5,16 @@
 //! logit shares (never weights, never data) between members.
 //!
 //! Below it: `fd-data` (loaders, partitioners, the public set, atomic
-//! files) and `fd-net` (the libp2p swarm and client, codec, transfers,
-//! membership, key files, the `[federation]` table, the metrics endpoint).
-//! Neither knows about learning; this crate joins them to it.
+//! files), `fd-learn` (students, training, distillation, the ensemble
+//! teacher, DP-SGD, checkpoints, rollback) and `fd-net` (the libp2p swarm
+//! and client, codec, transfers, membership, key files, the `[federation]`
+//! table, the metrics endpoint). fd-learn and fd-net do not know each other;
+//! this crate joins them.
 //!
 //! Map:
-//! - [`model`], [`device`], [`learner`]: burn students and their training;
-//!   [`fastconv`]: the CPU convolution and pooling kernels of the CNN students.
-//! - [`aggregate`]: the ensemble teacher.
-//! - [`privacy`]: DP-SGD (per-sample clipping, noise) and its RDP accountant.
+//! - From fd-learn, re-exported under the same names: [`model`], [`device`],
+//!   [`learner`], [`fastconv`], [`fpenv`], [`aggregate`], [`knowledge`],
+//!   [`privacy`], [`checkpoint`], [`rollback`].
 //! - [`member`]: a round's learning steps on one member, no networking.
 //! - [`gate`]: who may steer a member (the coordinator's signed control
 //!   messages) and the bounded pool where inbound signatures are checked;
@@ -26,24 +27,20 @@
 //!   [`compress`]: distilling it into a smaller student; [`compare`]: A/B
 //!   comparison of two exports.
 
-pub mod aggregate;
-pub mod checkpoint;
+// The learning layer lives in fd-learn; its modules are re-exported under
+// their old paths (`fd_node::model`, …) for fd-sim and the binaries.
+pub use fd_learn::{
+    aggregate, checkpoint, device, fastconv, fpenv, knowledge, learner, model, privacy, rollback,
+};
+
 pub mod compare;
 pub mod compress;
 pub mod config;
-pub mod device;
 pub mod doctor;
 pub mod evaluate;
 pub mod export;
-pub mod fastconv;
-pub mod fpenv;
 pub mod gate;
 pub mod inbox;
-pub mod knowledge;
-pub mod learner;
 pub mod member;
-pub mod model;
-pub mod privacy;
-pub mod rollback;
 pub mod round;
 pub mod runtime;

@@ -502,7 +502,7 @@ impl RoundEngine {
             &shared,
             row_weights,
         )?;
-        let share_bytes = fd_net::frame_len(&fd_protocol::Message::Share(share.clone()))?;
+        let share_bytes = fd_net::share_frame_len(&share)?;
         let encode_seconds = encode_start.elapsed().as_secs_f64();
         let name = self.member().name.clone();
         let network_start = std::time::Instant::now();

@@ -222,7 +222,7 @@ impl ShareTransport for Libp2pTransport {
         peer: &Member,
         share: &LogitShare,
     ) -> anyhow::Result<()> {
-        let inline = matches!(net::frame_len(&Message::Share(share.clone())), Ok(n) if n <= INLINE_SHARE_BYTES as u64);
+        let inline = matches!(net::share_frame_len(share), Ok(n) if n <= INLINE_SHARE_BYTES as u64);
         if inline {
             send_share(&self.client, peer, share.clone()).await
         } else {
@@ -536,11 +536,16 @@ pub async fn run_federated(
         if let Some(observer) = &observer {
             let _ = observer.send(metrics.clone());
         }
-        if let Some(peer) = coordinator_peer
-            && let Err(e) =
-                request_with_retry(&client, peer, Message::Metrics(metrics.clone()), 3).await
-        {
-            tracing::warn!(node = %config.name, round, "metrics not delivered to the coordinator (sent again if it re-announces the round): {e:#}");
+        if let Some(peer) = coordinator_peer {
+            match request_with_retry(&client, peer, Message::Metrics(metrics.clone()), 3).await {
+                Err(e) => {
+                    tracing::warn!(node = %config.name, round, "metrics not delivered to the coordinator (sent again if it re-announces the round): {e:#}");
+                }
+                Ok(Message::Refused { code, reason }) => {
+                    tracing::warn!(node = %config.name, round, code, "metrics refused by the coordinator: {reason}");
+                }
+                Ok(_) => {}
+            }
         }
         results.push(metrics);
         if round == last_round {

@@ -1,9 +1,11 @@
 //! The layering the code map in docs/ARCHITECTURE.md promises, checked
 //! against the source, so it cannot drift:
-//! - no two of fd-node's modules import each other, directly or around a
-//!   loop (test code excluded: a module's tests may use anything);
+//! - no two modules of fd-node, or of fd-learn, import each other, directly
+//!   or around a loop (test code excluded: a module's tests may use anything);
 //! - the crates below fd-node (fd-protocol, fd-data, fd-net) and the
-//!   coordinator never depend on the ML stack or on fd-node.
+//!   coordinator never depend on the ML stack or on fd-node;
+//! - fd-learn (the learning layer) never depends on the network (fd-net,
+//!   libp2p) or on fd-node.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -48,11 +50,11 @@ fn referenced_modules(source: &str) -> BTreeSet<String> {
     found
 }
 
-/// fd-node's top-level modules and the modules each one's code uses.
-fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+/// The top-level modules of the crate whose sources are in `src` and the
+/// modules each one's code uses.
+fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for entry in std::fs::read_dir(&src).unwrap() {
+    for entry in std::fs::read_dir(src).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_stem().unwrap().to_string_lossy().to_string();
         if name == "lib" || name == "bin" {
@@ -146,13 +148,25 @@ fn the_cycle_finder_finds_a_loop_and_accepts_a_dag() {
 
 #[test]
 fn fd_node_modules_import_each_other_one_way_only() {
-    let graph = module_graph();
+    let graph = module_graph(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
     assert!(
         graph.contains_key("round") && graph["round"].contains("member"),
         "{graph:?}"
     );
     if let Some(cycle) = find_cycle(&graph) {
         panic!("module cycle in fd-node: {}", cycle.join(" → "));
+    }
+}
+
+#[test]
+fn fd_learn_modules_import_each_other_one_way_only() {
+    let graph = module_graph(&Path::new(env!("CARGO_MANIFEST_DIR")).join("learn/src"));
+    assert!(
+        graph.contains_key("learner") && graph["learner"].contains("model"),
+        "{graph:?}"
+    );
+    if let Some(cycle) = find_cycle(&graph) {
+        panic!("module cycle in fd-learn: {}", cycle.join(" → "));
     }
 }
 
@@ -190,4 +204,17 @@ fn the_layers_below_fd_node_and_the_coordinator_link_no_ml_stack() {
         "{data:?}"
     );
     assert!(!dependencies(&root.join("protocol/Cargo.toml")).contains("fd-data"));
+}
+
+#[test]
+fn the_learning_layer_links_no_network_and_not_the_member() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let learn = dependencies(&root.join("node/learn/Cargo.toml"));
+    assert!(learn.contains("burn"), "{learn:?}");
+    for banned in ["fd-net", "libp2p", "fd-node", "fd-coordinator"] {
+        assert!(!learn.contains(banned), "fd-learn depends on {banned}");
+    }
+    // And fd-net knows nothing of learning.
+    let net = dependencies(&root.join("node/net/Cargo.toml"));
+    assert!(!net.contains("fd-learn"), "{net:?}");
 }

@@ -129,6 +129,24 @@ pub fn encoded_len(message: &Message) -> Result<usize, ProtocolError> {
     Ok(PROTOCOL_VERSION.to_le_bytes().len() + size.bytes_written)
 }
 
+/// [`encoded_len`] of `Message::Share(share)`, without building that message:
+/// a share may be megabytes, and a round asks for its frame length on every
+/// push. Serializes the share as the `Share` variant of [`Message`] would be.
+pub fn share_frame_len(share: &LogitShare) -> Result<usize, ProtocolError> {
+    /// `Message::Share`'s position in [`Message`] (checked by a test).
+    const SHARE_VARIANT: u32 = 4;
+    struct AsMessage<'a>(&'a LogitShare);
+    impl serde::Serialize for AsMessage<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_newtype_variant("Message", SHARE_VARIANT, "Share", self.0)
+        }
+    }
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(AsMessage(share), &mut size, share_config())
+        .map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    Ok(PROTOCOL_VERSION.to_le_bytes().len() + size.bytes_written)
+}
+
 /// Canonical bytes of any serializable value, for signing. Uses the same
 /// bincode encoding as the wire so there is one encoding to reason about
 /// (with the share limit, since a signed share may exceed one frame).
@@ -219,6 +237,22 @@ mod tests {
         let bytes = encode_share(&share).unwrap();
         assert!(bytes.len() > MAX_MESSAGE_BYTES);
         assert_eq!(encoded_len(&message).unwrap(), bytes.len() + 1);
+        assert_eq!(share_frame_len(&share).unwrap(), encoded_len(&message).unwrap());
+        // And for a share that fits a frame, the frame [`encode`] writes.
+        let small = LogitShare::new_signed(
+            &key,
+            "fed",
+            PublicSubset { size: 3, ..subset },
+            classes,
+            10,
+            PayloadEncoding::F32Le,
+            &logits[..30],
+        )
+        .unwrap();
+        assert_eq!(
+            share_frame_len(&small).unwrap(),
+            encode(&Message::Share(small.clone())).unwrap().len()
+        );
         let back = decode_share(&bytes).unwrap();
         assert_eq!(back, share);
         back.verify_signature().unwrap();

@@ -85,6 +85,29 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [RejectReason; 19] = [
+        RejectReason::Version,
+        RejectReason::TooLarge,
+        RejectReason::Malformed,
+        RejectReason::BadSignature,
+        RejectReason::Shape,
+        RejectReason::BadWeights,
+        RejectReason::NonFinite,
+        RejectReason::WrongFederation,
+        RejectReason::WrongRound,
+        RejectReason::Subset,
+        RejectReason::UnknownSender,
+        RejectReason::InvalidField,
+        RejectReason::FutureRound,
+        RejectReason::NotCoordinator,
+        RejectReason::ForgedAnnouncement,
+        RejectReason::StaleAnnouncement,
+        RejectReason::NotSender,
+        RejectReason::Busy,
+        RejectReason::Unexpected,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::Version => "version",
@@ -139,5 +162,48 @@ impl ProtocolError {
             ProtocolError::Busy { .. } => RejectReason::Busy,
             ProtocolError::Unexpected(_) => RejectReason::Unexpected,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RejectReason;
+
+    /// Position of each reason in [`RejectReason::ALL`]: a match without a
+    /// wildcard, so a new reason does not compile until it is listed here.
+    fn position(r: RejectReason) -> usize {
+        use RejectReason::*;
+        match r {
+            Version => 0,
+            TooLarge => 1,
+            Malformed => 2,
+            BadSignature => 3,
+            Shape => 4,
+            BadWeights => 5,
+            NonFinite => 6,
+            WrongFederation => 7,
+            WrongRound => 8,
+            Subset => 9,
+            UnknownSender => 10,
+            InvalidField => 11,
+            FutureRound => 12,
+            NotCoordinator => 13,
+            ForgedAnnouncement => 14,
+            StaleAnnouncement => 15,
+            NotSender => 16,
+            Busy => 17,
+            Unexpected => 18,
+        }
+    }
+
+    #[test]
+    fn all_lists_every_reason_once_with_distinct_codes() {
+        for (i, r) in RejectReason::ALL.iter().enumerate() {
+            assert_eq!(position(*r), i, "{r}");
+        }
+        let mut codes: Vec<&str> = RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), RejectReason::ALL.len());
     }
 }

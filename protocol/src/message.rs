@@ -220,6 +220,90 @@ impl RoundMetrics {
     }
 }
 
+/// Longest round a report may claim for one step, in seconds (a week): a
+/// bound well past any real round, so that a sum over rounds stays finite.
+pub const MAX_REPORTED_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
+
+impl RoundMetrics {
+    /// What a coordinator checks before it writes a member's report into its
+    /// state, metrics.csv and the round's summary: every accuracy and
+    /// fraction is a finite number in [0, 1], every loss finite and not
+    /// negative, every duration finite and in [0, [`MAX_REPORTED_SECONDS`]],
+    /// and the rejection counts name known [`crate::RejectReason`] codes,
+    /// each at most once. The error names the field.
+    pub fn check(&self) -> Result<(), ProtocolError> {
+        fn invalid(field: &'static str, reason: String) -> ProtocolError {
+            ProtocolError::InvalidField { field, reason }
+        }
+        let fractions = [
+            ("test_accuracy", Some(self.test_accuracy)),
+            ("local_accuracy", Some(self.local_accuracy)),
+            ("teacher_rows_kept", Some(self.teacher_rows_kept)),
+            ("validation_accuracy", self.validation_accuracy),
+        ];
+        for (field, value) in fractions {
+            if let Some(v) = value
+                && !(0.0..=1.0).contains(&v)
+            {
+                return Err(invalid(field, format!("{v} is not a fraction in [0, 1]")));
+            }
+        }
+        for (field, v) in [("train_loss", self.train_loss), ("distill_loss", self.distill_loss)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(field, format!("{v} is not a finite, non-negative loss")));
+            }
+        }
+        let durations = [
+            ("train_seconds", self.train_seconds),
+            ("predict_seconds", self.predict_seconds),
+            ("encode_seconds", self.encode_seconds),
+            ("network_seconds", self.network_seconds),
+            ("verify_seconds", self.verify_seconds),
+            ("aggregate_seconds", self.aggregate_seconds),
+            ("distill_seconds", self.distill_seconds),
+            ("checkpoint_seconds", self.checkpoint_seconds),
+        ];
+        for (field, v) in durations {
+            if !(0.0..=MAX_REPORTED_SECONDS).contains(&v) {
+                return Err(invalid(
+                    field,
+                    format!("{v} is not a duration in [0, {MAX_REPORTED_SECONDS}] seconds"),
+                ));
+            }
+        }
+        if self.rejections.len() > crate::RejectReason::ALL.len() {
+            return Err(invalid(
+                "rejections",
+                format!(
+                    "{} entries; at most one per reason ({})",
+                    self.rejections.len(),
+                    crate::RejectReason::ALL.len()
+                ),
+            ));
+        }
+        for (i, (code, _)) in self.rejections.iter().enumerate() {
+            if !crate::RejectReason::ALL.iter().any(|r| r.as_str() == code) {
+                return Err(invalid(
+                    "rejections",
+                    format!("{:?} is not a rejection reason", truncated(code, 40)),
+                ));
+            }
+            if self.rejections[..i].iter().any(|(c, _)| c == code) {
+                return Err(invalid("rejections", format!("{code:?} listed twice")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// At most `chars` characters of `text`, for quoting untrusted text in errors.
+fn truncated(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
 /// Everything that travels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
@@ -289,5 +373,79 @@ impl Message {
             Message::Chunk { .. } => "Chunk",
             Message::ChunkUnavailable { .. } => "ChunkUnavailable",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{RejectReason, SigningKey};
+
+    fn report() -> RoundMetrics {
+        RoundMetrics {
+            test_accuracy: 0.8,
+            local_accuracy: 0.6,
+            teacher_rows_kept: 1.0,
+            validation_accuracy: Some(0.7),
+            train_loss: 0.4,
+            distill_loss: 0.2,
+            train_seconds: 1.5,
+            rejections: vec![("busy".into(), 3), ("wrong_round".into(), 1)],
+            ..RoundMetrics::new("f", 1, SigningKey::from_seed([1; 32]).public_key(), "m")
+        }
+    }
+
+    #[test]
+    fn a_report_a_member_can_have_measured_passes() {
+        report().check().unwrap();
+        let every_reason = RoundMetrics {
+            rejections: RejectReason::ALL.iter().map(|r| (r.as_str().into(), 1)).collect(),
+            ..report()
+        };
+        every_reason.check().unwrap();
+        // Bounds are inclusive.
+        RoundMetrics {
+            test_accuracy: 0.0,
+            local_accuracy: 1.0,
+            network_seconds: MAX_REPORTED_SECONDS,
+            validation_accuracy: None,
+            ..report()
+        }
+        .check()
+        .unwrap();
+    }
+
+    #[test]
+    fn each_impossible_value_is_refused_naming_its_field() {
+        let cases: Vec<(&str, RoundMetrics)> = vec![
+            ("test_accuracy", RoundMetrics { test_accuracy: f64::NAN, ..report() }),
+            ("local_accuracy", RoundMetrics { local_accuracy: 1.0001, ..report() }),
+            ("teacher_rows_kept", RoundMetrics { teacher_rows_kept: -0.1, ..report() }),
+            ("validation_accuracy", RoundMetrics { validation_accuracy: Some(f64::NAN), ..report() }),
+            ("train_loss", RoundMetrics { train_loss: -1.0, ..report() }),
+            ("distill_loss", RoundMetrics { distill_loss: f64::INFINITY, ..report() }),
+            ("verify_seconds", RoundMetrics { verify_seconds: -0.5, ..report() }),
+            ("checkpoint_seconds", RoundMetrics { checkpoint_seconds: MAX_REPORTED_SECONDS * 2.0, ..report() }),
+            ("aggregate_seconds", RoundMetrics { aggregate_seconds: f64::NAN, ..report() }),
+            ("rejections", RoundMetrics { rejections: vec![("made_up".into(), 1)], ..report() }),
+            ("rejections", RoundMetrics { rejections: vec![("busy".into(), 1), ("busy".into(), 2)], ..report() }),
+            ("rejections", RoundMetrics { rejections: vec![("busy".into(), 1); 20], ..report() }),
+        ];
+        for (field, bad) in cases {
+            match bad.check() {
+                Err(e @ ProtocolError::InvalidField { field: f, .. }) if f == field => {
+                    assert_eq!(e.reason(), RejectReason::InvalidField);
+                    assert!(e.to_string().contains(field), "{e}");
+                }
+                other => panic!("a bad `{field}` gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_code_is_quoted_shortened_in_the_error() {
+        let long = "x".repeat(10_000);
+        let e = RoundMetrics { rejections: vec![(long, 1)], ..report() }.check().unwrap_err();
+        assert!(e.to_string().len() < 200, "{e}");
     }
 }

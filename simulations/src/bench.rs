@@ -1,6 +1,6 @@
 //! `fd-sim bench`: where the time and the bytes go.
 //!
-//! Prints seven tables and writes them between the markers
+//! Prints eight tables and writes them between the markers
 //! `<!-- fd-sim bench: begin -->` / `<!-- fd-sim bench: end -->` of
 //! `docs/performance.md` (the rest of that file is left as it is):
 //!
@@ -16,7 +16,12 @@
 //! 6. the cost of DP-SGD: training samples/s with and without it (flex,
 //!    one thread, the models with per-sample gradients);
 //! 7. secure aggregation: bytes and milliseconds per member and round for
-//!    10 and 100 members against plain shares, and the fixed-point error.
+//!    10 and 100 members against plain shares, and the fixed-point error;
+//! 8. whether rounds stay flat as students learn: a fixed 20-round
+//!    federation (`fd-sim run` in a child process), seconds per round for
+//!    train, predict, distil and the whole round, and the ratio of the last
+//!    round to the first (target ≤ 1.15 at constant work; denormal floats
+//!    made it 5×, issue 18).
 //!
 //! Every timing is the median of `--repeats` runs.
 
@@ -49,7 +54,7 @@ pub struct BenchOptions {
     /// Repetitions per measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-    /// Sections to run (1–7, comma separated); all by default.
+    /// Sections to run (1–8, comma separated); all by default.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u8>,
     /// Member counts of the simulation-scale table.
@@ -78,6 +83,9 @@ pub struct BenchOptions {
     /// Only print; do not touch `--write`.
     #[arg(long)]
     pub no_write: bool,
+    /// Rounds of the round-flatness federation (section 8).
+    #[arg(long, default_value_t = 20)]
+    pub flat_rounds: u64,
     /// Scratch folder for the process benchmarks.
     #[arg(long, default_value = "results/bench")]
     pub scratch: PathBuf,
@@ -569,6 +577,108 @@ pub fn scale_table(scratch: &Path, sizes: &[usize]) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// Per-round sums over the members of a `timings.csv` (train, predict and
+/// distillation seconds), in round order.
+pub fn per_round_step_seconds(timings_csv: &str) -> anyhow::Result<Vec<(u64, [f64; 3])>> {
+    let mut reader = csv::Reader::from_reader(timings_csv.as_bytes());
+    let headers = reader.headers()?.clone();
+    let column = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h == name)
+            .with_context(|| format!("timings.csv has no `{name}` column"))
+    };
+    let round = column("round")?;
+    let steps = [
+        column("train_seconds")?,
+        column("predict_seconds")?,
+        column("distill_seconds")?,
+    ];
+    let mut sums: std::collections::BTreeMap<u64, [f64; 3]> = Default::default();
+    for (line, record) in reader.records().enumerate() {
+        let record = record?;
+        let number = |i: usize| -> anyhow::Result<f64> {
+            record[i]
+                .parse()
+                .with_context(|| format!("timings.csv row {}: `{}` is not a number", line + 1, &record[i]))
+        };
+        let r = number(round)? as u64;
+        let sum = sums.entry(r).or_default();
+        for (k, &i) in steps.iter().enumerate() {
+            sum[k] += number(i)?;
+        }
+    }
+    Ok(sums.into_iter().collect())
+}
+
+/// Last over first, of a series of per-round seconds.
+pub fn last_over_first(series: &[f64]) -> f64 {
+    match (series.first(), series.last()) {
+        (Some(first), Some(last)) if *first > 0.0 => last / first,
+        _ => f64::NAN,
+    }
+}
+
+/// Table 8: a fixed federation run for `rounds` rounds at constant work per
+/// round; if rounds slow down as the students grow confident, it shows.
+pub fn flatness_table(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
+    let name = "round-flatness";
+    let dir = scratch.join("flatness");
+    std::fs::create_dir_all(&dir)?;
+    let _ = std::fs::remove_dir_all(dir.join(name));
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"{name}\"\nseed = 1\nnodes = 10\nrounds = {rounds}\njobs = 2\n[data]\nkind = \"auto\"\n[public]\nsize = 10000\nsubset_size = 5000\n[partition]\nkind = \"dirichlet\"\nalpha = 0.1\n[model]\nkind = \"mlp\"\nhidden = [200, 200]\n"
+        ),
+    )?;
+    let status = Command::new(std::env::current_exe()?)
+        .args(["run", path.to_str().context("path is not UTF-8")?, "--quiet", "--out"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("fd-sim run {} failed ({status})", path.display());
+    }
+    let run = dir.join(name);
+    let steps = per_round_step_seconds(&std::fs::read_to_string(run.join("timings.csv"))?)?;
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json"))?)?;
+    let wall: Vec<f64> = summary["wall_seconds_per_round"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+        .unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "`fd-sim run` of one fixed federation ({}): 10 members, Dirichlet α = 0.1, MLP 784-200-200-10, the simulator's default recipe (`fd-sim example`: SGD lr 0.01 momentum 0.9, batch 32, 1 local + 2 distillation epochs, 5,000 public samples per round, ERA at T 0.1 with density row weights), seed 1, {rounds} rounds, `jobs` = 2. The work is the same every round; seconds are summed over the 10 members (train, predict, distil) or the round's wall clock.\n",
+        match DataSource::Auto.resolve() {
+            DataSource::FashionMnist { .. } => "Fashion-MNIST",
+            _ => "synthetic data: Fashion-MNIST is not installed",
+        }
+    );
+    let _ = writeln!(out, "| round | train s | predict s | distil s | round wall s |");
+    let _ = writeln!(out, "|---:|---:|---:|---:|---:|");
+    for (i, (round, [train, predict, distill])) in steps.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "| {round} | {train:.2} | {predict:.2} | {distill:.2} | {} |",
+            wall.get(i).map_or("".into(), |w| format!("{w:.2}"))
+        );
+    }
+    let column = |k: usize| steps.iter().map(|(_, s)| s[k]).collect::<Vec<f64>>();
+    let _ = writeln!(
+        out,
+        "\nLast round ÷ first (target ≤ 1.15): train {:.2}, predict {:.2}, distil {:.2}, round wall {:.2}.",
+        last_over_first(&column(0)),
+        last_over_first(&column(1)),
+        last_over_first(&column(2)),
+        last_over_first(&wall)
+    );
+    Ok(out)
+}
+
 /// Table 5: codec throughput.
 pub fn codec_table(repeats: usize) -> anyhow::Result<String> {
     let key = SigningKey::from_seed([2; 32]);
@@ -858,7 +968,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
     let mut body = String::new();
     let _ = writeln!(
         body,
-        "## `fd-sim bench`\n\nGenerated by `cargo run --bin fd-sim -- bench` (dev profile: dependencies at opt-level 3 without debug assertions, fd-node at opt-level 3) on {}. Sections run this time: {}.\n",
+        "## `fd-sim bench`\n\nGenerated by `cargo run --bin fd-sim -- bench` (dev profile: dependencies at opt-level 3 without debug assertions, fd-learn and fd-node at opt-level 3) on {}. Sections run this time: {}.\n",
         machine(),
         if o.only.is_empty() {
             "all".to_string()
@@ -889,6 +999,9 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
     section(5, "Codec throughput", &mut || codec_table(o.repeats))?;
     section(6, "DP-SGD training cost", &mut || dp_table(&spec))?;
     section(7, "Secure aggregation cost", &mut || secure_table(o.repeats))?;
+    section(8, "Seconds per round as the students learn", &mut || {
+        flatness_table(&o.scratch, o.flat_rounds)
+    })?;
     if !o.no_write {
         write_section(&o.write, &body)?;
         eprintln!("written: {}", o.write.display());
@@ -929,6 +1042,27 @@ mod tests {
         assert!(err.to_string().contains("--optimizer") && err.to_string().contains("lbfgs"));
         let err = ThroughputSpec::from_options(&options(&["--models", "vgg"])).unwrap_err();
         assert!(err.to_string().contains("--models") && err.to_string().contains("fedavg-cnn"));
+    }
+
+    #[test]
+    fn round_seconds_are_summed_over_members_in_round_order() {
+        let csv = "round,node,train_seconds,predict_seconds,encode_seconds,network_seconds,verify_seconds,aggregate_seconds,distill_seconds\n\
+                   2,0,1.0,0.5,0,0,0,0,2.0\n\
+                   1,0,1.0,0.25,0,0,0,0,1.0\n\
+                   1,1,2.0,0.25,0,0,0,0,1.0\n\
+                   2,1,3.5,0.5,0,0,0,0,4.0\n";
+        let sums = per_round_step_seconds(csv).unwrap();
+        assert_eq!(sums, vec![(1, [3.0, 0.5, 2.0]), (2, [4.5, 1.0, 6.0])]);
+        let train: Vec<f64> = sums.iter().map(|(_, s)| s[0]).collect();
+        assert_eq!(last_over_first(&train), 1.5);
+        assert!(last_over_first(&[]).is_nan());
+        let err = per_round_step_seconds("round,node,train_seconds\n1,0,1\n").unwrap_err();
+        assert!(err.to_string().contains("predict_seconds"), "{err}");
+        let err = per_round_step_seconds(
+            "round,node,train_seconds,predict_seconds,distill_seconds\n1,0,fast,1,1\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("fast"), "{err}");
     }
 
     #[test]

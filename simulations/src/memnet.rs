@@ -21,9 +21,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::bail;
-use fd_net::{Traffic, frame_len};
+use fd_net::{Traffic, share_frame_len};
 use fd_node::round::{RoundPlan, ShareTransport, SharedInbox};
-use fd_protocol::{LogitShare, Member, Message, PublicKey};
+use fd_protocol::{LogitShare, Member, PublicKey};
 use tokio::sync::Notify;
 
 use crate::scenario::Scenario;
@@ -151,7 +151,7 @@ impl ShareTransport for MemoryEndpoint {
         let Some(&to) = net.index_of.get(&peer.key) else {
             bail!("{} is not on this network", peer.name);
         };
-        let bytes = frame_len(&Message::Share(share.clone()))?;
+        let bytes = share_frame_len(&share)?;
         // The sender's uplink sends its shares one after another, in target order.
         let position = plan
             .targets

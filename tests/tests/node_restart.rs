@@ -5,7 +5,9 @@
 //! with the weights it saved after round k (same SHA-256 of its weights in
 //! the "checkpoint saved" line before the kill and in the "resumed from
 //! checkpoint" line after the restart), and its metrics file holds each
-//! round exactly once.
+//! round exactly once. While the victim is down, `fd-node export` takes its
+//! best student from what the killed process left on disk: the one its log
+//! last said it saved (round and validation accuracy).
 
 use std::time::Duration;
 
@@ -65,6 +67,35 @@ fn a_node_killed_mid_round_resumes_from_its_checkpoint() {
         "the checkpoint is written before the round's metrics line"
     );
     assert!(saved_round < ROUNDS, "killed too late to test a resume");
+
+    // The best-student file survived the kill whole: export takes it.
+    let best = log_lines(&nodes[VICTIM], "best student saved");
+    let last_best = best.last().expect("a best student was saved before the kill");
+    let export_dir = dir.join("victim-export");
+    let mut export = Proc::start(
+        "export-after-kill",
+        "fd-node",
+        &[
+            "export",
+            "--config",
+            configs[VICTIM].to_str().unwrap(),
+            "--out",
+            export_dir.to_str().unwrap(),
+        ],
+        dir,
+    );
+    export.wait_success(Duration::from_secs(300));
+    let card = fd_node::export::read_card(&export_dir).unwrap();
+    assert_eq!(
+        card.round.map(|r| r.to_string()),
+        log_field(last_best, "round"),
+        "{last_best}"
+    );
+    let logged: f64 = log_field(last_best, "validation_accuracy")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(card.validation_accuracy, Some(logged), "{last_best}");
 
     let mut restarted = start(VICTIM, &format!("node-{VICTIM}-restarted"));
     restarted.wait_success(Duration::from_secs(600));

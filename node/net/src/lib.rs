@@ -131,6 +131,11 @@ pub fn frame_len(message: &Message) -> anyhow::Result<u64> {
     Ok(fd_protocol::codec::encoded_len(message)? as u64 + 4)
 }
 
+/// [`frame_len`] of `Message::Share(share)`, without cloning the share.
+pub fn share_frame_len(share: &fd_protocol::LogitShare) -> anyhow::Result<u64> {
+    Ok(fd_protocol::codec::share_frame_len(share)? as u64 + 4)
+}
+
 /// How long one request may take, e.g. a large share on a slow link.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 

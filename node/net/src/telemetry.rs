@@ -30,7 +30,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -92,21 +92,20 @@ impl Telemetry {
             labels.push(("name".to_string(), Escaped(name.to_string())));
         }
         registry.register("fd", "Role and name of this process.", Info::new(labels));
-        let counter = |registry: &mut Registry, name: &str, help: &str| {
-            let metric = Counter::default();
+        fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
             registry.register(name, help, metric.clone());
             metric
+        }
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            register(registry, name, help, Counter::default())
         };
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
-            let metric = Gauge::default();
-            registry.register(name, help, metric.clone());
-            metric
+            register(registry, name, help, Gauge::default())
         };
         let ratio = |registry: &mut Registry, name: &str, help: &str| {
             let metric = Gauge::<f64, AtomicU64>::default();
             metric.set(f64::NAN);
-            registry.register(name, help, metric.clone());
-            metric
+            register(registry, name, help, metric)
         };
         let rounds_completed = counter(&mut registry, "fd_rounds_completed", "Rounds completed.");
         let last_round = gauge(&mut registry, "fd_last_round", "The last round completed.");

@@ -103,12 +103,8 @@ enum Command {
         /// Also write the report as JSON here (default: <model>/evaluation-<device>.json).
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Timed batch-1 runs (at least 1000 for the documented percentiles).
-        #[arg(long, default_value_t = 1000)]
-        runs: usize,
-        /// Untimed batch-1 runs first.
-        #[arg(long, default_value_t = 100)]
-        warmup: usize,
+        #[command(flatten)]
+        latency: fd_node::evaluate::LatencyArgs,
     },
     /// Distil the member's federated student into a smaller one (response
     /// and feature losses, optionally progressive) and export it.
@@ -162,10 +158,9 @@ fn main() -> anyhow::Result<()> {
             data,
             device,
             json,
-            runs,
-            warmup,
+            latency,
         } => {
-            use fd_node::evaluate::{EvaluateOptions, data_source_from_file, evaluate_exported};
+            use fd_node::evaluate::{data_source_from_file, evaluate_exported, write_json_report};
             let kind: fd_node::device::DeviceKind = serde_json::from_value(
                 serde_json::Value::String(device.clone()),
             )
@@ -180,19 +175,16 @@ fn main() -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            let options = EvaluateOptions {
-                latency_runs: runs,
-                warmup,
-                ..EvaluateOptions::default()
-            };
-            let report =
-                evaluate_exported(&model, splits.as_ref().map(|s| &s.test), kind, options)?;
+            let report = evaluate_exported(
+                &model,
+                splits.as_ref().map(|s| &s.test),
+                kind,
+                latency.options(),
+            )?;
             print!("{report}");
             let path =
                 json.unwrap_or_else(|| model.join(format!("evaluation-{}.json", kind.name())));
-            let text = serde_json::to_vec_pretty(&report)?;
-            fd_data::fsutil::write_atomic(&path, &text, 0o644)
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            write_json_report(&path, &report).map_err(anyhow::Error::msg)?;
             println!("report      {}", path.display());
             Ok(())
         }

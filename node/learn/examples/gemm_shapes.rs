@@ -1,5 +1,5 @@
 //! GFLOP/s of the matrix products behind one FedAvg-CNN convolution (conv2:
-//! 32 → 64 channels, 5×5, on 14×14) as `fd_node::fastconv` issues them, one
+//! 32 → 64 channels, 5×5, on 14×14) as `fd_learn::fastconv` issues them, one
 //! thread, through the `gemm` crate with this build's features and profile.
 //! Also the layouts fastconv does not use, to show why it picks the ones it
 //! does (issue 7, docs/performance.md).
@@ -22,7 +22,7 @@ fn product(
     rhs: &[f32],
     (rrs, rcs): (usize, usize),
 ) {
-    fd_node::fastconv::kernels::gemm(m, n, k, dst, (drs, dcs), false, lhs, (lrs, lcs), rhs, (rrs, rcs));
+    fd_learn::fastconv::kernels::gemm(m, n, k, dst, (drs, dcs), false, lhs, (lrs, lcs), rhs, (rrs, rcs));
 }
 
 fn report(name: &str, (m, n, k): (usize, usize, usize), mut f: impl FnMut()) {

@@ -418,6 +418,16 @@ impl ModelConfig {
 /// Serialises seeding and initialisation across the process (see [`ModelConfig::init`]).
 pub(crate) static INIT_LOCK: Mutex<()> = Mutex::new(());
 
+/// Runs `build` with `device` seeded with `seed`, under the same process-wide
+/// lock as [`ModelConfig::init`], so parameters `build` draws (and touches,
+/// burn initialises lazily) depend on the seed alone: for modules outside
+/// the zoo, such as compression's hint projections.
+pub fn seeded_init<T>(device: &Device, seed: u64, build: impl FnOnce() -> T) -> T {
+    let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    device.seed(seed);
+    build()
+}
+
 /// Touches every float parameter so lazy initialisers run now, in field order.
 struct Materialize;
 
@@ -667,7 +677,7 @@ impl Student {
 
     /// [`Self::forward`] that also returns the activations of every stage,
     /// as `[batch, width]` matrices, for feature (hint) distillation
-    /// ([`crate::compress`]): the logits are those of `forward`, computed in
+    /// (fd-node's `compress`): the logits are those of `forward`, computed in
     /// the same pass. Stages, first to last:
     /// - MLP: each hidden layer after its ReLU;
     /// - CNN / FedAvg CNN: each convolution stage after pool and ReLU,

@@ -9,7 +9,7 @@
 //! that read only the public set and the peers' teacher (the KL term of
 //! distillation) are not mechanisms on private data and cost no budget.
 //! Anything else computed from private data and sent out is *outside* the
-//! guarantee, which is why [`crate::config`] refuses the knowledge selectors
+//! guarantee, which is why fd-node's config refuses the knowledge selectors
 //! that read private data (`density`, `class-coverage`) when DP is on.
 //!
 //! - [`accountant`]: RDP of the Poisson-subsampled Gaussian, RDP → (ε, δ).

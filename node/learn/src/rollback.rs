@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::checkpoint::Checkpoint;
 
 /// `[rollback]` of a node's config (and of an fd-sim experiment).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -253,8 +253,6 @@ pub enum BestStudentError {
     Malformed { path: PathBuf, reason: String },
     #[error("best-student file {}: checksum mismatch, the file is corrupt", path.display())]
     Checksum { path: PathBuf },
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
 }
 
 impl BestStudent {

@@ -9,7 +9,7 @@
 //!   saved: every member derives them from its config and seed.
 //! - `weights_digest` (SHA-256 of the little-endian weights) is stored so
 //!   logs and tests can show that the restored weights are the saved ones;
-//!   [`LocalMember::restore`](crate::member::LocalMember::restore) checks it.
+//!   fd-node's `LocalMember::restore` checks it.
 //! - Durability: [`Checkpoint::save`] goes through
 //!   [`fd_data::fsutil::write_atomic`] (temporary file beside the target, fsync,
 //!   rename, fsync of the folder), so after a crash at any point the path

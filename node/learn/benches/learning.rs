@@ -3,14 +3,14 @@
 //! 100 peers × 1,000 samples × 10 classes per aggregator, and encode/decode
 //! of a 1,000 × 10 share per payload encoding.
 //!
-//! `cargo bench -p fd-node --bench learning`; docs/performance.md quotes it.
+//! `cargo bench -p fd-learn --bench learning`; docs/performance.md quotes it.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use fd_node::aggregate::{Aggregator, Contribution};
+use fd_learn::aggregate::{Aggregator, Contribution};
 use fd_data::{DataSource, DataSplits};
-use fd_node::device::DeviceKind;
-use fd_node::learner::{Learner, OptimizerKind, TrainingConfig};
-use fd_node::model::{InputShape, ModelConfig};
+use fd_learn::device::DeviceKind;
+use fd_learn::learner::{Learner, OptimizerKind, TrainingConfig};
+use fd_learn::model::{InputShape, ModelConfig};
 use fd_protocol::PayloadEncoding;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -104,7 +104,7 @@ fn training_and_prediction(c: &mut Criterion) {
 
 /// One FedAvg-CNN layer (conv2: 32 → 64 channels, 5×5, padding 2, on a
 /// 14×14 map, batch 64) forward and backward, on one thread:
-/// `fd_node::fastconv` against burn's own flex `conv2d`.
+/// `fd_learn::fastconv` against burn's own flex `conv2d`.
 fn conv_layer(c: &mut Criterion) {
     use burn::prelude::*;
     use burn::tensor::ops::ConvOptions;
@@ -129,7 +129,7 @@ fn conv_layer(c: &mut Criterion) {
             b.iter(|| {
                 pool.install(|| {
                     let out = if fast {
-                        fd_node::fastconv::conv2d(x.clone().inner(), w.clone().inner(), None, 1, 2)
+                        fd_learn::fastconv::conv2d(x.clone().inner(), w.clone().inner(), None, 1, 2)
                     } else {
                         burn::tensor::module::conv2d(
                             x.clone().inner(),
@@ -146,7 +146,7 @@ fn conv_layer(c: &mut Criterion) {
             b.iter(|| {
                 pool.install(|| {
                     let out = if fast {
-                        fd_node::fastconv::conv2d(x.clone(), w.clone(), None, 1, 2)
+                        fd_learn::fastconv::conv2d(x.clone(), w.clone(), None, 1, 2)
                     } else {
                         burn::tensor::module::conv2d(
                             x.clone(),
