@@ -512,6 +512,25 @@ pub fn round_breakdown(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// Writes `experiment` to `<dir>/<name>.toml` and runs it with `fd-sim run`
+/// in a child process (so its peak memory is its own), into `<dir>/<name>/`
+/// (removed first).
+fn fd_sim_run_child(
+    dir: &Path,
+    name: &str,
+    experiment: &str,
+) -> anyhow::Result<std::process::ExitStatus> {
+    std::fs::create_dir_all(dir)?;
+    let _ = std::fs::remove_dir_all(dir.join(name));
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, experiment)?;
+    Ok(Command::new(std::env::current_exe()?)
+        .args(["run", path.to_str().context("path is not UTF-8")?, "--quiet", "--out"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .status()?)
+}
+
 /// Table 4: `fd-sim run` at each size, in a child process.
 pub fn scale_table(scratch: &Path, sizes: &[usize]) -> anyhow::Result<String> {
     let mut out = String::new();
@@ -532,25 +551,13 @@ pub fn scale_table(scratch: &Path, sizes: &[usize]) -> anyhow::Result<String> {
         };
         let name = format!("scale-{n}");
         let dir = scratch.join("scale");
-        std::fs::create_dir_all(&dir)?;
-        let _ = std::fs::remove_dir_all(dir.join(&name));
-        let path = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
+        let status = fd_sim_run_child(
+            &dir,
+            &name,
+            &format!(
                 "name = \"{name}\"\nseed = 42\nnodes = {n}\nrounds = 2\njobs = 2\n[data]\nkind = \"auto\"\n[public]\nsize = 5000\nsubset_size = 500\n[partition]\nkind = \"dirichlet\"\nalpha = 0.5\n[model]\nkind = \"mlp\"\nhidden = [200, 200]\n[training]\nlocal_epochs = 1\ndistill_epochs = 2\neval_samples = 1000\n[topology]\n{topology}\n"
             ),
         )?;
-        let status = Command::new(std::env::current_exe()?)
-            .args([
-                "run",
-                path.to_str().context("path is not UTF-8")?,
-                "--quiet",
-                "--out",
-            ])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .status()?;
         if !status.success() {
             let _ = writeln!(out, "| {n} | | failed ({status}) | | | |");
             continue;
@@ -624,22 +631,15 @@ pub fn last_over_first(series: &[f64]) -> f64 {
 pub fn flatness_table(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
     let name = "round-flatness";
     let dir = scratch.join("flatness");
-    std::fs::create_dir_all(&dir)?;
-    let _ = std::fs::remove_dir_all(dir.join(name));
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
+    let status = fd_sim_run_child(
+        &dir,
+        name,
+        &format!(
             "name = \"{name}\"\nseed = 1\nnodes = 10\nrounds = {rounds}\njobs = 2\n[data]\nkind = \"auto\"\n[public]\nsize = 10000\nsubset_size = 5000\n[partition]\nkind = \"dirichlet\"\nalpha = 0.1\n[model]\nkind = \"mlp\"\nhidden = [200, 200]\n"
         ),
     )?;
-    let status = Command::new(std::env::current_exe()?)
-        .args(["run", path.to_str().context("path is not UTF-8")?, "--quiet", "--out"])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .status()?;
     if !status.success() {
-        bail!("fd-sim run {} failed ({status})", path.display());
+        bail!("fd-sim run of {} failed ({status})", dir.join(name).display());
     }
     let run = dir.join(name);
     let steps = per_round_step_seconds(&std::fs::read_to_string(run.join("timings.csv"))?)?;
