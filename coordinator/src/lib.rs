@@ -1056,7 +1056,7 @@ mod tests {
         let mut reader = csv::Reader::from_reader(text.as_slice());
         assert_eq!(reader.headers().unwrap().len(), CSV_HEADER.len());
         assert_eq!(
-            reader.headers().unwrap().iter().last(),
+            reader.headers().unwrap().iter().next_back(),
             Some("teacher_rows_kept")
         );
         let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();

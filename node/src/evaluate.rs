@@ -584,7 +584,7 @@ mod tests {
             input,
             data.train.classes,
             Provenance {
-                data: record_source.then(|| DataSource::Synthetic {
+                data: record_source.then_some(DataSource::Synthetic {
                     seed: 5,
                     train: 10,
                     test: 300,

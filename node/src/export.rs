@@ -237,7 +237,7 @@ fn pack_f32(tensor: &PackTensor) -> Result<(Vec<usize>, Vec<f32>), String> {
 /// Symmetric per-row scales of a `[rows, …]` tensor: `max |w| / 127` per row.
 fn row_scales(dims: &[usize], values: &[f32]) -> Vec<f32> {
     let rows = dims[0];
-    let per_row = if rows == 0 { 0 } else { values.len() / rows };
+    let per_row = values.len().checked_div(rows).unwrap_or(0);
     (0..rows)
         .map(|r| {
             let max = values[r * per_row..(r + 1) * per_row]
@@ -441,7 +441,7 @@ pub fn decode_weights(
         if tensor.dtype != DType::I8 {
             continue;
         }
-        let rows = if tensor.shape.len() > 0 { tensor.shape[0] } else { 0 };
+        let rows = if !tensor.shape.is_empty() { tensor.shape[0] } else { 0 };
         match scales.get(name) {
             None => return Err(format!("int8 tensor {name} has no {name}{SCALE_SUFFIX}")),
             Some(s) if s.len() != rows => {

@@ -89,7 +89,7 @@ impl Estimator {
 }
 
 /// The experiment's `[audit]` table.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// Run the audit (fd over the in-memory network only).
@@ -102,15 +102,6 @@ pub struct AuditConfig {
     pub estimator: Estimator,
 }
 
-impl Default for AuditConfig {
-    fn default() -> Self {
-        AuditConfig {
-            enabled: false,
-            curious: 0,
-            estimator: Estimator::default(),
-        }
-    }
-}
 
 /// Total-variation distance ½·Σ|p − q| of two distributions of equal length.
 pub fn total_variation(p: &[f64], q: &[f64]) -> f64 {

@@ -434,18 +434,19 @@ impl Experiment {
                 format!("must be a probability in [0, 1], got {p}"),
             ));
         }
-        if let Some(t) = self.secure_aggregation.threshold {
-            if t > self.nodes || t < fd_protocol::secagg::RoundContext::minimum_threshold(self.nodes) {
-                return Err(field(
-                    "secure_aggregation.threshold",
-                    format!(
-                        "must be a majority of the {} members and at most all of them ({}..={}), got {t}",
-                        self.nodes,
-                        fd_protocol::secagg::RoundContext::minimum_threshold(self.nodes),
-                        self.nodes
-                    ),
-                ));
-            }
+        if let Some(t) = self.secure_aggregation.threshold
+            && (t > self.nodes
+                || t < fd_protocol::secagg::RoundContext::minimum_threshold(self.nodes))
+        {
+            return Err(field(
+                "secure_aggregation.threshold",
+                format!(
+                    "must be a majority of the {} members and at most all of them ({}..={}), got {t}",
+                    self.nodes,
+                    fd_protocol::secagg::RoundContext::minimum_threshold(self.nodes),
+                    self.nodes
+                ),
+            ));
         }
         if self.dp.enabled && !matches!(self.algorithm, Algorithm::Fd | Algorithm::Isolated) {
             return Err(field(

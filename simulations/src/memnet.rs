@@ -151,7 +151,7 @@ impl ShareTransport for MemoryEndpoint {
         let Some(&to) = net.index_of.get(&peer.key) else {
             bail!("{} is not on this network", peer.name);
         };
-        let bytes = share_frame_len(&share)?;
+        let bytes = share_frame_len(share)?;
         // The sender's uplink sends its shares one after another, in target order.
         let position = plan
             .targets

@@ -289,7 +289,9 @@ fn mean_accuracy(rows: &[NodeRow]) -> f64 {
 }
 
 /// Shares over the in-memory network or libp2p, or secure aggregation
-/// through the hub: one round engine, three carriers.
+/// through the hub: one round engine, three carriers. One per member, so
+/// the libp2p variant's size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum SimTransport {
     Memory(MemoryEndpoint),
     Libp2p(Libp2pTransport),

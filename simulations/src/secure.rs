@@ -272,10 +272,10 @@ impl SecureHub {
                 continue;
             }
             let unmasked = p.unmask(&survivors, &inputs, &reveals);
-            if let (Some(spy), Ok(u)) = (&self.spy, &unmasked) {
-                if indices[k] == spy.curious {
-                    self.audit(spy, round, &indices, &submitted[&indices[k]].1, &u.sum);
-                }
+            if let (Some(spy), Ok(u)) = (&self.spy, &unmasked)
+                && indices[k] == spy.curious
+            {
+                self.audit(spy, round, &indices, &submitted[&indices[k]].1, &u.sum);
             }
             let result = unmasked
                 .map_err(anyhow::Error::from)

@@ -34,12 +34,12 @@ fn members_pause_while_the_coordinator_is_down_and_finish_after_it_returns() {
     let mut nodes = start_nodes(&configs, dir);
 
     // Kill the coordinator once round 1 is done everywhere.
-    for i in 0..NODES {
+    for (i, node) in nodes.iter_mut().enumerate() {
         wait_for_lines(
             &dir.join(format!("node-{i}.jsonl")),
             1,
             Duration::from_secs(300),
-            &mut nodes[i],
+            node,
         );
     }
     coordinator.kill9();

@@ -120,7 +120,7 @@ fn a_malicious_member_cannot_steer_others_or_report_for_them() {
     for (round, node, accuracy) in honest_accuracy {
         let row = rows
             .iter()
-            .find(|r| &r[0] == round.to_string() && &r[1] == node)
+            .find(|r| r[0] == round.to_string() && r[1] == node)
             .expect("a row per honest member and round");
         let recorded: f64 = row[3].parse().unwrap();
         assert!((recorded - accuracy).abs() < 1e-6, "{row:?}");

@@ -32,20 +32,20 @@ pub fn encode_knowledge(
     row_weights: Option<&[f32]>,
     classes: usize,
 ) -> Result<Vec<u32>, SecAggError> {
-    if classes == 0 || probabilities.len() % classes != 0 {
+    if classes == 0 || !probabilities.len().is_multiple_of(classes) {
         return Err(SecAggError::Malformed(format!(
             "`probabilities` has {} values, not a multiple of {classes} classes",
             probabilities.len()
         )));
     }
     let rows = probabilities.len() / classes;
-    if let Some(w) = row_weights {
-        if w.len() != rows {
-            return Err(SecAggError::Malformed(format!(
-                "`row_weights` has {} values for {rows} rows",
-                w.len()
-            )));
-        }
+    if let Some(w) = row_weights
+        && w.len() != rows
+    {
+        return Err(SecAggError::Malformed(format!(
+            "`row_weights` has {} values for {rows} rows",
+            w.len()
+        )));
     }
     let mut out = Vec::with_capacity(rows * (classes + 1));
     for (r, row) in probabilities.chunks(classes).enumerate() {
@@ -84,7 +84,7 @@ impl KnowledgeSums {
     /// Decodes the unmasked sum of [`encode_knowledge`] vectors.
     pub fn decode(sum: &[u32], classes: usize) -> Result<Self, SecAggError> {
         let width = classes + 1;
-        if classes == 0 || sum.len() % width != 0 {
+        if classes == 0 || !sum.len().is_multiple_of(width) {
             return Err(SecAggError::Malformed(format!(
                 "a sum of {} values is not rows × ({classes} classes + 1)",
                 sum.len()

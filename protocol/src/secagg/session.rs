@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use rand_chacha::rand_core::{CryptoRng, RngCore};
+use rand_chacha::rand_core::CryptoRng;
 use serde::{Deserialize, Serialize};
 use x25519_dalek::{X25519_BASEPOINT_BYTES, x25519};
 
@@ -223,7 +223,7 @@ mod words_le {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
         let bytes: Vec<u8> = serde_bytes_compat::deserialize(d)?;
-        if bytes.len() % 4 != 0 {
+        if !bytes.len().is_multiple_of(4) {
             return Err(D::Error::custom(format!(
                 "masked input of {} bytes is not whole 32-bit words",
                 bytes.len()
@@ -395,7 +395,7 @@ impl Participant {
     pub fn new(
         ctx: RoundContext,
         signing: &SigningKey,
-        rng: &mut (impl RngCore + CryptoRng),
+        rng: &mut impl CryptoRng,
     ) -> Result<(Self, KeyAdvertisement), SecAggError> {
         let me = signing.public_key();
         ctx.x_of(&me)?;
@@ -467,7 +467,7 @@ impl Participant {
     /// least `threshold` advertisements (its own included).
     pub fn key_shares(
         &mut self,
-        rng: &mut (impl RngCore + CryptoRng),
+        rng: &mut impl CryptoRng,
     ) -> Result<Vec<EncryptedKeyShares>, SecAggError> {
         if self.shares_sent {
             return Err(SecAggError::OutOfOrder("key shares were already sent this round"));
@@ -793,7 +793,7 @@ impl Participant {
                 if input.masked_with.contains(d) {
                     // s added +mask if s < d; remove what it added.
                     let seed = self.pair_seed(&secret, d, s)?;
-                    apply_mask(&mut sum, &seed, !(s < d));
+                    apply_mask(&mut sum, &seed, s >= d);
                 }
             }
         }

@@ -10,7 +10,7 @@
 //! field keep the arithmetic to two 256-entry tables, constant per byte, and
 //! make a share exactly as long as the secret.
 
-use rand_chacha::rand_core::{CryptoRng, RngCore};
+use rand_chacha::rand_core::CryptoRng;
 
 use super::SecAggError;
 
@@ -82,7 +82,7 @@ pub fn split(
     secret: &[u8; 32],
     threshold: usize,
     holders: usize,
-    rng: &mut (impl RngCore + CryptoRng),
+    rng: &mut impl CryptoRng,
 ) -> Result<Vec<SecretShare>, SecAggError> {
     if holders == 0 || holders > MAX_HOLDERS {
         return Err(SecAggError::Config(format!(
@@ -163,7 +163,7 @@ pub fn combine(shares: &[SecretShare], threshold: usize) -> Result<[u8; 32], Sec
 mod tests {
     use super::*;
     use rand_chacha::ChaCha20Rng;
-    use rand_chacha::rand_core::SeedableRng;
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
 
     #[test]
     fn field_inverse_and_distributivity() {

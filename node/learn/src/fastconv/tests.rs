@@ -56,7 +56,8 @@ fn assert_close(what: &str, got: Vec<f32>, want: Vec<f32>, rel: f32) {
 const TOL: f32 = 1e-5;
 
 /// (batch, c_in, h, w, c_out, kernel, stride, padding, bias)
-const CASES: [(usize, usize, usize, usize, usize, usize, usize, usize, bool); 7] = [
+type Case = (usize, usize, usize, usize, usize, usize, usize, usize, bool);
+const CASES: [Case; 7] = [
     (3, 1, 28, 28, 8, 5, 1, 2, true),  // FedAvg CNN conv1
     (5, 8, 14, 14, 16, 5, 1, 2, true), // FedAvg CNN conv2 shape, fewer channels
     (4, 3, 9, 7, 5, 3, 1, 1, false),   // ResNet 3×3, odd sides

@@ -114,7 +114,7 @@ fn log_a_int(q: f64, sigma: f64, alpha: u64) -> f64 {
 
 /// ln A_α for a fractional α > 1 (Mironov, Talwar, Zhang 2019, Section 3.4):
 /// the series over i of C(α,i)·[q^i(1−q)^{α−i} e^{(i²−i)/2σ²}·½erfc((i−z₀)/(√2σ))
-/// + q^{α−i}(1−q)^i e^{(j²−j)/2σ²}·½erfc((z₀−j)/(√2σ))], j = α − i, summed
+/// \+ q^{α−i}(1−q)^i e^{(j²−j)/2σ²}·½erfc((z₀−j)/(√2σ))], j = α − i, summed
 /// until both terms fall below e^{−30}.
 fn log_a_frac(q: f64, sigma: f64, alpha: f64) -> f64 {
     let (lq, l1q) = (q.ln(), (-q).ln_1p());
