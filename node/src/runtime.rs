@@ -223,10 +223,27 @@ impl ShareTransport for Libp2pTransport {
         share: &LogitShare,
     ) -> anyhow::Result<()> {
         let inline = matches!(net::share_frame_len(share), Ok(n) if n <= INLINE_SHARE_BYTES as u64);
-        if inline {
-            send_share(&self.client, peer, share.clone()).await
-        } else {
-            self.announce(plan, share).await
+        if !inline {
+            return self.announce(plan, share).await;
+        }
+        // A peer that cannot be reached now (restarting, perhaps on a new
+        // address) may be back before the round closes: keep trying until
+        // the deadline. Its new address comes from identify when it
+        // reconnects to us, or the connection it opens is used directly.
+        let mut pause = Duration::from_millis(250);
+        loop {
+            match send_share(&self.client, peer, share.clone()).await {
+                Err(e) if e.is::<Unreachable>() => {
+                    let retry_at = tokio::time::Instant::now() + pause;
+                    if plan.deadline.is_none_or(|deadline| retry_at >= deadline) {
+                        return Err(e);
+                    }
+                    tracing::debug!(peer = ?peer.name, round = plan.round, "share not delivered yet, retrying: {e:#}");
+                    tokio::time::sleep_until(retry_at).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
         }
     }
 
@@ -991,12 +1008,27 @@ pub async fn serve_inbound(inbound: Inbound, mut requests: mpsc::Receiver<Inboun
     tasks.shutdown().await;
 }
 
+/// The peer could not be reached at all (no connection, or the request
+/// failed in transport): worth trying again, unlike a verdict on the share.
+#[derive(Debug, thiserror::Error)]
+#[error("{peer} unreachable: {reason}")]
+struct Unreachable {
+    peer: String,
+    reason: String,
+}
+
 /// Pushes `share` to `peer`; retries while the peer does not know us yet
 /// (its member list may lag the announcement by a moment).
 async fn send_share(client: &Client, peer: &Member, share: LogitShare) -> anyhow::Result<()> {
     let peer_id = add_addresses(client, peer).await?;
     for attempt in 0..5u64 {
-        match request_with_retry(client, peer_id, Message::Share(share.clone()), 3).await? {
+        let answer = request_with_retry(client, peer_id, Message::Share(share.clone()), 3)
+            .await
+            .map_err(|e| Unreachable {
+                peer: peer.name.clone(),
+                reason: format!("{e:#}"),
+            })?;
+        match answer {
             Message::ShareAccepted => return Ok(()),
             // The peer has not seen this round's announcement (or our
             // membership) yet: a moment behind us, not a verdict.

@@ -1,6 +1,9 @@
 //! A node killed with SIGKILL mid-round comes back from its checkpoint: a
 //! coordinator and five `fd-node` processes on 127.0.0.1; node 2 is killed
-//! while it runs round k + 1 and restarted with the same config. Every
+//! while it runs round k + 1 and restarted with the same config, but
+//! listening on another port (as after a move to another host): the other
+//! members reach it there within the round it rejoins (every share of every
+//! round is delivered), not only from the next announcement on. Every
 //! member completes every round; the restarted node resumes at round k + 1
 //! with the weights it saved after round k (same SHA-256 of its weights in
 //! the "checkpoint saved" line before the kill and in the "resumed from
@@ -33,7 +36,7 @@ fn a_node_killed_mid_round_resumes_from_its_checkpoint() {
     let (mut coordinator, address) = Proc::coordinator("coordinator", &coordinator_config, dir);
     let configs = node_configs(dir, NODES, 0.5, Some(&address), "node", &federation);
     for (i, config) in configs.iter().enumerate() {
-        // A fixed port, so the restarted node is where its peers look for it.
+        // A fixed port; the victim's is changed before its restart.
         add_top_level(
             config,
             &format!(
@@ -97,6 +100,20 @@ fn a_node_killed_mid_round_resumes_from_its_checkpoint() {
         .unwrap();
     assert_eq!(card.validation_accuracy, Some(logged), "{last_best}");
 
+    // The restarted process listens elsewhere; its peers were told the old
+    // address in this round's announcement.
+    let text: String = std::fs::read_to_string(&configs[VICTIM])
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.starts_with("listen = ") {
+                format!("listen = \"/ip4/127.0.0.1/tcp/{}\"\n", free_port())
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&configs[VICTIM], text).unwrap();
     let mut restarted = start(VICTIM, &format!("node-{VICTIM}-restarted"));
     restarted.wait_success(Duration::from_secs(600));
     for (i, node) in nodes.iter_mut().enumerate() {
@@ -133,6 +150,11 @@ fn a_node_killed_mid_round_resumes_from_its_checkpoint() {
             (1..=ROUNDS).collect::<Vec<_>>(),
             "node {i}"
         );
+        // Every push was delivered, in the rejoin round too: to the old
+        // process before the kill, or to the new one at its new address.
+        for m in &metrics {
+            assert_eq!(m.shares_sent as usize, NODES - 1, "node {i}, round {}", m.round);
+        }
         // After the victim is back, rounds run with all five members again.
         assert_eq!(
             metrics.last().unwrap().shares_aggregated as usize,

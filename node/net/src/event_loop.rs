@@ -216,10 +216,23 @@ impl EventLoop {
                 info,
                 ..
             })) => {
+                // The peer's own listen addresses (over its authenticated
+                // connection, so they can only be about itself): a member
+                // that restarted on a new address is dialled there from now
+                // on, without waiting for the next round announcement. At
+                // most as many as a member may announce.
+                let addrs: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .into_iter()
+                    .take(fd_protocol::MAX_ADDRS)
+                    .collect();
+                for addr in &addrs {
+                    self.swarm.add_peer_address(peer_id, addr.clone());
+                }
                 if info.protocols.contains(&KAD_PROTOCOL)
                     && let Some(kad) = self.swarm.behaviour_mut().kademlia.as_mut()
                 {
-                    for addr in info.listen_addrs {
+                    for addr in addrs {
                         kad.add_address(&peer_id, addr);
                     }
                 }
