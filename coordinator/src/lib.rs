@@ -61,6 +61,10 @@ subset_size = 2000
 seed = 42
 # members = ["12D3KooW..."]          # optional: only these PeerIds may join (empty = anyone)
 
+[relay]                              # relay for members behind NATs (libp2p circuit relay v2)
+serve = true                         # members reserve a slot here by default (their [relay] mode = "auto")
+limits = { max_reservations = 128, max_circuits = 64, max_circuit_bytes = 4194304, max_circuit_secs = 600 }
+
 [data]                               # to compute the public-set digest
 kind = "auto"
 "#;
@@ -93,6 +97,10 @@ pub struct CoordinatorConfig {
     /// Pre-shared key of a closed network (libp2p pnet), the members' `psk_file`.
     #[serde(default)]
     pub psk_file: Option<PathBuf>,
+    /// Relay for members behind NATs (libp2p circuit relay v2): members
+    /// reserve a slot here by default.
+    #[serde(default)]
+    pub relay: RelayService,
     pub federation: FederationConfig,
     #[serde(default)]
     pub data: DataSource,
@@ -100,6 +108,29 @@ pub struct CoordinatorConfig {
 
 fn default_listen() -> String {
     "/ip4/127.0.0.1/tcp/7000".into()
+}
+
+/// The coordinator's `[relay]` table.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayService {
+    #[serde(default = "default_serve")]
+    pub serve: bool,
+    #[serde(default)]
+    pub limits: fd_net::RelayLimits,
+}
+
+impl Default for RelayService {
+    fn default() -> Self {
+        RelayService {
+            serve: true,
+            limits: fd_net::RelayLimits::default(),
+        }
+    }
+}
+
+fn default_serve() -> bool {
+    true
 }
 
 fn default_round_timeout() -> u64 {
@@ -132,6 +163,10 @@ impl CoordinatorConfig {
         if c.min_members == 0 {
             return Err(invalid("min_members", "must be at least 1".into()));
         }
+        c.relay
+            .limits
+            .validate()
+            .map_err(|(field, reason)| invalid(field, reason))?;
         if c.round_timeout_secs == 0 {
             return Err(invalid("round_timeout_secs", "must be at least 1".into()));
         }
@@ -224,7 +259,7 @@ impl Shared {
     }
 }
 
-pub const CSV_HEADER: [&str; 21] = [
+pub const CSV_HEADER: [&str; 22] = [
     "round",
     "node",
     "name",
@@ -234,6 +269,7 @@ pub const CSV_HEADER: [&str; 21] = [
     "bytes_received",
     "share_bytes",
     "shares_sent",
+    "shares_relayed",
     "shares_aggregated",
     "shares_rejected",
     "train_loss",
@@ -249,7 +285,7 @@ pub const CSV_HEADER: [&str; 21] = [
 ];
 
 /// The fields of one row of [`CSV_HEADER`].
-fn csv_fields(m: &RoundMetrics) -> [String; 21] {
+fn csv_fields(m: &RoundMetrics) -> [String; 22] {
     [
         m.round.to_string(),
         m.node.to_hex(),
@@ -260,6 +296,7 @@ fn csv_fields(m: &RoundMetrics) -> [String; 21] {
         m.bytes_received.to_string(),
         m.share_bytes.to_string(),
         m.shares_sent.to_string(),
+        m.shares_relayed.to_string(),
         m.shares_aggregated.to_string(),
         m.shares_rejected.to_string(),
         format!("{:.6}", m.train_loss),
@@ -363,6 +400,11 @@ pub async fn run(
             .as_deref()
             .map(fd_net::load_psk)
             .transpose()?,
+        relay_service: config.relay.serve.then_some(config.relay.limits),
+        relay: net::RelayUse {
+            mode: fd_net::RelayMode::Off,
+            ..Default::default()
+        },
         ..net::NetConfig::open()
     };
     let net::Network {
@@ -371,6 +413,8 @@ pub async fn run(
         event_loop,
         ..
     } = net::new_with(&key, &net_config)?;
+    // Requests refused as busy and relay refusals, among the refusals.
+    telemetry.count_busy_from(client.counters());
     // The network's tasks (event loop, request server), owned here: they stop
     // when this function returns, however it returns.
     let mut network = JoinSet::new();
@@ -735,6 +779,7 @@ mod tests {
             state_file: Some(dir.join("state.json")),
             metrics_listen: None,
             psk_file: None,
+            relay: RelayService::default(),
             federation: FederationConfig {
                 id: id.into(),
                 rounds: 3,

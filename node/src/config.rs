@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 
 // The `[federation]` table and config errors are shared with the coordinator,
 // so they live in fd-net (below both); a node config embeds them.
-pub use fd_net::config::{ConfigError, FederationConfig, Schedule, resolve};
+pub use fd_net::config::{
+    ConfigError, FederationConfig, RelayConfig, RelayLimits, RelayMode, Schedule, resolve,
+};
 
 use crate::aggregate::Aggregator;
 use crate::device::DeviceKind;
@@ -64,6 +66,14 @@ quorum = 0.5                          # fraction of the expected peer shares nee
 # schedule = { start_unix = 1767225600, round_secs = 300, share_deadline_secs = 200 }
                                       # round clock without a coordinator: round r opens at
                                       # start_unix + (r-1)*round_secs and waits for shares share_deadline_secs
+
+[relay]                               # behind a NAT or an inbound-closed firewall (docs/operating.md §2)
+mode = "auto"                         # auto: reserve a slot on the relays once AutoNAT finds this node
+                                      # unreachable from outside | always (known to be behind a NAT) | off
+relays = []                           # relay addresses (/ip4/../tcp/../p2p/<id>); empty = the coordinator
+max_relayed_share_bytes = 1048576     # larger shares wait for a direct connection (hole punching) instead
+serve = false                         # relay for other members, within these limits:
+limits = { max_reservations = 128, max_circuits = 64, max_circuit_bytes = 4194304, max_circuit_secs = 600 }
 
 [data]                                # where samples come from (same on every member)
 kind = "auto"                         # auto (Fashion-MNIST if installed, else synthetic)
@@ -196,6 +206,9 @@ pub struct NodeConfig {
     /// Differentially private training on private data.
     #[serde(default)]
     pub dp: DpConfig,
+    /// Relays, AutoNAT and hole punching for members behind NATs.
+    #[serde(default)]
+    pub relay: RelayConfig,
     /// Validation split, rollback of harmful distillations, best student.
     #[serde(default)]
     pub rollback: crate::rollback::RollbackConfig,
@@ -277,6 +290,7 @@ impl NodeConfig {
         };
         self.federation.validate().map_err(|(f, r)| invalid(f, r))?;
         self.rollback.validate().map_err(|(f, r)| invalid(f, r))?;
+        self.relay.validate().map_err(|(f, r)| invalid(f, r))?;
         if self.partition.nodes == 0 {
             return Err(invalid("partition.nodes", "must be at least 1".into()));
         }

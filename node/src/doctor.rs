@@ -7,8 +7,10 @@
 //! before anyone reads logs. The doctor builds the member's own swarm (same
 //! key, allow-list, transports and pre-shared key as `fd-node run`), dials
 //! every peer the config names, one address at a time, and reports per peer:
-//! reachable or not, over which transport, direct (fd has no relays yet),
-//! the time to an established connection (transport and security handshake:
+//! reachable or not, over which transport, direct or through a relay (a
+//! member that has reserved a slot on the coordinator is reached at its
+//! circuit address when its own cannot be dialled), the time to an
+//! established connection (transport and security handshake:
 //! about one round trip on QUIC, two to three on TCP + Noise), and, when it
 //! fails, the reason and what to open where.
 //!
@@ -45,8 +47,9 @@ pub struct Probe {
 
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    /// A connection was established, `connect` after the dial began.
-    Reachable { connect: Duration },
+    /// A connection was established, `connect` after the dial began;
+    /// `relayed`: through a circuit relay, not direct.
+    Reachable { connect: Duration, relayed: bool },
     /// No connection: why, and what to open where.
     Unreachable { reason: String, hint: String },
     /// Not dialled (no address known).
@@ -70,11 +73,12 @@ impl fmt::Display for Probe {
             .as_ref()
             .map_or_else(|| self.peer.to_string(), |a| a.to_string());
         match &self.outcome {
-            Outcome::Reachable { connect } => write!(
+            Outcome::Reachable { connect, relayed } => write!(
                 f,
-                "{:<12} reachable    {:<4} direct  connect {:>7.1} ms  {addr}",
+                "{:<12} reachable    {:<4} {:<7} connect {:>7.1} ms  {addr}",
                 self.role,
                 self.transport(),
+                if *relayed { "relayed" } else { "direct" },
                 connect.as_secs_f64() * 1e3
             ),
             Outcome::Unreachable { reason, hint } => write!(
@@ -183,8 +187,9 @@ async fn dial(
     let started = Instant::now();
     let result = tokio::time::timeout(timeout, client.dial(peer, vec![addr.clone()])).await;
     let outcome = match result {
-        Ok(Ok(())) => Outcome::Reachable {
+        Ok(Ok(connected)) => Outcome::Reachable {
             connect: started.elapsed(),
+            relayed: connected.relayed,
         },
         Ok(Err(e)) => Outcome::Unreachable {
             hint: hint(&addr, &format!("{e:#}")),

@@ -444,6 +444,7 @@ impl RoundEngine {
             bytes_received: traffic.share_bytes_received + protocol_received,
             share_bytes: exchange.share_bytes,
             shares_sent: traffic.shares_sent as u32,
+            shares_relayed: traffic.shares_relayed as u32,
             shares_aggregated: exchange.aggregated,
             shares_rejected: (exchange.rejected_total - self.rejected_reported) as u32,
             rejections: exchange.rejections,

@@ -293,7 +293,12 @@ pub fn net_config(config: &NodeConfig) -> anyhow::Result<NetConfig> {
         for key in config.federation.member_keys() {
             peers.push(net::peer_id_of(&key)?);
         }
-        for addr in config.coordinator.iter().chain(&config.bootstrap) {
+        for addr in config
+            .coordinator
+            .iter()
+            .chain(&config.bootstrap)
+            .chain(&config.relay.relays)
+        {
             peers.push(split_peer_addr(&addr.parse()?)?.0);
         }
         allowed = Some(peers);
@@ -304,6 +309,27 @@ pub fn net_config(config: &NodeConfig) -> anyhow::Result<NetConfig> {
         kademlia: config.coordinator.is_none() || !config.bootstrap.is_empty(),
         mdns: config.mdns,
         federation_id: config.federation.id.clone(),
+        relay: relay_use(config)?,
+        relay_service: config.relay.serve.then_some(config.relay.limits),
+    })
+}
+
+/// The relays a member's config names (`relay.relays`, else its
+/// coordinator), and when it reserves on them.
+fn relay_use(config: &NodeConfig) -> anyhow::Result<net::RelayUse> {
+    let named = if config.relay.relays.is_empty() {
+        config.coordinator.iter().collect::<Vec<_>>()
+    } else {
+        config.relay.relays.iter().collect()
+    };
+    let relays = named
+        .into_iter()
+        .map(|a| split_peer_addr(&a.parse()?))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(net::RelayUse {
+        mode: config.relay.mode,
+        relays,
+        max_relayed_share_bytes: config.relay.max_relayed_share_bytes,
     })
 }
 

@@ -22,7 +22,8 @@ use crate::transfer::MAX_SHARE_BYTES;
 /// `Refused` answers non-share requests.
 /// 3: a [`LogitShare`] may carry signed per-row knowledge weights
 /// ([`crate::share::RowWeights`]; signing domain `fd/logit-share/v2`).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: [`crate::RoundMetrics`] reports `shares_relayed`.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest frame accepted or produced: 4 MiB. Room for one chunk
 /// ([`CHUNK_BYTES`](crate::transfer::CHUNK_BYTES)) or one inline share
@@ -181,22 +182,22 @@ mod tests {
             Err(ProtocolError::Malformed(_))
         ));
 
-        // A frame of the previous version (2: shares without row weights)
-        // is refused as `version`, before its body is read.
+        // A frame of the previous version (3: metrics without
+        // `shares_relayed`) is refused as `version`, before its body is read.
         let mut previous = frame.clone();
-        previous[..2].copy_from_slice(&2u16.to_le_bytes());
+        previous[..2].copy_from_slice(&3u16.to_le_bytes());
         let err = decode(&previous).unwrap_err();
         assert_eq!(
             err,
             ProtocolError::UnsupportedVersion {
-                got: 2,
-                expected: 3
+                got: 3,
+                expected: 4
             }
         );
         assert_eq!(err.reason(), crate::RejectReason::Version);
         assert!(matches!(
             decode_share(&previous),
-            Err(ProtocolError::UnsupportedVersion { got: 2, .. })
+            Err(ProtocolError::UnsupportedVersion { got: 3, .. })
         ));
 
         assert!(matches!(decode(&[1]), Err(ProtocolError::Malformed(_))));

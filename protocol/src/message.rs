@@ -182,6 +182,10 @@ pub struct RoundMetrics {
     /// trained student.
     #[serde(default)]
     pub rolled_back: bool,
+    /// Of `shares_sent`, the shares pushed over a relayed connection
+    /// (circuit relay v2) rather than a direct one.
+    #[serde(default)]
+    pub shares_relayed: u32,
 }
 
 impl RoundMetrics {
@@ -212,6 +216,7 @@ impl RoundMetrics {
             aggregate_seconds: 0.0,
             distill_seconds: 0.0,
             checkpoint_seconds: 0.0,
+            shares_relayed: 0,
             distilled: false,
             validation_accuracy: None,
             rolled_back: false,
@@ -247,6 +252,15 @@ impl RoundMetrics {
             {
                 return Err(invalid(field, format!("{v} is not a fraction in [0, 1]")));
             }
+        }
+        if self.shares_relayed > self.shares_sent {
+            return Err(invalid(
+                "shares_relayed",
+                format!(
+                    "{} relayed of {} shares sent",
+                    self.shares_relayed, self.shares_sent
+                ),
+            ));
         }
         for (field, v) in [("train_loss", self.train_loss), ("distill_loss", self.distill_loss)] {
             if !(v.is_finite() && v >= 0.0) {
@@ -430,6 +444,7 @@ mod tests {
             ("rejections", RoundMetrics { rejections: vec![("made_up".into(), 1)], ..report() }),
             ("rejections", RoundMetrics { rejections: vec![("busy".into(), 1), ("busy".into(), 2)], ..report() }),
             ("rejections", RoundMetrics { rejections: vec![("busy".into(), 1); 20], ..report() }),
+            ("shares_relayed", RoundMetrics { shares_relayed: 2, shares_sent: 1, ..report() }),
         ];
         for (field, bad) in cases {
             match bad.check() {

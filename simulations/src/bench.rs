@@ -54,7 +54,7 @@ pub struct BenchOptions {
     /// Repetitions per measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-    /// Sections to run (1–8, comma separated); all by default.
+    /// Sections to run (1–9, comma separated); all by default.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u8>,
     /// Member counts of the simulation-scale table.
@@ -91,7 +91,7 @@ pub struct BenchOptions {
     pub scratch: PathBuf,
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.total_cmp(b));
     if xs.is_empty() {
         return f64::NAN;
@@ -116,14 +116,14 @@ fn encodings() -> Vec<PayloadEncoding> {
     ]
 }
 
-fn random_logits(rows: usize, classes: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn random_logits(rows: usize, classes: usize, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..rows * classes)
         .map(|_| rng.random_range(-8.0f32..8.0))
         .collect()
 }
 
-fn share(
+pub(crate) fn share(
     key: &SigningKey,
     rows: usize,
     classes: usize,
@@ -1001,6 +1001,9 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
     section(7, "Secure aggregation cost", &mut || secure_table(o.repeats))?;
     section(8, "Seconds per round as the students learn", &mut || {
         flatness_table(&o.scratch, o.flat_rounds)
+    })?;
+    section(9, "Share transfer time: TCP, QUIC, relayed", &mut || {
+        crate::netbench::transfer_table(o.repeats.max(5))
     })?;
     if !o.no_write {
         write_section(&o.write, &body)?;

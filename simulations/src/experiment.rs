@@ -304,6 +304,11 @@ impl Experiment {
             mdns: false,
             metrics_listen: None,
             share_window_rounds: 0,
+            // In-process members on loopback: every one is reachable.
+            relay: fd_node::config::RelayConfig {
+                mode: fd_node::config::RelayMode::Off,
+                ..Default::default()
+            },
             federation: self.federation(),
             data: self.data.clone(),
             partition: PartitionConfig {

@@ -25,6 +25,7 @@ pub mod audit;
 pub mod bench;
 pub mod experiment;
 pub mod memnet;
+pub mod netbench;
 pub mod output;
 pub mod quickstart;
 pub mod runner;

@@ -88,6 +88,11 @@ fn node_config(
         mdns: false,
         metrics_listen: None,
         share_window_rounds: 0,
+        // In-process members on loopback: every one is reachable.
+        relay: fd_node::config::RelayConfig {
+            mode: fd_node::config::RelayMode::Off,
+            ..Default::default()
+        },
         federation: federation.clone(),
         data: data.clone(),
         partition: PartitionConfig {
@@ -181,6 +186,7 @@ pub async fn run(o: QuickstartOptions) -> anyhow::Result<Vec<RoundMetrics>> {
         state_file: None,
         psk_file: None,
         metrics_listen: None,
+        relay: Default::default(),
         federation: federation.clone(),
         data: data.clone(),
     };

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use fd_protocol::{FederationManifest, RoundMetrics};
 
 pub mod attacker;
+pub mod netns;
 
 /// Path of a workspace binary, next to the test executable's `deps` folder.
 pub fn binary(name: &str) -> PathBuf {
@@ -53,13 +54,22 @@ impl Proc {
     /// `fd-coordinator --config <config>` as `name`, once it has written its
     /// address file; returns the process and the address members dial.
     pub fn coordinator(name: &str, config: &Path, dir: &Path) -> (Proc, String) {
+        Proc::coordinator_in(None, name, config, dir)
+    }
+
+    /// [`Proc::coordinator`], inside the network namespace `netns` if given.
+    pub fn coordinator_in(
+        netns: Option<&str>,
+        name: &str,
+        config: &Path,
+        dir: &Path,
+    ) -> (Proc, String) {
         let _ = std::fs::remove_file(dir.join("coordinator.addr"));
-        let mut proc = Proc::start(
-            name,
-            "fd-coordinator",
-            &["--config", config.to_str().expect("UTF-8 path")],
-            dir,
-        );
+        let args = ["--config", config.to_str().expect("UTF-8 path")];
+        let mut proc = match netns {
+            Some(netns) => Proc::start_in(netns, name, "fd-coordinator", &args, dir),
+            None => Proc::start(name, "fd-coordinator", &args, dir),
+        };
         let address = wait_for_line(
             &dir.join("coordinator.addr"),
             Duration::from_secs(120),
@@ -69,12 +79,24 @@ impl Proc {
     }
 
     pub fn start(name: &str, bin: &str, args: &[&str], dir: &Path) -> Proc {
+        Proc::spawn(name, Command::new(binary(bin)), bin, args, dir)
+    }
+
+    /// [`Proc::start`] inside the network namespace `netns`
+    /// (`ip netns exec <netns> <bin> <args>`, which execs: the child is the binary).
+    pub fn start_in(netns: &str, name: &str, bin: &str, args: &[&str], dir: &Path) -> Proc {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", netns]).arg(binary(bin));
+        Proc::spawn(name, command, bin, args, dir)
+    }
+
+    fn spawn(name: &str, mut command: Command, bin: &str, args: &[&str], dir: &Path) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let stderr = std::fs::File::create(&log).expect("log file");
         let stdout = std::fs::File::create(dir.join(format!("{name}.out"))).expect("out file");
-        let child = Command::new(binary(bin))
+        let child = command
             .args(args)
-            .env("RUST_LOG", "info,libp2p=warn")
+            .env("RUST_LOG", std::env::var("FD_TEST_LOG").unwrap_or_else(|_| "info,libp2p=warn".into()))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -156,6 +178,25 @@ fn wait_until<T>(
         );
         std::thread::sleep(every);
     }
+}
+
+/// Waits until `proc`'s log has a line containing every one of `needles`;
+/// returns that line.
+pub fn wait_for_log(proc: &mut Proc, needles: &[&str], timeout: Duration) -> String {
+    let log = proc.log.clone();
+    wait_until(
+        proc,
+        timeout,
+        Duration::from_millis(200),
+        || format!("no log line with {needles:?}"),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .map(strip_ansi)
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+        },
+    )
 }
 
 /// Waits until `path` holds a non-empty line (e.g. the coordinator's address file).

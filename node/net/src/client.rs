@@ -14,6 +14,13 @@ use tokio::sync::{mpsc, oneshot};
 use super::codec::{Traffic, TrafficCounters};
 use super::transfer;
 
+/// What [`Client::dial`] got: a connection to the peer, and whether it is
+/// relayed (through a circuit relay) rather than direct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connected {
+    pub relayed: bool,
+}
+
 /// Commands the [`super::EventLoop`] executes on the swarm.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -37,7 +44,7 @@ pub(crate) enum Command {
     Dial {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
-        reply: oneshot::Sender<anyhow::Result<()>>,
+        reply: oneshot::Sender<anyhow::Result<Connected>>,
     },
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
@@ -149,7 +156,7 @@ impl Client {
 
     /// Dials `peer` at `addrs` (plus any address already known for it) and
     /// waits until a connection is established. Ok at once if connected.
-    pub async fn dial(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> anyhow::Result<()> {
+    pub async fn dial(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> anyhow::Result<Connected> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Dial { peer, addrs, reply }).await?;
         rx.await

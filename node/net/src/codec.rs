@@ -31,8 +31,9 @@ pub struct TrafficCounters {
     /// Frames that move shares (see the module doc), and gossip announcement data.
     pub share_bytes_sent: AtomicU64,
     pub share_bytes_received: AtomicU64,
-    /// Shares delivered whole: `Share` frames written, plus pulled shares
-    /// whose last chunk this node served.
+    /// Shares delivered: pushed `Share` requests the peer answered (counted
+    /// by the event loop, so a push retried after its connection closed
+    /// counts once), plus pulled shares whose last chunk this node served.
     pub shares_sent: AtomicU64,
     pub other_bytes_sent: AtomicU64,
     pub other_bytes_received: AtomicU64,
@@ -57,6 +58,13 @@ pub struct TrafficCounters {
     /// Largest frame written and read, prefix included.
     pub largest_frame_sent: AtomicU64,
     pub largest_frame_received: AtomicU64,
+    /// Pushed shares answered over a relayed connection (of `shares_sent`).
+    pub shares_relayed: AtomicU64,
+    /// Direct connections made by hole punching (DCUtR), and attempts that failed.
+    pub hole_punches: AtomicU64,
+    pub hole_punch_failures: AtomicU64,
+    /// Relay reservations and circuits this node (as a relay) refused.
+    pub relay_refused: AtomicU64,
 }
 
 /// A snapshot of [`TrafficCounters`].
@@ -78,6 +86,9 @@ pub struct Traffic {
     pub requests_busy: u64,
     pub largest_frame_sent: u64,
     pub largest_frame_received: u64,
+    pub shares_relayed: u64,
+    pub hole_punches: u64,
+    pub hole_punch_failures: u64,
 }
 
 /// Whether a frame carrying `message` is share traffic.
@@ -112,6 +123,9 @@ impl TrafficCounters {
             requests_busy: get(&self.requests_busy),
             largest_frame_sent: get(&self.largest_frame_sent),
             largest_frame_received: get(&self.largest_frame_received),
+            shares_relayed: get(&self.shares_relayed),
+            hole_punches: get(&self.hole_punches),
+            hole_punch_failures: get(&self.hole_punch_failures),
         }
     }
 
@@ -124,9 +138,6 @@ impl TrafficCounters {
             self.other_bytes_sent.fetch_add(bytes, Ordering::Relaxed);
         }
         match message {
-            Message::Share(_) => {
-                self.shares_sent.fetch_add(1, Ordering::Relaxed);
-            }
             Message::Chunk { .. } => {
                 self.chunks_sent.fetch_add(1, Ordering::Relaxed);
             }
@@ -213,6 +224,9 @@ impl Traffic {
             requests_busy: self.requests_busy - earlier.requests_busy,
             largest_frame_sent: self.largest_frame_sent,
             largest_frame_received: self.largest_frame_received,
+            shares_relayed: self.shares_relayed - earlier.shares_relayed,
+            hole_punches: self.hole_punches - earlier.hole_punches,
+            hole_punch_failures: self.hole_punch_failures - earlier.hole_punch_failures,
         }
     }
 }

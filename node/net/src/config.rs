@@ -191,3 +191,157 @@ pub fn resolve(base: &Path, path: &Path) -> PathBuf {
         base.join(path)
     }
 }
+
+/// How a node stays reachable behind a NAT or a firewall that allows
+/// outbound connections only (libp2p circuit relay v2, AutoNAT, DCUtR), and
+/// whether it relays for others: the `[relay]` table of a node's config.
+///
+/// A member behind a NAT dials out to everyone it can; what it cannot do is
+/// accept a connection. So it reserves a slot on a relay (by default the
+/// coordinator), is reachable at `<relay>/p2p-circuit/p2p/<itself>`, and a
+/// peer that connects there is upgraded to a direct connection by hole
+/// punching (DCUtR) when both NATs allow it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// When to reserve a slot on the relays.
+    #[serde(default)]
+    pub mode: RelayMode,
+    /// Relays (`/ip4/…/tcp/…/p2p/<id>`); empty: the coordinator.
+    #[serde(default)]
+    pub relays: Vec<String>,
+    /// Shares larger than this (bytes on the wire) are not pushed over a
+    /// relayed circuit: the push waits for a direct connection (hole
+    /// punching) until the round's deadline. A relay's circuits are limited
+    /// in bytes and time, and its operator pays for the traffic.
+    #[serde(default = "default_max_relayed_share_bytes")]
+    pub max_relayed_share_bytes: u64,
+    /// Relay for other members, within `limits`.
+    #[serde(default)]
+    pub serve: bool,
+    #[serde(default)]
+    pub limits: RelayLimits,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            mode: RelayMode::default(),
+            relays: Vec::new(),
+            max_relayed_share_bytes: default_max_relayed_share_bytes(),
+            serve: false,
+            limits: RelayLimits::default(),
+        }
+    }
+}
+
+fn default_max_relayed_share_bytes() -> u64 {
+    1 << 20
+}
+
+/// When a node reserves a slot on its relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RelayMode {
+    /// When AutoNAT finds the node unreachable from outside (its peers,
+    /// the coordinator first, fail to dial it back).
+    #[default]
+    Auto,
+    /// From the start: the operator knows the node is behind a NAT.
+    Always,
+    /// Never: the node accepts inbound connections itself.
+    Off,
+}
+
+/// What a relay grants (libp2p relay v2 server limits).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayLimits {
+    /// Members holding a slot at once.
+    pub max_reservations: usize,
+    /// Relayed connections open at once (all members together).
+    pub max_circuits: usize,
+    /// Bytes one relayed connection may carry, both directions together,
+    /// before the relay closes it (the next share opens a new one).
+    pub max_circuit_bytes: u64,
+    /// Seconds one relayed connection may stay open.
+    pub max_circuit_secs: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        // Sized for fd: a few members behind NATs, shares of ~100 KB per
+        // round (2,000 × 10 f32), hole punching usually taking over after
+        // the first share.
+        RelayLimits {
+            max_reservations: 128,
+            max_circuits: 64,
+            max_circuit_bytes: 4 << 20,
+            max_circuit_secs: 600,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Checks every field; the error names the field (`relay.…`) and why.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        for (i, addr) in self.relays.iter().enumerate() {
+            let parsed: libp2p::Multiaddr = addr.parse().map_err(|e| {
+                ("relay.relays", format!("entry {i} (`{addr}`) is not a multiaddress: {e}"))
+            })?;
+            if !matches!(parsed.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+                return Err((
+                    "relay.relays",
+                    format!("entry {i} (`{addr}`) must end in /p2p/<the relay's PeerId>"),
+                ));
+            }
+        }
+        if self.max_relayed_share_bytes == 0 {
+            return Err(("relay.max_relayed_share_bytes", "must be at least 1".into()));
+        }
+        self.limits.validate()
+    }
+}
+
+impl RelayLimits {
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let l = self;
+        for (field, value) in [
+            ("relay.limits.max_reservations", l.max_reservations as u64),
+            ("relay.limits.max_circuits", l.max_circuits as u64),
+            ("relay.limits.max_circuit_bytes", l.max_circuit_bytes),
+            ("relay.limits.max_circuit_secs", l.max_circuit_secs),
+        ] {
+            if value == 0 {
+                return Err((field, "must be at least 1".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod relay_config_tests {
+    use super::*;
+
+    #[test]
+    fn relay_config_errors_name_the_field() {
+        let mut c = RelayConfig {
+            relays: vec!["/ip4/10.0.0.1/tcp/7000".into()],
+            ..RelayConfig::default()
+        };
+        let (field, reason) = c.validate().unwrap_err();
+        assert_eq!(field, "relay.relays");
+        assert!(reason.contains("/p2p/"), "{reason}");
+        c.relays = vec!["not an address".into()];
+        assert_eq!(c.validate().unwrap_err().0, "relay.relays");
+        c.relays.clear();
+        c.limits.max_circuit_bytes = 0;
+        assert_eq!(c.validate().unwrap_err().0, "relay.limits.max_circuit_bytes");
+        c.limits = RelayLimits::default();
+        assert!(c.validate().is_ok());
+        let parsed: RelayConfig = toml::from_str("mode = \"always\"\nserve = true").unwrap();
+        assert_eq!((parsed.mode, parsed.serve), (RelayMode::Always, true));
+        assert!(toml::from_str::<RelayConfig>("mode = \"sometimes\"").is_err());
+    }
+}

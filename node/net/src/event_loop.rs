@@ -14,18 +14,26 @@ use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, InboundRequestId, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{DialError, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns};
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, autonat, dcutr, identify, kad, mdns, relay};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::client::Command;
+use super::client::{Command, Connected};
 use super::codec::TrafficCounters;
+use super::relay_use::{RESERVATION_RETRY, circuit_addr};
 use super::transfer::OutgoingStore;
-use super::{Behaviour, BehaviourEvent, InboundRequest, KAD_PROTOCOL, peer_id_of, shares_topic};
+use super::{
+    Behaviour, BehaviourEvent, InboundRequest, KAD_PROTOCOL, RelayMode, RelayUse, peer_id_of,
+    shares_topic,
+};
 
 /// How often pending announcements are re-checked (subscriptions, deadlines).
 const ANNOUNCE_TICK: Duration = Duration::from_millis(100);
+
+/// How long the larger PeerId of two members waits before dialling the
+/// other through a relay (see [`EventLoop::add_circuit_addresses`]).
+const CIRCUIT_DEFER: Duration = Duration::from_secs(1);
 
 /// How often a pending announcement redials the peers it waits for.
 const ANNOUNCE_REDIAL: Duration = Duration::from_secs(1);
@@ -53,7 +61,7 @@ pub struct EventLoop {
     outgoing: OutgoingStore,
     pending_listen: HashMap<ListenerId, Reply<Multiaddr>>,
     pending_requests: HashMap<OutboundRequestId, Reply<Message>>,
-    pending_dials: HashMap<PeerId, Vec<Reply<()>>>,
+    pending_dials: HashMap<PeerId, Vec<Reply<Connected>>>,
     pending_bootstrap: HashMap<kad::QueryId, Reply<()>>,
     pending_find: HashMap<kad::QueryId, (PeerId, Reply<Vec<Multiaddr>>)>,
     pending_announces: Vec<PendingAnnounce>,
@@ -62,6 +70,117 @@ pub struct EventLoop {
     last_chunk_responses: HashSet<InboundRequestId>,
     /// Requests handed to the program and not answered yet.
     in_flight: InFlight,
+    relays: RelayState,
+}
+
+/// What the event loop tracks about relays and relayed connections
+/// (see [`super::relay_use`]).
+struct RelayState {
+    config: RelayUse,
+    /// Whether this node should hold reservations (mode `always`, or
+    /// `auto` once AutoNAT found it private).
+    wanted: bool,
+    /// Reservation listeners, by relay.
+    reservations: HashMap<PeerId, ListenerId>,
+    /// When to (re)try the relays without a reservation.
+    retry_at: Option<Instant>,
+    /// Every open connection: its peer and whether it is relayed.
+    connections: HashMap<ConnectionId, (PeerId, bool)>,
+    /// Relayed connections this node dialled.
+    dialled_relayed: HashSet<ConnectionId>,
+    /// Relayed connections being closed (a direct one to their peer
+    /// exists, or a duplicate).
+    closing: HashSet<ConnectionId>,
+    /// Requests held back until their peer's relayed connections are
+    /// closed, so they go over the direct one (request-response spreads
+    /// requests over all of a peer's connections).
+    held: Vec<(PeerId, Message, Reply<Message>)>,
+    /// Outbound requests not answered yet, by peer.
+    outbound: HashMap<OutboundRequestId, PeerId>,
+    /// When this node (the larger PeerId of the pair) first wanted to dial a
+    /// peer it has no connection to: its circuit addresses are added only
+    /// [`CIRCUIT_DEFER`] later (see [`EventLoop::add_circuit_addresses`]).
+    circuit_deferred: HashMap<PeerId, Instant>,
+    /// Peers' own (not relayed) addresses, from the program and from
+    /// identify: dialled when only a relayed connection to the peer exists.
+    direct_addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Outbound `Share` requests not answered yet.
+    share_requests: HashSet<OutboundRequestId>,
+}
+
+impl RelayState {
+    fn new(config: RelayUse) -> Self {
+        RelayState {
+            wanted: config.mode == RelayMode::Always && !config.relays.is_empty(),
+            retry_at: (config.mode == RelayMode::Always && !config.relays.is_empty())
+                .then(Instant::now),
+            config,
+            reservations: HashMap::new(),
+            connections: HashMap::new(),
+            dialled_relayed: HashSet::new(),
+            closing: HashSet::new(),
+            held: Vec::new(),
+            outbound: HashMap::new(),
+            direct_addrs: HashMap::new(),
+            circuit_deferred: HashMap::new(),
+            share_requests: HashSet::new(),
+        }
+    }
+
+    fn has_direct(&self, peer: &PeerId) -> bool {
+        self.connections
+            .values()
+            .any(|(p, relayed)| p == peer && !relayed)
+    }
+
+    fn has_relayed(&self, peer: &PeerId) -> bool {
+        self.connections
+            .values()
+            .any(|(p, relayed)| p == peer && *relayed)
+    }
+
+    /// Whether the tick has relay work: reservations to retry.
+    fn busy(&self) -> bool {
+        self.retry_at.is_some()
+    }
+
+    /// Relayed connections to `peer` that may be closed now: a direct
+    /// connection exists and no request to or from `peer` is in flight
+    /// (`inbound` of them), so closing fails nothing.
+    fn superseded(&self, peer: &PeerId, inbound: usize) -> Vec<ConnectionId> {
+        if !self.has_direct(peer) || inbound > 0 || self.outbound.values().any(|p| p == peer) {
+            return Vec::new();
+        }
+        self.connections
+            .iter()
+            .filter(|(id, (p, relayed))| p == peer && *relayed && !self.closing.contains(id))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Remembers `addr` as one of `peer`'s own addresses (bounded: at most
+    /// [`fd_protocol::MAX_ADDRS`] per peer, 4096 peers).
+    fn remember_direct(&mut self, peer: PeerId, addr: &Multiaddr) {
+        if super::relay_use::is_circuit(addr) {
+            return;
+        }
+        if self.direct_addrs.len() >= 4096 && !self.direct_addrs.contains_key(&peer) {
+            self.direct_addrs.clear();
+        }
+        let addrs = self.direct_addrs.entry(peer).or_default();
+        if !addrs.contains(addr) {
+            if addrs.len() >= fd_protocol::MAX_ADDRS {
+                addrs.remove(0);
+            }
+            addrs.push(addr.clone());
+        }
+    }
+
+    fn closing_to(&self, peer: &PeerId) -> bool {
+        self.closing
+            .iter()
+            .any(|id| self.connections.get(id).is_some_and(|(p, _)| p == peer))
+    }
 }
 
 /// Requests handed to the program and not answered yet, per peer: the
@@ -123,6 +242,9 @@ impl InFlight {
 }
 
 impl EventLoop {
+    // One argument per part the event loop owns; a struct of them would
+    // only be unpacked here.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         swarm: Swarm<Behaviour>,
         commands: mpsc::Receiver<Command>,
@@ -131,6 +253,7 @@ impl EventLoop {
         counters: Arc<TrafficCounters>,
         federation_id: String,
         topic: Option<IdentTopic>,
+        relay: RelayUse,
     ) -> Self {
         EventLoop {
             swarm,
@@ -149,12 +272,21 @@ impl EventLoop {
             pending_announces: Vec::new(),
             last_chunk_responses: HashSet::new(),
             in_flight: InFlight::default(),
+            relays: RelayState::new(relay),
         }
     }
 
     pub async fn run(mut self) {
         let mut tick = tokio::time::interval(ANNOUNCE_TICK);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        for (relay, addr) in self.relays.config.relays.clone() {
+            self.swarm.add_peer_address(relay, addr.clone());
+            // The relays are asked first whether this node can be dialled back.
+            self.swarm
+                .behaviour_mut()
+                .autonat
+                .add_server(relay, Some(addr));
+        }
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.handle_event(event).await,
@@ -162,7 +294,257 @@ impl EventLoop {
                     Some(c) => self.handle_command(c),
                     None => return,
                 },
-                _ = tick.tick(), if !self.pending_announces.is_empty() => self.poll_announces(),
+                _ = tick.tick(), if !self.pending_announces.is_empty() || self.relays.busy() => {
+                    self.poll_announces();
+                    self.poll_relays();
+                }
+            }
+        }
+    }
+
+    /// Reserves on relays without a reservation when due.
+    fn poll_relays(&mut self) {
+        if self.relays.retry_at.is_some_and(|at| Instant::now() >= at) {
+            self.relays.retry_at = None;
+            if self.relays.wanted {
+                self.reserve();
+            }
+        }
+    }
+
+    /// Closes `peer`'s relayed connections if a direct one exists and none
+    /// of its requests is in flight; true if any is closing now.
+    fn close_superseded(&mut self, peer: PeerId) -> bool {
+        let inbound = self.in_flight.by_peer.get(&peer).copied().unwrap_or(0);
+        for connection in self.relays.superseded(&peer, inbound) {
+            tracing::debug!(%peer, "closing the relayed connection: a direct one exists");
+            if self.swarm.close_connection(connection) {
+                self.relays.closing.insert(connection);
+            }
+        }
+        self.relays.closing_to(&peer)
+    }
+
+    /// Two members behind NATs that push to each other at the same moment
+    /// open two relayed connections, and the two hole punches they start
+    /// (one per connection, in opposite roles) spoil each other. Both sides
+    /// keep the one dialled by the smaller PeerId and close the other; a
+    /// request on it fails and is retried on the one kept.
+    fn close_duplicate_relayed(&mut self, peer: PeerId) {
+        let local = *self.swarm.local_peer_id();
+        let relayed: Vec<ConnectionId> = self
+            .relays
+            .connections
+            .iter()
+            .filter(|(id, (p, relayed))| *p == peer && *relayed && !self.relays.closing.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        if relayed.len() < 2 {
+            return;
+        }
+        // Close the connections dialled by the larger PeerId.
+        let close_ours = local > peer;
+        for id in relayed {
+            if self.relays.dialled_relayed.contains(&id) == close_ours {
+                tracing::debug!(%peer, "closing a duplicate relayed connection");
+                if self.swarm.close_connection(id) {
+                    self.relays.closing.insert(id);
+                }
+            }
+        }
+    }
+
+    /// With only a relayed connection to `peer`, dials its own addresses:
+    /// a member behind a NAT reaches a public one at once this way (hole
+    /// punching, started by the other side, covers two NATed members).
+    fn dial_direct(&mut self, peer: PeerId) {
+        if self.relays.has_direct(&peer) {
+            return;
+        }
+        let Some(addrs) = self.relays.direct_addrs.get(&peer).cloned() else {
+            return;
+        };
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::NotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, %e, "no direct dial");
+        }
+    }
+
+    /// Sends the requests held for `peer` once none of its connections is closing.
+    fn release_held(&mut self, peer: PeerId) {
+        if self.relays.closing_to(&peer) {
+            return;
+        }
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.relays.held)
+            .into_iter()
+            .partition(|(p, _, _)| *p == peer);
+        self.relays.held = later;
+        for (peer, message, reply) in now {
+            self.send_request(peer, message, reply);
+        }
+    }
+
+    fn send_request(&mut self, peer: PeerId, message: Message, reply: Reply<Message>) {
+        let share = matches!(message, Message::Share(_));
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .request_response
+            .send_request(&peer, message);
+        if share {
+            self.relays.share_requests.insert(id);
+        }
+        self.relays.outbound.insert(id, peer);
+        self.pending_requests.insert(id, reply);
+    }
+
+    /// Listens on a circuit through every relay this node has no
+    /// reservation on and is connected to, which reserves a slot there;
+    /// dials the others, and reserves once connected (the relay client's
+    /// own dial would be dropped while another dial to the relay, a join
+    /// say, is in progress, closing the reservation's listener).
+    fn reserve(&mut self) {
+        for (relay, addr) in self.relays.config.relays.clone() {
+            if self.relays.reservations.contains_key(&relay) {
+                continue;
+            }
+            if !self.swarm.is_connected(&relay) {
+                let opts = DialOpts::peer_id(relay)
+                    .addresses(vec![addr])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    tracing::debug!(%relay, %e, "dialling the relay");
+                }
+                continue;
+            }
+            let circuit = circuit_addr(relay, &addr);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(listener) => {
+                    tracing::debug!(%relay, %circuit, "reserving a slot on the relay");
+                    self.relays.reservations.insert(relay, listener);
+                }
+                Err(e) => {
+                    tracing::warn!(%relay, %circuit, "cannot reserve a slot on the relay: {e}");
+                    self.relays.retry_at = Some(Instant::now() + RESERVATION_RETRY);
+                }
+            }
+        }
+    }
+
+    /// A reservation's listener went away: try again later.
+    fn reservation_lost(&mut self, listener_id: ListenerId, reason: &str) -> bool {
+        let Some(relay) = self
+            .relays
+            .reservations
+            .iter()
+            .find(|(_, l)| **l == listener_id)
+            .map(|(r, _)| *r)
+        else {
+            return false;
+        };
+        self.relays.reservations.remove(&relay);
+        tracing::warn!(%relay, reason, "reservation on the relay lost; retrying in {} s", RESERVATION_RETRY.as_secs());
+        if self.relays.wanted {
+            self.relays.retry_at = Some(Instant::now() + RESERVATION_RETRY);
+        }
+        true
+    }
+
+    fn handle_relay_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
+                tracing::info!(?old, ?new, "AutoNAT: reachability from outside changed");
+                let private = matches!(new, autonat::NatStatus::Private);
+                if private
+                    && self.relays.config.mode == RelayMode::Auto
+                    && !self.relays.config.relays.is_empty()
+                    && !self.relays.wanted
+                {
+                    tracing::info!(relays = self.relays.config.relays.len(), "not reachable from outside: reserving a slot on the relays");
+                    self.relays.wanted = true;
+                    self.reserve();
+                }
+            }
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal: false,
+                ..
+            }) => {
+                tracing::info!(relay = %relay_peer_id, "reachable through the relay");
+            }
+            BehaviourEvent::RelayClient(event) => tracing::debug!(?event, "relay client"),
+            BehaviourEvent::Relay(event) => match event {
+                relay::Event::ReservationReqDenied {
+                    src_peer_id,
+                    status,
+                } => {
+                    self.counters.relay_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %src_peer_id, reason = "relay_refused", ?status, "relay: reservation refused");
+                }
+                relay::Event::CircuitReqDenied {
+                    src_peer_id,
+                    dst_peer_id,
+                    status,
+                } => {
+                    self.counters.relay_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %src_peer_id, to = %dst_peer_id, reason = "relay_refused", ?status, "relay: circuit refused");
+                }
+                event => tracing::debug!(?event, "relay"),
+            },
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => {
+                    self.counters.hole_punches.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(peer = %remote_peer_id, "direct connection by hole punching");
+                }
+                Err(e) => {
+                    self.counters
+                        .hole_punch_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(peer = %remote_peer_id, "hole punching failed, staying relayed: {e}");
+                }
+            },
+            _ => {}
+        }
+    }
+
+    /// Adds `peer`'s address through each relay, so a member that holds a
+    /// reservation there is reached when its own addresses cannot be
+    /// dialled. Added again on every call: the swarm forgets an address
+    /// whose dial failed (before the member had reserved, say).
+    ///
+    /// Two members behind NATs push to each other at the same moment; if
+    /// both dialled through the relay they would hold two relayed
+    /// connections and start two hole punches that spoil each other. So the
+    /// member with the larger PeerId waits [`CIRCUIT_DEFER`] (from its first
+    /// attempt since it last connected to the peer) before it dials through
+    /// the relay: by then the other's relayed connection has usually
+    /// arrived and carries its request; if the other never dials, the push
+    /// retries through the relay a moment later.
+    fn add_circuit_addresses(&mut self, peer: PeerId) {
+        let local = *self.swarm.local_peer_id();
+        if local > peer && !self.swarm.is_connected(&peer) {
+            if self.relays.circuit_deferred.len() > 4096 {
+                self.relays.circuit_deferred.clear();
+            }
+            let first = *self
+                .relays
+                .circuit_deferred
+                .entry(peer)
+                .or_insert_with(Instant::now);
+            if first.elapsed() < CIRCUIT_DEFER {
+                return;
+            }
+        }
+        for (relay, addr) in self.relays.config.relays.clone() {
+            if relay != peer && peer != local {
+                self.swarm.add_peer_address(peer, circuit_addr(relay, &addr));
             }
         }
     }
@@ -174,6 +556,15 @@ impl EventLoop {
                 address,
             } => {
                 tracing::debug!(%address, "listening");
+                // A relay hands its own addresses to the members that
+                // reserve on it, and libp2p refuses reservations while it
+                // has none: a relay is by definition dialable where it
+                // listens (the members' configs name that address).
+                if self.swarm.behaviour().relay.is_enabled()
+                    && !super::relay_use::is_circuit(&address)
+                {
+                    self.swarm.add_external_address(address.clone());
+                }
                 if let Some(reply) = self.pending_listen.remove(&listener_id) {
                     let _ = reply.send(Ok(address));
                 }
@@ -187,11 +578,51 @@ impl EventLoop {
                 if let Some(reply) = self.pending_listen.remove(&listener_id) {
                     let _ = reply.send(Err(anyhow!("listener failed: {error}")));
                 }
+                self.reservation_lost(listener_id, &error.to_string());
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                for reply in self.pending_dials.remove(&peer_id).unwrap_or_default() {
-                    let _ = reply.send(Ok(()));
+            SwarmEvent::ListenerClosed { listener_id, .. } => {
+                self.reservation_lost(listener_id, "closed");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let relayed = endpoint.is_relayed();
+                self.relays
+                    .connections
+                    .insert(connection_id, (peer_id, relayed));
+                self.relays.circuit_deferred.remove(&peer_id);
+                if !relayed
+                    && self.relays.wanted
+                    && !self.relays.reservations.contains_key(&peer_id)
+                    && self.relays.config.relays.iter().any(|(r, _)| *r == peer_id)
+                {
+                    self.reserve();
                 }
+                if relayed {
+                    tracing::debug!(peer = %peer_id, "relayed connection");
+                    if endpoint.is_dialer() {
+                        self.relays.dialled_relayed.insert(connection_id);
+                    }
+                    self.close_duplicate_relayed(peer_id);
+                    self.dial_direct(peer_id);
+                }
+                self.close_superseded(peer_id);
+                for reply in self.pending_dials.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(Connected { relayed }));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                self.relays.connections.remove(&connection_id);
+                self.relays.closing.remove(&connection_id);
+                self.relays.dialled_relayed.remove(&connection_id);
+                self.release_held(peer_id);
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, %error, "dial failed");
@@ -228,6 +659,10 @@ impl EventLoop {
                     .collect();
                 for addr in &addrs {
                     self.swarm.add_peer_address(peer_id, addr.clone());
+                    self.relays.remember_direct(peer_id, addr);
+                }
+                if self.relays.has_relayed(&peer_id) {
+                    self.dial_direct(peer_id);
                 }
                 if info.protocols.contains(&KAD_PROTOCOL)
                     && let Some(kad) = self.swarm.behaviour_mut().kademlia.as_mut()
@@ -237,6 +672,12 @@ impl EventLoop {
                     }
                 }
             }
+            SwarmEvent::Behaviour(
+                event @ (BehaviourEvent::Autonat(_)
+                | BehaviourEvent::RelayClient(_)
+                | BehaviourEvent::Relay(_)
+                | BehaviourEvent::Dcutr(_)),
+            ) => self.handle_relay_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
                     tracing::debug!(%peer, %addr, "discovered on the LAN");
@@ -253,7 +694,11 @@ impl EventLoop {
 
     async fn handle_request_response(&mut self, event: request_response::Event<Message, Message>) {
         match event {
-            request_response::Event::Message { peer, message, .. } => match message {
+            request_response::Event::Message {
+                peer,
+                message,
+                connection_id,
+            } => match message {
                 request_response::Message::Request {
                     request,
                     channel,
@@ -266,9 +711,22 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
+                    self.relays.outbound.remove(&request_id);
+                    if self.relays.share_requests.remove(&request_id) {
+                        self.counters.shares_sent.fetch_add(1, Ordering::Relaxed);
+                        if self
+                            .relays
+                            .connections
+                            .get(&connection_id)
+                            .is_some_and(|(_, relayed)| *relayed)
+                        {
+                            self.counters.shares_relayed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     if let Some(reply) = self.pending_requests.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
+                    self.close_superseded(peer);
                 }
             },
             request_response::Event::OutboundFailure {
@@ -277,9 +735,12 @@ impl EventLoop {
                 error,
                 ..
             } => {
+                self.relays.share_requests.remove(&request_id);
+                self.relays.outbound.remove(&request_id);
                 if let Some(reply) = self.pending_requests.remove(&request_id) {
                     let _ = reply.send(Err(anyhow!("request to {peer} failed: {error}")));
                 }
+                self.close_superseded(peer);
             }
             request_response::Event::InboundFailure {
                 peer,
@@ -291,11 +752,14 @@ impl EventLoop {
                 self.last_chunk_responses.remove(&request_id);
                 tracing::debug!(%peer, %error, "inbound request failed");
             }
-            request_response::Event::ResponseSent { request_id, .. } => {
+            request_response::Event::ResponseSent {
+                request_id, peer, ..
+            } => {
                 self.in_flight.finish(&request_id);
                 if self.last_chunk_responses.remove(&request_id) {
                     self.counters.pulled_share_served();
                 }
+                self.close_superseded(peer);
             }
         }
     }
@@ -668,18 +1132,33 @@ impl EventLoop {
                     let _ = reply.send(Err(anyhow!("cannot listen: {e}")));
                 }
             },
-            Command::AddAddress { peer, addr } => self.swarm.add_peer_address(peer, addr),
+            Command::AddAddress { peer, addr } => {
+                self.relays.remember_direct(peer, &addr);
+                self.swarm.add_peer_address(peer, addr);
+                self.add_circuit_addresses(peer);
+            }
             Command::Request {
                 peer,
                 message,
                 reply,
             } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .request_response
-                    .send_request(&peer, message);
-                self.pending_requests.insert(id, reply);
+                if let Message::Share(s) = &message
+                    && self.relays.has_relayed(&peer)
+                    && !self.relays.has_direct(&peer)
+                    && let Ok(len) = fd_protocol::codec::share_frame_len(s)
+                    && len as u64 > self.relays.config.max_relayed_share_bytes
+                {
+                    let _ = reply.send(Err(anyhow!(
+                        "{peer} is connected through a relay only, and a share of {len} bytes is over max_relayed_share_bytes ({}): waiting for a direct connection",
+                        self.relays.config.max_relayed_share_bytes
+                    )));
+                    return;
+                }
+                if self.close_superseded(peer) {
+                    self.relays.held.push((peer, message, reply));
+                } else {
+                    self.send_request(peer, message, reply);
+                }
             }
             Command::Respond { channel, message } => {
                 if self
@@ -694,12 +1173,14 @@ impl EventLoop {
             }
             Command::Dial { peer, addrs, reply } => {
                 if self.swarm.is_connected(&peer) {
-                    let _ = reply.send(Ok(()));
+                    let relayed = !self.relays.has_direct(&peer);
+                    let _ = reply.send(Ok(Connected { relayed }));
                     return;
                 }
                 for addr in &addrs {
                     self.swarm.add_peer_address(peer, addr.clone());
                 }
+                self.add_circuit_addresses(peer);
                 let opts = DialOpts::peer_id(peer)
                     .addresses(addrs)
                     .extend_addresses_through_behaviour()

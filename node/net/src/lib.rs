@@ -65,6 +65,7 @@ pub mod config;
 pub mod event_loop;
 pub mod keyfile;
 pub mod membership;
+pub mod relay_use;
 pub mod telemetry;
 pub mod transfer;
 
@@ -89,13 +90,14 @@ use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Transport as _, gossipsub, identify, identity, kad, mdns,
-    noise, quic, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Transport as _, autonat, dcutr, gossipsub, identify,
+    identity, kad, mdns, noise, quic, relay, tcp, yamux,
 };
 use tokio::sync::mpsc;
 
-pub use client::{Client, request_with_retry};
+pub use client::{Client, Connected, request_with_retry};
 pub use codec::{FdCodec, Traffic, TrafficCounters};
+pub use config::{RelayConfig, RelayLimits, RelayMode};
 pub use event_loop::EventLoop;
 
 /// The application protocol name.
@@ -196,6 +198,30 @@ pub struct NetConfig {
     /// Federation id; the share-announcement gossipsub topic is "/fd/<id>/shares".
     /// Empty: no topic until [`Client::set_federation`].
     pub federation_id: String,
+    /// Reaching this node through relays (see [`relay_use`]).
+    pub relay: RelayUse,
+    /// Relay for others within these limits (relay v2 server); None: not a relay.
+    pub relay_service: Option<RelayLimits>,
+}
+
+/// How this node uses relays: when it reserves a slot ([`RelayMode`]), on
+/// which relays, and the largest share it pushes over a relayed connection.
+#[derive(Clone, Debug)]
+pub struct RelayUse {
+    pub mode: RelayMode,
+    /// (relay, its address without `/p2p/<relay>`).
+    pub relays: Vec<(PeerId, Multiaddr)>,
+    pub max_relayed_share_bytes: u64,
+}
+
+impl Default for RelayUse {
+    fn default() -> Self {
+        RelayUse {
+            mode: RelayMode::Auto,
+            relays: Vec::new(),
+            max_relayed_share_bytes: RelayConfig::default().max_relayed_share_bytes,
+        }
+    }
 }
 
 impl NetConfig {
@@ -218,6 +244,8 @@ impl std::fmt::Debug for NetConfig {
             .field("kademlia", &self.kademlia)
             .field("mdns", &self.mdns)
             .field("federation_id", &self.federation_id)
+            .field("relay", &self.relay)
+            .field("relay_service", &self.relay_service)
             .finish()
     }
 }
@@ -232,6 +260,10 @@ pub struct Behaviour {
     pub kademlia: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     pub gossipsub: gossipsub::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+    pub relay_client: relay::client::Behaviour,
+    pub relay: Toggle<relay::Behaviour>,
+    pub dcutr: dcutr::Behaviour,
+    pub autonat: autonat::Behaviour,
 }
 
 /// Everything [`new_with`] builds: spawn `event_loop.run()`, answer
@@ -282,8 +314,20 @@ pub fn quic_under_psk(field: &str, addr: &str) -> Option<String> {
 fn transport(
     keypair: &identity::Keypair,
     psk: Option<PreSharedKey>,
+    relay_transport: relay::client::Transport,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
     let noise = noise::Config::new(keypair)?;
+    // Relayed connections (`…/p2p-circuit/p2p/<peer>`) run Noise + Yamux
+    // inside the circuit, end to end: the relay sees ciphertext. No
+    // pre-shared key inside: a circuit needs a connection to the relay,
+    // which under a key is itself pnet-wrapped, and both ends pass the
+    // allow-list.
+    let relayed = relay_transport
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise.clone())
+        .multiplex(yamux::Config::default())
+        .timeout(HANDSHAKE_TIMEOUT)
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
     let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
     // With a key, every TCP connection first runs the pnet handshake; libp2p
     // implements `Transport` for `Either`, so one upgrade chain serves both
@@ -300,6 +344,9 @@ fn transport(
         .multiplex(yamux::Config::default())
         .timeout(HANDSHAKE_TIMEOUT)
         .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
+    let tcp = relayed
+        .or_transport(tcp)
+        .map(|either, _| either.into_inner());
     if psk.is_some() {
         return Ok(tcp.boxed());
     }
@@ -317,6 +364,7 @@ fn behaviour(
     keypair: &identity::Keypair,
     config: &NetConfig,
     counters: Arc<TrafficCounters>,
+    relay_client: relay::client::Behaviour,
 ) -> anyhow::Result<Behaviour> {
     let local = keypair.public().to_peer_id();
     let allowed = config.allowed.as_ref().map(|peers| {
@@ -335,7 +383,9 @@ fn behaviour(
     );
     let identify = identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL.to_string(), keypair.public())
-            .with_agent_version(format!("fd-node/{}", env!("CARGO_PKG_VERSION"))),
+            .with_agent_version(format!("fd-node/{}", env!("CARGO_PKG_VERSION")))
+            // A reservation's circuit address reaches connected peers at once.
+            .with_push_listen_addr_updates(true),
     );
     let kademlia = config.kademlia.then(|| {
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
@@ -373,6 +423,9 @@ fn behaviour(
             .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
             .with_max_established_incoming(Some(MAX_ESTABLISHED_INCOMING)),
     );
+    let relay = config.relay_service.map(|limits| {
+        relay::Behaviour::new(local, relay_use::server_config(&limits))
+    });
     Ok(Behaviour {
         allowed: allowed.into(),
         limits,
@@ -381,6 +434,10 @@ fn behaviour(
         kademlia: kademlia.into(),
         gossipsub,
         mdns: mdns.into(),
+        relay_client,
+        relay: relay.into(),
+        dcutr: dcutr::Behaviour::new(local),
+        autonat: autonat::Behaviour::new(local, relay_use::autonat_config()),
     })
 }
 
@@ -390,11 +447,12 @@ fn behaviour(
 pub fn new_with(key: &SigningKey, config: &NetConfig) -> anyhow::Result<Network> {
     let counters = Arc::new(TrafficCounters::default());
     let keypair = libp2p_keypair(key);
+    let (relay_transport, relay_client) = relay::client::new(keypair.public().to_peer_id());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_other_transport(|keypair| transport(keypair, config.psk))?
+        .with_other_transport(|keypair| transport(keypair, config.psk, relay_transport))?
         .with_behaviour(|keypair| {
-            behaviour(keypair, config, counters.clone())
+            behaviour(keypair, config, counters.clone(), relay_client)
                 .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
         })?
         // Rounds can be minutes apart; keep connections instead of redialling.
@@ -427,6 +485,7 @@ pub fn new_with(key: &SigningKey, config: &NetConfig) -> anyhow::Result<Network>
             counters,
             config.federation_id.clone(),
             topic,
+            config.relay.clone(),
         ),
     })
 }

@@ -252,6 +252,10 @@ impl Collector for ByReasonCollector {
         if let Some(counters) = self.0.busy.get() {
             *refusals.entry("busy".to_string()).or_default() +=
                 counters.requests_busy.load(Ordering::Relaxed);
+            let relay = counters.relay_refused.load(Ordering::Relaxed);
+            if relay > 0 {
+                *refusals.entry("relay_refused".to_string()).or_default() += relay;
+            }
         }
         for (name, help, counts) in [
             (
