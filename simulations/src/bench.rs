@@ -54,7 +54,7 @@ pub struct BenchOptions {
     /// Repetitions per measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-    /// Sections to run (1–9, comma separated); all by default.
+    /// Sections to run (1–10, comma separated); all by default.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u8>,
     /// Member counts of the simulation-scale table.
@@ -402,10 +402,33 @@ fn wait_for_file(path: &Path, timeout: Duration) -> anyhow::Result<String> {
     }
 }
 
-/// Table 3: 10 fd-node processes and a coordinator on 127.0.0.1.
-pub fn round_breakdown(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
+/// The transport a 10-process federation runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Quic,
+}
+
+impl Transport {
+    fn listen(self) -> &'static str {
+        match self {
+            Transport::Tcp => "/ip4/127.0.0.1/tcp/0",
+            Transport::Quic => "/ip4/127.0.0.1/udp/0/quic-v1",
+        }
+    }
+}
+
+/// 10 fd-node processes and a coordinator on 127.0.0.1, all listening on
+/// `transport` only, for `rounds` rounds: every member's round metrics and
+/// the run's wall-clock seconds.
+fn ten_processes(
+    scratch: &Path,
+    rounds: u64,
+    transport: Transport,
+) -> anyhow::Result<(Vec<RoundMetrics>, f64)> {
     let members = 10usize;
-    let dir = scratch.join("round-breakdown");
+    let listen = transport.listen();
+    let dir = scratch.join(format!("round-breakdown-{transport:?}").to_lowercase());
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let federation = format!(
@@ -414,7 +437,7 @@ pub fn round_breakdown(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
     std::fs::write(
         dir.join("coordinator.toml"),
         format!(
-            "listen = \"/ip4/127.0.0.1/tcp/0\"\nkey_file = \"coordinator.key\"\nmin_members = {members}\nround_timeout_secs = 600\naddress_file = \"coordinator.addr\"\n\n{federation}"
+            "listen = \"{listen}\"\nkey_file = \"coordinator.key\"\nmin_members = {members}\nround_timeout_secs = 600\naddress_file = \"coordinator.addr\"\n\n{federation}"
         ),
     )?;
     let spawn = |bin: &str, args: &[&str], log: &str| -> anyhow::Result<std::process::Child> {
@@ -437,7 +460,7 @@ pub fn round_breakdown(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
         std::fs::write(
             dir.join(format!("node-{i}.toml")),
             format!(
-                "name = \"node-{i}\"\nkey_file = \"node-{i}.key\"\ncoordinator = \"{address}\"\nmetrics_file = \"node-{i}.jsonl\"\n\n{federation}\n[partition]\nnodes = {members}\nindex = {i}\nscheme = {{ kind = \"dirichlet\", alpha = 0.5 }}\n\n[training]\nseed = {i}\n"
+                "name = \"node-{i}\"\nlisten = \"{listen}\"\nkey_file = \"node-{i}.key\"\ncoordinator = \"{address}\"\nmetrics_file = \"node-{i}.jsonl\"\n\n{federation}\n[partition]\nnodes = {members}\nindex = {i}\nscheme = {{ kind = \"dirichlet\", alpha = 0.5 }}\n\n[training]\nseed = {i}\n"
             ),
         )?;
         children.push(spawn(
@@ -462,6 +485,12 @@ pub fn round_breakdown(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
             metrics.push(serde_json::from_str(line)?);
         }
     }
+    Ok((metrics, wall))
+}
+
+/// Table 3: 10 fd-node processes and a coordinator on 127.0.0.1.
+pub fn round_breakdown(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
+    let (metrics, wall) = ten_processes(scratch, rounds, Transport::Tcp)?;
     type Step = (&'static str, fn(&RoundMetrics) -> f64);
     let steps: [Step; 8] = [
         ("train (local epoch)", |m| m.train_seconds),
@@ -509,6 +538,49 @@ pub fn round_breakdown(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
         100.0 * median(codec_aggregate),
         100.0 * median(outside)
     );
+    Ok(out)
+}
+
+/// Table 10: the 10-process federation of table 3 over TCP and over QUIC.
+pub fn transport_rounds_table(scratch: &Path, rounds: u64) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "The federation of section 3 ({rounds} rounds), every process listening on one transport only; medians over members × rounds.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| transport | wall s | round s (sum of steps) | network s (push, then wait) | shares sent per round |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    for transport in [Transport::Tcp, Transport::Quic] {
+        let (metrics, wall) = ten_processes(scratch, rounds, transport)?;
+        let round = median(
+            metrics
+                .iter()
+                .map(|m| {
+                    m.train_seconds
+                        + m.predict_seconds
+                        + m.encode_seconds
+                        + m.network_seconds
+                        + m.verify_seconds
+                        + m.aggregate_seconds
+                        + m.distill_seconds
+                        + m.checkpoint_seconds
+                })
+                .collect(),
+        );
+        let network = median(metrics.iter().map(|m| m.network_seconds).collect());
+        let sent = median(metrics.iter().map(|m| m.shares_sent as f64).collect());
+        let _ = writeln!(
+            out,
+            "| {} | {wall:.1} | {round:.3} | {network:.3} | {sent:.0} |",
+            match transport {
+                Transport::Tcp => "TCP + Noise + Yamux",
+                Transport::Quic => "QUIC",
+            }
+        );
+    }
     Ok(out)
 }
 
@@ -1004,6 +1076,9 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
     })?;
     section(9, "Share transfer time: TCP, QUIC, relayed", &mut || {
         crate::netbench::transfer_table(o.repeats.max(5))
+    })?;
+    section(10, "10 fd-node processes over TCP and over QUIC", &mut || {
+        transport_rounds_table(&o.scratch, 3)
     })?;
     if !o.no_write {
         write_section(&o.write, &body)?;
