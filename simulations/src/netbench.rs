@@ -13,21 +13,28 @@
 //! network's cost, not the member's.
 //!
 //! Shares up to one frame (4 MiB) are pushed whole, as members push them;
-//! larger ones travel as announced, pulled chunks, which this table does not
-//! measure.
+//! larger ones travel as announced, pulled chunks: the 10 MB column times a
+//! receiver pulling an offered share of that size chunk by chunk (1 MiB
+//! each, one request per chunk, digest checked at the end), as members do.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use fd_net::{NetConfig, RelayLimits, RelayMode, RelayUse, relay_use::circuit_addr};
+use std::sync::Arc;
+
+use fd_protocol::transfer::ShareAnnouncement;
 use fd_protocol::{Message, PayloadEncoding, SigningKey};
 use libp2p::Multiaddr;
 
 use crate::bench::{random_logits, share};
 
-/// Share sizes measured (bytes of f32 logits, 10 classes).
+/// Share sizes pushed (bytes of f32 logits, 10 classes).
 pub const SIZES: [usize; 3] = [10_000, 100_000, 1_000_000];
+
+/// Size of the share pulled in chunks (bytes of f32 logits, 10 classes).
+pub const PULLED: usize = 10_000_000;
 
 struct Peer {
     client: fd_net::Client,
@@ -74,13 +81,24 @@ fn start(seed: u8, config: &NetConfig) -> anyhow::Result<Peer> {
     Ok(Peer { client, tasks })
 }
 
+/// The [`PULLED`]-byte share every receiver offers, and its announcement.
+fn large_share() -> anyhow::Result<(ShareAnnouncement, Arc<Vec<u8>>)> {
+    let key = SigningKey::from_seed([200; 32]);
+    let rows = PULLED / (10 * 4);
+    let share = share(&key, rows, 10, PayloadEncoding::F32Le, &random_logits(rows, 10, 9))?;
+    let bytes = fd_protocol::encode_share(&share)?;
+    let announcement = ShareAnnouncement::describe("bench", 1, key.public_key(), &bytes);
+    Ok((announcement, Arc::new(bytes)))
+}
+
 /// Median seconds to push each of [`SIZES`] over a fresh connection to
-/// `target` at `addr`.
+/// `target` at `addr`, then to pull the offered share of `large`.
 async fn measure(
     sender_seed: u8,
     target: libp2p::PeerId,
     addr: Multiaddr,
     repeats: usize,
+    large: &ShareAnnouncement,
 ) -> anyhow::Result<Vec<f64>> {
     let sender = start(
         sender_seed,
@@ -113,6 +131,14 @@ async fn measure(
         }
         medians.push(crate::bench::median(times));
     }
+    let mut times = Vec::new();
+    for _ in 0..repeats.clamp(1, 3) {
+        let started = Instant::now();
+        let bytes = sender.client.fetch_share(target, large).await?;
+        times.push(started.elapsed().as_secs_f64());
+        anyhow::ensure!(bytes.len() as u64 == large.bytes, "pulled {} bytes", bytes.len());
+    }
+    medians.push(crate::bench::median(times));
     anyhow::ensure!(
         connected.relayed == fd_net::relay_use::is_circuit(&addr),
         "connected {} to {addr}",
@@ -166,6 +192,13 @@ pub fn transfer_table(repeats: usize) -> anyhow::Result<String> {
             },
         )?;
         let hidden_id = hidden.client.local_peer_id();
+        let (large, large_bytes) = large_share()?;
+        for receiver in [&direct, &hidden] {
+            receiver
+                .client
+                .offer_share(&large, large_bytes.clone())
+                .await?;
+        }
         // Wait for the reservation: the relay answers a circuit request only then.
         let circuit = circuit_addr(relay_id, &relay_addr);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -185,28 +218,29 @@ pub fn transfer_table(repeats: usize) -> anyhow::Result<String> {
         drop(probe);
         let direct_id = direct.client.local_peer_id();
         let rows = [
-            ("TCP + Noise + Yamux", measure(205, direct_id, tcp.clone(), repeats).await?),
-            ("QUIC", measure(206, direct_id, quic.clone(), repeats).await?),
+            ("TCP + Noise + Yamux", measure(205, direct_id, tcp, repeats, &large).await?),
+            ("QUIC", measure(206, direct_id, quic, repeats, &large).await?),
             (
                 "relayed (TCP to the relay, Noise + Yamux inside)",
-                measure(207, hidden_id, circuit.clone(), repeats).await?,
+                measure(207, hidden_id, circuit, repeats, &large).await?,
             ),
         ];
         let mut out = String::new();
         writeln!(
             out,
             "Median of {repeats} pushes of one signed f32 share (10 classes) from request to answer, \
+             and of up to 3 pulls of a 10 MB share in 1 MiB chunks, \
              on 127.0.0.1, one connection per transport made beforehand; throughput = share bytes ÷ time.\n"
         )?;
         write!(out, "| transport |")?;
         for size in SIZES {
             write!(out, " {} kB |", size / 1000)?;
         }
-        writeln!(out)?;
-        writeln!(out, "|---|{}", "---:|".repeat(SIZES.len()))?;
+        writeln!(out, " {} MB (pulled) |", PULLED / 1_000_000)?;
+        writeln!(out, "|---|{}", "---:|".repeat(SIZES.len() + 1))?;
         for (name, medians) in rows {
             write!(out, "| {name} |")?;
-            for (size, seconds) in SIZES.iter().zip(medians) {
+            for (size, seconds) in SIZES.iter().chain([&PULLED]).zip(medians) {
                 write!(
                     out,
                     " {:.2} ms ({:.0} MB/s) |",
@@ -231,7 +265,7 @@ mod tests {
         assert_eq!(rows.len(), 4, "header and three transports:\n{table}");
         assert!(rows[3].starts_with("| relayed"), "{table}");
         for row in &rows[1..] {
-            assert_eq!(row.matches(" ms (").count(), super::SIZES.len(), "{row}");
+            assert_eq!(row.matches(" ms (").count(), super::SIZES.len() + 1, "{row}");
         }
     }
 }
