@@ -761,6 +761,10 @@ pub async fn pull_announced_shares(
     pulls.shutdown().await;
 }
 
+/// How long a pull of a share over `max_relayed_share_bytes` waits for a
+/// direct connection when only a relayed one exists.
+const PULL_DIRECT_WAIT: Duration = Duration::from_secs(60);
+
 /// Fetches one announced share and offers it to the inbox.
 async fn pull_one(
     client: &Client,
@@ -771,11 +775,20 @@ async fn pull_one(
     announcement: ShareAnnouncement,
 ) {
     let (round, sender) = (announcement.round, announcement.sender);
-    let bytes = match client.fetch_share(source, &announcement).await {
-        Ok(bytes) => bytes,
-        Err(e) => {
-            tracing::warn!(%source, round, "pulling an announced share failed: {e:#}");
-            return;
+    // A share too large for a relay waits for a direct connection (hole
+    // punching, or a direct dial) for up to PULL_DIRECT_WAIT.
+    let started = tokio::time::Instant::now();
+    let bytes = loop {
+        match client.fetch_share(source, &announcement).await {
+            Ok(bytes) => break bytes,
+            Err(e) if e.is::<net::RelayedOnly>() && started.elapsed() < PULL_DIRECT_WAIT => {
+                tracing::debug!(%source, round, "{e:#}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                tracing::warn!(%source, round, "pulling an announced share failed: {e:#}");
+                return;
+            }
         }
     };
     let reject = |e: ProtocolError| {

@@ -100,9 +100,18 @@ async fn measure(
     repeats: usize,
     large: &ShareAnnouncement,
 ) -> anyhow::Result<Vec<f64>> {
+    // Allowed to move shares of any size over a relay: measuring that is
+    // the point (members default to 1 MiB, `max_relayed_share_bytes`).
     let sender = start(
         sender_seed,
-        &no_relay(),
+        &NetConfig {
+            relay: RelayUse {
+                mode: RelayMode::Off,
+                max_relayed_share_bytes: u64::MAX,
+                ..Default::default()
+            },
+            ..NetConfig::open()
+        },
     )?;
     let connected = tokio::time::timeout(
         Duration::from_secs(20),

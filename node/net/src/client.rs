@@ -83,6 +83,22 @@ pub struct Client {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
     counters: Arc<TrafficCounters>,
+    /// Larger shares are not moved over a relayed connection
+    /// ([`super::RelayUse::max_relayed_share_bytes`]).
+    max_relayed_share_bytes: u64,
+}
+
+/// A share of `bytes` was not pulled from `peer`: the only connection to it
+/// is relayed, and the share is over `max_relayed_share_bytes`. A direct
+/// dial was started; try again later.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{peer} is connected through a relay only, and a share of {bytes} bytes is over max_relayed_share_bytes ({limit}): waiting for a direct connection"
+)]
+pub struct RelayedOnly {
+    pub peer: PeerId,
+    pub bytes: u64,
+    pub limit: u64,
 }
 
 impl Client {
@@ -90,11 +106,13 @@ impl Client {
         commands: mpsc::Sender<Command>,
         local_peer_id: PeerId,
         counters: Arc<TrafficCounters>,
+        max_relayed_share_bytes: u64,
     ) -> Self {
         Client {
             commands,
             local_peer_id,
             counters,
+            max_relayed_share_bytes,
         }
     }
 
@@ -272,11 +290,27 @@ impl Client {
     /// Pulls the share `announcement` describes from `peer` in chunks and
     /// returns its bytes once each chunk's length, the total and the SHA-256
     /// digest match; decode with [`fd_protocol::decode_share`] and validate.
+    ///
+    /// A share over `max_relayed_share_bytes` is not pulled over a relayed
+    /// connection: with only such a connection to `peer` (after dialling
+    /// it), this fails with [`RelayedOnly`] at once, and a direct dial has
+    /// been started (the event loop dials a peer's own addresses whenever
+    /// only a relayed connection to it exists).
     pub async fn fetch_share(
         &self,
         peer: PeerId,
         announcement: &ShareAnnouncement,
     ) -> anyhow::Result<Vec<u8>> {
+        if announcement.bytes > self.max_relayed_share_bytes
+            && self.dial(peer, Vec::new()).await?.relayed
+        {
+            return Err(RelayedOnly {
+                peer,
+                bytes: announcement.bytes,
+                limit: self.max_relayed_share_bytes,
+            }
+            .into());
+        }
         transfer::fetch(self, peer, announcement).await
     }
 

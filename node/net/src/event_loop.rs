@@ -1174,6 +1174,9 @@ impl EventLoop {
             Command::Dial { peer, addrs, reply } => {
                 if self.swarm.is_connected(&peer) {
                     let relayed = !self.relays.has_direct(&peer);
+                    if relayed {
+                        self.dial_direct(peer);
+                    }
                     let _ = reply.send(Ok(Connected { relayed }));
                     return;
                 }

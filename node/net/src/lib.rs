@@ -95,7 +95,7 @@ use libp2p::{
 };
 use tokio::sync::mpsc;
 
-pub use client::{Client, Connected, request_with_retry};
+pub use client::{Client, Connected, RelayedOnly, request_with_retry};
 pub use codec::{FdCodec, Traffic, TrafficCounters};
 pub use config::{RelayConfig, RelayLimits, RelayMode};
 pub use event_loop::EventLoop;
@@ -474,7 +474,12 @@ pub fn new_with(key: &SigningKey, config: &NetConfig) -> anyhow::Result<Network>
     let (announcement_tx, announcement_rx) = mpsc::channel(256);
     let local_peer_id = *swarm.local_peer_id();
     Ok(Network {
-        client: Client::new(command_tx, local_peer_id, counters.clone()),
+        client: Client::new(
+            command_tx,
+            local_peer_id,
+            counters.clone(),
+            config.relay.max_relayed_share_bytes,
+        ),
         requests: request_rx,
         announcements: announcement_rx,
         event_loop: EventLoop::new(

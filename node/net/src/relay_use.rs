@@ -27,7 +27,9 @@
 //!
 //! Shares travel over whichever connection exists, but a share larger than
 //! `max_relayed_share_bytes` is never pushed over a relayed one (the push is
-//! retried until a direct connection appears or the round's deadline passes):
+//! retried until a direct connection appears or the round's deadline
+//! passes), nor pulled over one ([`super::RelayedOnly`]; the puller retries
+//! for a minute):
 //! relays are limited in bytes and time, and someone pays for them. Every
 //! share answered over a circuit is counted (`shares_relayed`) so operators
 //! see what their relay carries.

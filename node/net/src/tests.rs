@@ -463,3 +463,95 @@ async fn a_peer_over_its_in_flight_limit_is_answered_busy_while_others_are_serve
     .unwrap();
     assert_eq!(answer, Message::Ack);
 }
+
+/// A share over `max_relayed_share_bytes` is not pulled from a peer reached
+/// only through a relay (the pull fails with `RelayedOnly`, to be retried);
+/// with the limit raised it crosses the relay whole.
+#[tokio::test]
+async fn large_shares_are_pulled_over_a_relay_only_when_the_limit_allows() {
+    use super::{RelayLimits, RelayMode, RelayUse, RelayedOnly, relay_use::circuit_addr};
+    let open = |mode, max| NetConfig {
+        relay: RelayUse {
+            mode,
+            max_relayed_share_bytes: max,
+            ..RelayUse::default()
+        },
+        ..NetConfig::open()
+    };
+    let relay = node(
+        40,
+        NetConfig {
+            relay_service: Some(RelayLimits {
+                max_circuit_bytes: 64 << 20,
+                ..RelayLimits::default()
+            }),
+            ..open(RelayMode::Off, 1 << 20)
+        },
+    )
+    .await;
+    // Listens nowhere: reachable only at its circuit address.
+    let key = SigningKey::from_seed([41; 32]);
+    let hidden = new_with(
+        &key,
+        &NetConfig {
+            relay: RelayUse {
+                mode: RelayMode::Always,
+                relays: vec![(relay.peer, relay.addr.clone())],
+                ..RelayUse::default()
+            },
+            ..NetConfig::open()
+        },
+    )
+    .unwrap();
+    tokio::spawn(hidden.event_loop.run());
+    let hidden_id = hidden.client.local_peer_id();
+    let bytes = Arc::new(vec![7u8; 2 * CHUNK_BYTES + 5]);
+    let announcement = ShareAnnouncement::describe("relay", 1, key.public_key(), &bytes);
+    hidden
+        .client
+        .offer_share(&announcement, bytes.clone())
+        .await
+        .unwrap();
+    let circuit = circuit_addr(relay.peer, &relay.addr);
+
+    // Pullers listen nowhere either, so neither side can dial the other
+    // directly and no hole punch can replace the relayed connection.
+    let unlisted = |seed: u8, config: NetConfig| {
+        let network = new_with(&SigningKey::from_seed([seed; 32]), &config).unwrap();
+        tokio::spawn(network.event_loop.run());
+        network.client
+    };
+    let strict = unlisted(42, open(RelayMode::Off, 1 << 20));
+    let generous = unlisted(43, open(RelayMode::Off, 64 << 20));
+    for puller in [&strict, &generous] {
+        // The reservation may still be on its way: dial until it answers.
+        eventually("the hidden peer is reached through the relay", async || {
+            matches!(
+                timeout(
+                    Duration::from_secs(5),
+                    puller.dial(hidden_id, vec![circuit.clone()])
+                )
+                .await,
+                Ok(Ok(c)) if c.relayed
+            )
+        })
+        .await;
+    }
+    let refused = strict
+        .fetch_share(hidden_id, &announcement)
+        .await
+        .map(|pulled| pulled.len())
+        .unwrap_err();
+    let relayed_only = refused
+        .downcast_ref::<RelayedOnly>()
+        .unwrap_or_else(|| panic!("not a RelayedOnly error: {refused:#}"));
+    assert_eq!(relayed_only.bytes, bytes.len() as u64);
+    let pulled = timeout(
+        Duration::from_secs(30),
+        generous.fetch_share(hidden_id, &announcement),
+    )
+    .await
+    .expect("pulled within 30 s")
+    .unwrap();
+    assert_eq!(pulled, *bytes);
+}
