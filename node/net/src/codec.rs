@@ -60,9 +60,6 @@ pub struct TrafficCounters {
     pub largest_frame_received: AtomicU64,
     /// Pushed shares answered over a relayed connection (of `shares_sent`).
     pub shares_relayed: AtomicU64,
-    /// Direct connections made by hole punching (DCUtR), and attempts that failed.
-    pub hole_punches: AtomicU64,
-    pub hole_punch_failures: AtomicU64,
     /// Relay reservations and circuits this node (as a relay) refused.
     pub relay_refused: AtomicU64,
 }
@@ -87,8 +84,6 @@ pub struct Traffic {
     pub largest_frame_sent: u64,
     pub largest_frame_received: u64,
     pub shares_relayed: u64,
-    pub hole_punches: u64,
-    pub hole_punch_failures: u64,
 }
 
 /// Whether a frame carrying `message` is share traffic.
@@ -124,8 +119,6 @@ impl TrafficCounters {
             largest_frame_sent: get(&self.largest_frame_sent),
             largest_frame_received: get(&self.largest_frame_received),
             shares_relayed: get(&self.shares_relayed),
-            hole_punches: get(&self.hole_punches),
-            hole_punch_failures: get(&self.hole_punch_failures),
         }
     }
 
@@ -225,8 +218,6 @@ impl Traffic {
             largest_frame_sent: self.largest_frame_sent,
             largest_frame_received: self.largest_frame_received,
             shares_relayed: self.shares_relayed - earlier.shares_relayed,
-            hole_punches: self.hole_punches - earlier.hole_punches,
-            hole_punch_failures: self.hole_punch_failures - earlier.hole_punch_failures,
         }
     }
 }

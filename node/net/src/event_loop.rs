@@ -110,10 +110,10 @@ struct RelayState {
 
 impl RelayState {
     fn new(config: RelayUse) -> Self {
+        let wanted = config.mode == RelayMode::Always && !config.relays.is_empty();
         RelayState {
-            wanted: config.mode == RelayMode::Always && !config.relays.is_empty(),
-            retry_at: (config.mode == RelayMode::Always && !config.relays.is_empty())
-                .then(Instant::now),
+            wanted,
+            retry_at: wanted.then(Instant::now),
             config,
             reservations: HashMap::new(),
             connections: HashMap::new(),
@@ -500,13 +500,9 @@ impl EventLoop {
                 result,
             }) => match result {
                 Ok(_) => {
-                    self.counters.hole_punches.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(peer = %remote_peer_id, "direct connection by hole punching");
                 }
                 Err(e) => {
-                    self.counters
-                        .hole_punch_failures
-                        .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(peer = %remote_peer_id, "hole punching failed, staying relayed: {e}");
                 }
             },
@@ -1148,10 +1144,12 @@ impl EventLoop {
                     && let Ok(len) = fd_protocol::codec::share_frame_len(s)
                     && len as u64 > self.relays.config.max_relayed_share_bytes
                 {
-                    let _ = reply.send(Err(anyhow!(
-                        "{peer} is connected through a relay only, and a share of {len} bytes is over max_relayed_share_bytes ({}): waiting for a direct connection",
-                        self.relays.config.max_relayed_share_bytes
-                    )));
+                    let _ = reply.send(Err(super::RelayedOnly {
+                        peer,
+                        bytes: len as u64,
+                        limit: self.relays.config.max_relayed_share_bytes,
+                    }
+                    .into()));
                     return;
                 }
                 if self.close_superseded(peer) {
