@@ -135,12 +135,88 @@ noise_multiplier = 1.0                # sigma: noise std sigma*C on the sum of c
 delta = 1e-5                          # delta of the (epsilon, delta) logged every round; < 1/private samples
 # max_epsilon = 8.0                   # stop training on private data before epsilon would pass this
 
+[secure_aggregation]                  # members see only the sum of the round's knowledge (docs/operating.md)
+enabled = false                       # masked knowledge instead of signed shares (SecAgg among the members);
+                                      # needs aggregator mean-probabilities or era, and the same on every member
+# threshold = 3                       # reveals needed to unmask (default: the smallest majority of the round)
+phase_timeout_secs = 5                # each step after the key advertisements waits this long for members
+                                      # still in the protocol; a member that never advertises by the
+                                      # round's deadline is left out of that round
+
 [rollback]                            # monitoring on a held-out validation split (docs/operating.md)
 validation_fraction = 0.1             # private samples held out per class (seeded), never trained on; [0, 1)
 rollback_tolerance = 0.10             # undo a distillation that leaves validation accuracy more than this
                                       # below the best so far (omit: measure only, never roll back)
 best_file = "node-0.best"             # the best student kept so far (default: <name>.best); export takes it
 "#;
+
+/// The node config's `[secure_aggregation]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregationConfig {
+    /// Members share only masked knowledge; each learns the round's sum.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Shamir threshold: reveals needed to unmask. Default: the smallest
+    /// majority of the round's members; a smaller one is refused.
+    #[serde(default)]
+    pub threshold: Option<usize>,
+    /// How long each step after the key advertisements waits for members
+    /// that are still in the protocol.
+    #[serde(default = "default_phase_timeout")]
+    pub phase_timeout_secs: u64,
+}
+
+fn default_phase_timeout() -> u64 {
+    5
+}
+
+impl Default for SecureAggregationConfig {
+    fn default() -> Self {
+        SecureAggregationConfig {
+            enabled: false,
+            threshold: None,
+            phase_timeout_secs: default_phase_timeout(),
+        }
+    }
+}
+
+impl SecureAggregationConfig {
+    /// Field and reason of the first bad value.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if let Some(t) = self.threshold
+            && t < 2
+        {
+            return Err((
+                "secure_aggregation.threshold",
+                format!("must be at least 2 (a majority of the round's members), got {t}"),
+            ));
+        }
+        if self.phase_timeout_secs == 0 || self.phase_timeout_secs > 600 {
+            return Err((
+                "secure_aggregation.phase_timeout_secs",
+                format!("must be in 1..=600, got {}", self.phase_timeout_secs),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a public subset whose masked input would not fit in one
+    /// frame: `rows × (classes + 1)` words of 4 bytes.
+    pub fn check_input_size(&self, rows: usize, classes: usize) -> anyhow::Result<()> {
+        let bytes = rows * (classes + 1) * 4;
+        // Room for the header fields, the signature and the member list.
+        let limit = fd_protocol::MAX_MESSAGE_BYTES - 64 * 1024;
+        if self.enabled && bytes > limit {
+            anyhow::bail!(
+                "field `federation.subset_size`: {rows} rows × {} words × 4 bytes = {bytes} bytes of masked input, over the {limit}-byte frame limit of secure aggregation; use at most {} rows",
+                classes + 1,
+                limit / ((classes + 1) * 4)
+            );
+        }
+        Ok(())
+    }
+}
 
 /// The `[partition]` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +288,9 @@ pub struct NodeConfig {
     /// Validation split, rollback of harmful distillations, best student.
     #[serde(default)]
     pub rollback: crate::rollback::RollbackConfig,
+    /// Secure aggregation of the members' knowledge.
+    #[serde(default)]
+    pub secure_aggregation: SecureAggregationConfig,
 }
 
 fn default_listen() -> ListenAddrs {
@@ -372,6 +451,18 @@ impl NodeConfig {
             .validate()
             .map_err(|r| invalid("knowledge", r))?;
         self.dp.validate().map_err(|(field, r)| invalid(field, r))?;
+        self.secure_aggregation
+            .validate()
+            .map_err(|(field, r)| invalid(field, r))?;
+        if self.secure_aggregation.enabled && !self.aggregator.supports_secure_aggregation() {
+            return Err(invalid(
+                "aggregator",
+                format!(
+                    "is {:?}, which cannot run under [secure_aggregation]: members see only the sum of the round's probabilities; use \"mean-probabilities\" or {{ era = {{ temperature = … }} }} (median and trimmed mean need each member's values, which secure aggregation hides)",
+                    self.aggregator
+                ),
+            ));
+        }
         if self.dp.enabled {
             dp_compatible(&self.model, &self.knowledge).map_err(|(field, r)| invalid(field, r))?;
         }
@@ -419,7 +510,8 @@ mod tests {
     fn dp_section_is_checked_and_names_the_field() {
         let base = EXAMPLE_CONFIG.to_string();
         let parse = |extra: &str| {
-            let text = base.replace("enabled = false ", extra);
+            // The first `enabled` of the example is [dp]'s.
+            let text = base.replacen("enabled = false ", extra, 1);
             NodeConfig::parse(&text, Path::new("/etc/fd/node.toml"))
         };
         // On with the default selector (density): refused, naming the selector.
@@ -427,7 +519,7 @@ mod tests {
         assert!(err.contains("knowledge.selector"), "{err}");
         let with_all = base
             .replace("selector = \"density\"", "selector = \"all\"")
-            .replace("enabled = false ", "enabled = true ");
+            .replacen("enabled = false ", "enabled = true ", 1);
         let c = NodeConfig::parse(&with_all, Path::new("/etc/fd/node.toml")).unwrap();
         assert!(c.dp.enabled);
         assert_eq!(c.dp.noise_multiplier, 1.0);
@@ -441,6 +533,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("dp.max_epsilon"), "{err}");
+    }
+
+    #[test]
+    fn secure_aggregation_is_refused_with_an_aggregator_that_needs_each_members_values() {
+        let on = EXAMPLE_CONFIG.replace(
+            "enabled = false                       # masked knowledge",
+            "enabled = true                        # masked knowledge",
+        );
+        assert_ne!(on, EXAMPLE_CONFIG);
+        let c = NodeConfig::parse(&on, Path::new("/etc/fd/node.toml")).unwrap();
+        assert!(c.secure_aggregation.enabled && !c.dp.enabled);
+        assert_eq!(c.secure_aggregation.phase_timeout_secs, 5);
+        let median = on.replace(
+            "aggregator = { era = { temperature = 0.1 } }",
+            "aggregator = \"median\"",
+        );
+        let err = NodeConfig::parse(&median, Path::new("/etc/fd/node.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("aggregator") && err.contains("secure_aggregation"), "{err}");
+        let minority = on.replace("# threshold = 3 ", "threshold = 1 ");
+        let err = NodeConfig::parse(&minority, Path::new("/etc/fd/node.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("secure_aggregation.threshold"), "{err}");
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //!   messages) and the bounded pool where inbound signatures are checked;
 //! - [`inbox`]: the validation gate between received shares and aggregation;
 //! - [`runtime`]: the networked member and the isolated baseline;
+//!   [`secure`]: secure aggregation between members over the network;
 //!   [`doctor`]: `fd-node doctor`, which peers this member can reach and how.
 //! - [`config`]: a node's configuration file.
 //! - [`export`]: the student as a deployable SafeTensors model (f32/f16/int8);
@@ -44,3 +45,4 @@ pub mod inbox;
 pub mod member;
 pub mod round;
 pub mod runtime;
+pub mod secure;

@@ -34,7 +34,8 @@ use crate::config::{NodeConfig, Schedule};
 use crate::gate::{Admitted, ControlGate, VerifyPool};
 use crate::member::LocalMember;
 use crate::rollback::BestStudent;
-use crate::round::{RoundEngine, RoundPlan, ShareTransport, SharedInbox};
+use crate::round::{RoundEngine, RoundPlan, SecureSum, ShareTransport, SharedInbox};
+use crate::secure::{SecureAggregationConfig, SecureMailbox, SecureRound};
 
 /// Where a caller may watch rounds finish.
 pub type MetricsObserver = mpsc::UnboundedSender<RoundMetrics>;
@@ -170,6 +171,19 @@ pub struct Libp2pTransport {
     /// Oversize frames the codec refused and requests answered `busy`,
     /// already counted as rejections.
     refusals_counted: Mutex<(u64, u64)>,
+    /// Secure aggregation, when this member runs it.
+    secure: Option<SecureCarrier>,
+}
+
+/// What [`Libp2pTransport::secure_sum`] needs (see [`crate::secure`]).
+struct SecureCarrier {
+    mailbox: Arc<SecureMailbox>,
+    config: SecureAggregationConfig,
+    classes: usize,
+    /// Deliveries of secure-aggregation messages, owned by the transport so
+    /// they finish after the round that sent them (bounded by their
+    /// deadlines) and stop when the member does.
+    sends: Mutex<JoinSet<()>>,
 }
 
 impl Libp2pTransport {
@@ -180,7 +194,26 @@ impl Libp2pTransport {
             round_start: Mutex::new(start),
             announced: tokio::sync::Mutex::new(None),
             refusals_counted: Mutex::new((0, 0)),
+            secure: None,
         }
+    }
+
+    /// Rounds aggregate by secure aggregation through `mailbox` (which this
+    /// enables) with `config`, for a task of `classes` classes.
+    pub fn with_secure_aggregation(
+        mut self,
+        mailbox: Arc<SecureMailbox>,
+        config: SecureAggregationConfig,
+        classes: usize,
+    ) -> Self {
+        mailbox.enable();
+        self.secure = Some(SecureCarrier {
+            mailbox,
+            config,
+            classes,
+            sends: Mutex::new(JoinSet::new()),
+        });
+        self
     }
 
     /// Offers `share` for pulling and announces it to the round's targets (once per round).
@@ -270,6 +303,26 @@ impl ShareTransport for Libp2pTransport {
         self.client
             .traffic()
             .since(&self.round_start.lock().unwrap())
+    }
+
+    async fn secure_sum(
+        &self,
+        plan: &RoundPlan,
+        key: &SigningKey,
+        encoded: Vec<u32>,
+    ) -> anyhow::Result<SecureSum> {
+        let Some(carrier) = &self.secure else {
+            bail!("secure aggregation is not enabled on this member's transport");
+        };
+        SecureRound {
+            client: &self.client,
+            mailbox: &carrier.mailbox,
+            config: &carrier.config,
+            sends: &carrier.sends,
+            classes: carrier.classes,
+        }
+        .run(plan, key, encoded)
+        .await
     }
 }
 
@@ -464,7 +517,15 @@ pub async fn run_federated(
 
     let last_round = member.manifest.rounds;
     let manifest = member.manifest.clone();
+    let classes = member.classes();
+    let secure_config = config.secure_aggregation.clone();
+    if secure_config.enabled {
+        secure_config.check_input_size(manifest.subset_size as usize, classes)?;
+    }
     let mut engine = RoundEngine::new(member, key.clone(), config.encoding.0);
+    if secure_config.enabled {
+        engine = engine.with_secure_aggregation()?;
+    }
     engine.inbox().lock().set_window(config.share_window_rounds);
     // Shares of rounds this member already finished are replays.
     engine.inbox().lock().take_round(last_done);
@@ -511,7 +572,12 @@ pub async fn run_federated(
         control,
         &manifest.federation_id,
     );
-    let transport = Libp2pTransport::new(client.clone());
+    let mut transport = Libp2pTransport::new(client.clone());
+    if secure_config.enabled {
+        let mailbox = network.secure_mailbox().expect("serve ran above");
+        transport = transport.with_secure_aggregation(mailbox, secure_config, classes);
+        tracing::info!(node = %config.name, "secure aggregation: only masked knowledge leaves this member");
+    }
 
     let mut results: Vec<RoundMetrics> = Vec::new();
     let quorum_fraction = config.federation.quorum;
@@ -826,6 +892,9 @@ async fn pull_one(
 /// them, so no network task outlives the member that started it.
 pub struct MemberNetwork {
     client: Client,
+    me: PublicKey,
+    /// Secure-aggregation messages, once [`MemberNetwork::serve`] runs.
+    secure: Option<Arc<SecureMailbox>>,
     listening: Vec<Multiaddr>,
     requests: Option<mpsc::Receiver<InboundRequest>>,
     announcements: Option<mpsc::Receiver<(PeerId, ShareAnnouncement)>>,
@@ -851,6 +920,8 @@ impl MemberNetwork {
         }
         Ok(MemberNetwork {
             client,
+            me: key.public_key(),
+            secure: None,
             listening,
             requests: Some(requests),
             announcements: Some(announcements),
@@ -868,8 +939,10 @@ impl MemberNetwork {
     }
 
     /// Starts answering peers: shares into `inbox`, control messages through
-    /// `control` (`None`: all refused), and pulls the large shares announced
-    /// on `federation_id`'s topic. Call it once.
+    /// `control` (`None`: all refused), secure-aggregation messages into
+    /// [`Self::secure_mailbox`] (refused unless a transport enables it), and
+    /// pulls the large shares announced on `federation_id`'s topic. Call it
+    /// once.
     pub fn serve(
         &mut self,
         inbox: Arc<SharedInbox>,
@@ -883,6 +956,8 @@ impl MemberNetwork {
             panic!("MemberNetwork::serve called twice");
         };
         let pool = VerifyPool::for_this_machine();
+        let secure = SecureMailbox::new(self.me, federation_id, inbox.clone());
+        self.secure = Some(secure.clone());
         self.tasks.spawn(pull_announced_shares(
             self.client.clone(),
             inbox.clone(),
@@ -898,9 +973,16 @@ impl MemberNetwork {
                 telemetry,
                 pool,
                 control,
+                secure,
             },
             requests,
         ));
+    }
+
+    /// Where this member's secure-aggregation messages are kept; `None`
+    /// before [`Self::serve`].
+    pub fn secure_mailbox(&self) -> Option<Arc<SecureMailbox>> {
+        self.secure.clone()
     }
 
     /// Stops the event loop, the server and the puller, and waits for them.
@@ -926,6 +1008,8 @@ pub struct Inbound {
     /// None: every control message is refused (`not_coordinator`): a
     /// federation without a coordinator, or the simulator's own clock.
     pub control: Option<ControlPlane>,
+    /// Secure-aggregation messages (see [`crate::secure`]).
+    pub secure: Arc<SecureMailbox>,
 }
 
 impl Inbound {
@@ -989,6 +1073,16 @@ impl Inbound {
                     Ok(()) => Message::Ack,
                     Err(e) => {
                         tracing::warn!(%peer, kind, round, reason = e.reason().as_str(), "control message refused: {e}");
+                        self.refused(&e)
+                    }
+                }
+            }
+            Message::SecAgg(message) => {
+                let (kind, round) = (message.kind(), message.round());
+                match self.secure.offer(&peer, message) {
+                    Ok(()) => Message::Ack,
+                    Err(e) => {
+                        tracing::warn!(%peer, kind, round, reason = e.reason().as_str(), "secure aggregation message refused: {e}");
                         self.refused(&e)
                     }
                 }

@@ -23,7 +23,9 @@ use crate::transfer::MAX_SHARE_BYTES;
 /// 3: a [`LogitShare`] may carry signed per-row knowledge weights
 /// ([`crate::share::RowWeights`]; signing domain `fd/logit-share/v2`).
 /// 4: [`crate::RoundMetrics`] reports `shares_relayed`.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 5: secure aggregation between members (`Message::SecAgg`, with the
+/// signed [`crate::secagg::SurvivorView`]).
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Largest frame accepted or produced: 4 MiB. Room for one chunk
 /// ([`CHUNK_BYTES`](crate::transfer::CHUNK_BYTES)) or one inline share
@@ -182,16 +184,16 @@ mod tests {
             Err(ProtocolError::Malformed(_))
         ));
 
-        // A frame of the previous version (3: metrics without
-        // `shares_relayed`) is refused as `version`, before its body is read.
+        // A frame of the previous version (4: no secure aggregation between
+        // members) is refused as `version`, before its body is read.
         let mut previous = frame.clone();
-        previous[..2].copy_from_slice(&3u16.to_le_bytes());
+        previous[..2].copy_from_slice(&4u16.to_le_bytes());
         let err = decode(&previous).unwrap_err();
         assert_eq!(
             err,
             ProtocolError::UnsupportedVersion {
-                got: 3,
-                expected: 4
+                got: 4,
+                expected: 5
             }
         );
         assert_eq!(err.reason(), crate::RejectReason::Version);

@@ -366,6 +366,9 @@ pub enum Message {
     ChunkUnavailable {
         reason: String,
     },
+    /// A step of secure aggregation among the round's members (see
+    /// [`crate::secagg`]); answered with `Ack` or `Refused`.
+    SecAgg(crate::secagg::SecAggMessage),
 }
 
 impl Message {
@@ -386,6 +389,7 @@ impl Message {
             Message::FetchChunk { .. } => "FetchChunk",
             Message::Chunk { .. } => "Chunk",
             Message::ChunkUnavailable { .. } => "ChunkUnavailable",
+            Message::SecAgg(_) => "SecAgg",
         }
     }
 }

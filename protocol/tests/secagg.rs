@@ -408,3 +408,85 @@ fn a_masked_input_takes_four_bytes_a_word_and_round_trips() {
     let small = fd_protocol::secagg::wire_len(input);
     assert_eq!(big - small, (3 + 4000) - (1 + 12), "{big} vs {small}");
 }
+
+/// Between processes nobody announces the survivor set: a member reveals
+/// only once every other survivor it saw confirmed the same set. An input
+/// that reached member 0 but not member 1 (its sender crashed while
+/// sending) must not make 0 reveal 2's self seed while 1 reveals 2's mask
+/// secret: together those would unmask 2's input alone.
+#[test]
+fn members_that_saw_different_survivors_do_not_reveal() {
+    let (mut parts, inputs, members) = three_with_inputs(45);
+    // Member 2 crashed after its input reached member 0 only.
+    for i in [0, 1] {
+        for (j, input) in inputs.iter().enumerate().take(2) {
+            if i != j {
+                parts[i].accept_masked_input(input).unwrap();
+            }
+        }
+    }
+    parts[0].accept_masked_input(&inputs[2]).unwrap();
+    let v0 = parts[0].survivor_view().unwrap();
+    let v1 = parts[1].survivor_view().unwrap();
+    assert_eq!(v0.survivors.len(), 3);
+    assert_eq!(v1.survivors.len(), 2);
+    // Before any confirmation nobody reveals.
+    let Err(SecAggError::Unconfirmed { .. }) = parts[0].reveal_confirmed() else {
+        panic!("revealed without confirmations");
+    };
+    parts[0].accept_view(&v1).unwrap();
+    parts[1].accept_view(&v0).unwrap();
+    let Err(SecAggError::Disagreement { member, theirs: 2, mine: 3 }) = parts[0].reveal_confirmed()
+    else {
+        panic!("member 0 revealed although member 1 saw another set");
+    };
+    assert_eq!(member, members[1]);
+    let Err(SecAggError::Disagreement { theirs: 3, mine: 2, .. }) = parts[1].reveal_confirmed() else {
+        panic!("member 1 revealed although member 0 saw another set");
+    };
+    // A second, different view from the same member is refused.
+    let mut other = v1.clone();
+    other.survivors = members.clone();
+    other.survivors.sort();
+    let key = keys(3, 45).into_iter().find(|k| k.public_key() == v1.from).unwrap();
+    other.signature = key.sign(&other.signing_bytes());
+    assert!(matches!(parts[0].accept_view(&other), Err(SecAggError::Rejected { .. })));
+    // A view whose set leaves out its sender, or is forged, is refused.
+    let mut forged = v1.clone();
+    forged.survivors.retain(|m| *m != v1.from);
+    assert!(parts[2].accept_view(&forged).is_err());
+}
+
+#[test]
+fn survivors_that_agree_reveal_and_unmask_the_sum() {
+    let (mut parts, inputs, _) = three_with_inputs(46);
+    for (i, p) in parts.iter_mut().enumerate() {
+        for (j, input) in inputs.iter().enumerate() {
+            if i != j {
+                p.accept_masked_input(input).unwrap();
+            }
+        }
+    }
+    let views: Vec<_> = parts.iter_mut().map(|p| p.survivor_view().unwrap()).collect();
+    for (i, p) in parts.iter_mut().enumerate() {
+        for (j, v) in views.iter().enumerate() {
+            if i != j {
+                p.accept_view(v).unwrap();
+            }
+        }
+    }
+    let mut reveals = Vec::new();
+    let mut sets = Vec::new();
+    for p in parts.iter_mut() {
+        let (set, reveal) = p.reveal_confirmed().unwrap();
+        sets.push(set);
+        reveals.push(reveal);
+    }
+    assert!(sets.windows(2).all(|w| w[0] == w[1]));
+    for r in &reveals {
+        parts[0].check_reveal(r, &sets[0]).unwrap();
+    }
+    let sum = parts[0].unmask(&sets[0], &inputs, &reveals).unwrap().sum;
+    // Inputs [10·i, 1, 2] of members 0, 1, 2.
+    assert_eq!(sum, vec![30, 3, 6]);
+}

@@ -327,6 +327,9 @@ impl Experiment {
                 best_file: None,
                 ..self.rollback.clone()
             },
+            // The simulator runs secure aggregation through its own hub
+            // (`[secure_aggregation]` of the experiment, crate::secure).
+            secure_aggregation: Default::default(),
         }
     }
 

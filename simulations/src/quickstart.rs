@@ -113,6 +113,7 @@ fn node_config(
         // The quickstart reproduces the README's published numbers: every
         // member trains on all its private data.
         rollback: fd_node::rollback::RollbackConfig::off(),
+        secure_aggregation: Default::default(),
     }
 }
 

@@ -537,6 +537,25 @@ pub fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
         },
     );
     frame("ack", Message::Ack);
+    // Secure aggregation: a real advertisement, key shares and masked input
+    // of a two-member round (seeded), so the fuzzer starts inside them.
+    {
+        use fd_protocol::secagg::{Participant, RoundContext, SecAggMessage};
+        use rand_chacha::ChaCha20Rng;
+        use rand_chacha::rand_core::SeedableRng;
+        let bob = SigningKey::from_seed([9; 32]);
+        let members = [signing_key().public_key(), bob.public_key()];
+        let ctx = RoundContext::new(FEDERATION_ID, ROUND, &members, 2).expect("two members");
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let (mut alice, advert) = Participant::new(ctx.clone(), &signing_key(), &mut rng).expect("member");
+        let (_, bobs) = Participant::new(ctx, &bob, &mut rng).expect("member");
+        alice.accept_advertisement(bobs).expect("signed");
+        let shares = alice.key_shares(&mut rng).expect("two advertised");
+        let input = alice.masked_input(&[1, 2, 3, 4]).expect("after key shares");
+        frame("secagg-advertise", Message::SecAgg(SecAggMessage::Advertise(advert)));
+        frame("secagg-key-shares", Message::SecAgg(SecAggMessage::KeyShares(shares[0].clone())));
+        frame("secagg-input", Message::SecAgg(SecAggMessage::Input(input)));
+    }
     let pulled = &originals()[0].standalone;
     let announcement = ShareAnnouncement::describe(FEDERATION_ID, ROUND, key, pulled);
     frame(

@@ -39,13 +39,20 @@
 //! mask, that also needs t shares of its self seed, which honest members give
 //! out only for survivors, and never both for the same member.
 //!
-//! What this module does not do: agree on S. Honest members must reveal for
-//! the same S (the round clock announces it); a member that sees two
-//! different survivor sets signed for one round must stop. It has no
-//! networking: `fd-node` moves these messages. It is semi-honest secure
-//! against up to t − 1 colluding members (t > n/2 is enforced); a malicious
-//! member can make a round fail (a wrong share fails the commitment check
-//! and the round is refused), never make another member accept a wrong sum.
+//! Agreeing on S: the simulator's hub plays every member with one S. Between
+//! processes nobody announces S: between steps 3 and 4 each member signs the
+//! set of members whose input it accepted ([`SurvivorView`]) and sends it to
+//! the others, and reveals only once every other member of its set sent the
+//! same set ([`Participant::reveal_confirmed`]); a member that sees another
+//! set, or none from one of its survivors, does not reveal and the round is
+//! not aggregated. So two honest members never reveal for different sets
+//! (each would need the other's confirmation of its own set), which is what
+//! could expose both secrets of one member. There is no networking here:
+//! `fd-node` moves these messages ([`SecAggMessage`]). It is semi-honest
+//! secure against up to t − 1 colluding members (t > n/2 is enforced); a
+//! malicious member can make a round fail (a wrong share fails the
+//! commitment check and the round is refused), never make another member
+//! accept a wrong sum.
 
 mod crypto;
 pub mod fixed;
@@ -54,10 +61,82 @@ pub mod shamir;
 
 pub use fixed::{FRACTION_BITS, KnowledgeSums, MAX_CONTRIBUTORS, encode_knowledge};
 pub use session::{
-    EncryptedKeyShares, KeyAdvertisement, MaskedInput, Participant, Reveal, RoundContext, Unmasked,
+    EncryptedKeyShares, KeyAdvertisement, MaskedInput, Participant, Reveal, RoundContext,
+    SurvivorView, Unmasked,
 };
 
 use crate::identity::PublicKey;
+use rand_chacha::ChaCha20Rng;
+use rand_chacha::rand_core::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+/// One secure-aggregation message between members (`Message::SecAgg`).
+/// Each names its sender, which the receiver checks against the
+/// authenticated peer before it looks any further.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SecAggMessage {
+    Advertise(KeyAdvertisement),
+    KeyShares(EncryptedKeyShares),
+    Input(MaskedInput),
+    View(SurvivorView),
+    Reveal(Reveal),
+}
+
+impl SecAggMessage {
+    /// The member that claims to have sent it.
+    pub fn sender(&self) -> &PublicKey {
+        match self {
+            SecAggMessage::Advertise(m) => &m.member,
+            SecAggMessage::KeyShares(m) => &m.from,
+            SecAggMessage::Input(m) => &m.from,
+            SecAggMessage::View(m) => &m.from,
+            SecAggMessage::Reveal(m) => &m.from,
+        }
+    }
+
+    pub fn round(&self) -> u64 {
+        match self {
+            SecAggMessage::Advertise(m) => m.round,
+            SecAggMessage::KeyShares(m) => m.round,
+            SecAggMessage::Input(m) => m.round,
+            SecAggMessage::View(m) => m.round,
+            SecAggMessage::Reveal(m) => m.round,
+        }
+    }
+
+    pub fn federation_id(&self) -> &str {
+        match self {
+            SecAggMessage::Advertise(m) => &m.federation_id,
+            SecAggMessage::KeyShares(m) => &m.federation_id,
+            SecAggMessage::Input(m) => &m.federation_id,
+            SecAggMessage::View(m) => &m.federation_id,
+            SecAggMessage::Reveal(m) => &m.federation_id,
+        }
+    }
+
+    /// The step's name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SecAggMessage::Advertise(_) => "key advertisement",
+            SecAggMessage::KeyShares(_) => "key shares",
+            SecAggMessage::Input(_) => "masked input",
+            SecAggMessage::View(_) => "survivor view",
+            SecAggMessage::Reveal(_) => "reveal",
+        }
+    }
+}
+
+/// A generator for a member's per-round keys and seeds, seeded from the
+/// operating system (ring's `SystemRandom`). Tests and the simulator seed
+/// theirs instead.
+pub fn os_rng() -> ChaCha20Rng {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut seed = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut seed)
+        .expect("the operating system's random number generator failed");
+    ChaCha20Rng::from_seed(seed)
+}
 
 /// Bytes a secure-aggregation message takes on the wire (bincode 2,
 /// standard configuration, as every fd message; without the 2-byte version
@@ -92,6 +171,16 @@ pub enum SecAggError {
         secret: &'static str,
         have: usize,
         need: usize,
+    },
+    #[error("{member} has not confirmed the survivor set: no reveal without every survivor's confirmation")]
+    Unconfirmed { member: PublicKey },
+    #[error(
+        "{member} saw a different survivor set ({theirs} members, this member {mine}): no reveal, the round is not aggregated"
+    )]
+    Disagreement {
+        member: PublicKey,
+        theirs: usize,
+        mine: usize,
     },
     #[error("the revealed shares rebuild a {secret} of {member} that does not match its advertisement")]
     BadReveal {

@@ -356,6 +356,59 @@ impl Reveal {
     }
 }
 
+/// Between steps 3 and 4: the survivor set a member is about to reveal
+/// for (every member whose masked input it accepted, itself included),
+/// signed. A member reveals only once every other member of its set has
+/// sent the same set ([`Participant::reveal_confirmed`]): without a server
+/// that announces one set to all, this is what keeps two honest members
+/// from revealing for different sets, which together could expose both
+/// secrets of one member (the consistency check of Bonawitz et al.'s
+/// malicious-server variant, done among the members).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SurvivorView {
+    pub federation_id: String,
+    pub round: u64,
+    pub from: PublicKey,
+    /// Sorted, distinct.
+    pub survivors: Vec<PublicKey>,
+    pub signature: Signature,
+}
+
+impl SurvivorView {
+    /// The bytes its signature covers (domain-separated, every field).
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let mut t = Transcript::new(b"fd/secagg/view/v1", &self.federation_id, self.round, &self.from);
+        t.0.extend_from_slice(&(self.survivors.len() as u64).to_le_bytes());
+        for s in &self.survivors {
+            t.0.extend_from_slice(&s.0);
+        }
+        t.0
+    }
+
+    /// Checks the round, membership, signature, and that the set is sorted,
+    /// distinct, made of members and contains its sender.
+    pub fn verify(&self, ctx: &RoundContext) -> Result<(), SecAggError> {
+        ctx.check(&self.federation_id, self.round, &self.from)?;
+        let reject = |reason: String| SecAggError::Rejected {
+            from: self.from,
+            reason,
+        };
+        self.from
+            .verify(&self.signing_bytes(), &self.signature)
+            .map_err(|_| reject("bad signature on its survivor view".into()))?;
+        if !self.survivors.windows(2).all(|w| w[0] < w[1]) {
+            return Err(reject("survivor view is not sorted and distinct".into()));
+        }
+        for s in &self.survivors {
+            ctx.x_of(s)?;
+        }
+        if !self.survivors.contains(&self.from) {
+            return Err(reject("survivor view leaves out its own sender".into()));
+        }
+        Ok(())
+    }
+}
+
 /// The sum of the survivors' inputs, and the reveals that were not used
 /// because they failed a check (each with why).
 #[derive(Debug, Clone, PartialEq)]
@@ -386,6 +439,10 @@ pub struct Participant {
     inputs_accepted: BTreeSet<PublicKey>,
     revealed_for: Option<Digest>,
     mask_secret_revealed: BTreeSet<PublicKey>,
+    /// The survivor set this member announced ([`Self::survivor_view`]).
+    my_view: Option<Vec<PublicKey>>,
+    /// Other members' signed survivor sets.
+    views: BTreeMap<PublicKey, Vec<PublicKey>>,
 }
 
 impl Participant {
@@ -430,6 +487,8 @@ impl Participant {
                 inputs_accepted: BTreeSet::new(),
                 revealed_for: None,
                 mask_secret_revealed: BTreeSet::new(),
+                my_view: None,
+                views: BTreeMap::new(),
             },
             advertisement,
         ))
@@ -676,6 +735,88 @@ impl Participant {
         };
         reveal.signature = self.signing.sign(&reveal.signing_bytes());
         Ok(reveal)
+    }
+
+    /// Signs the survivor set this member will reveal for: itself and
+    /// every member whose masked input it accepted. Once per round.
+    pub fn survivor_view(&mut self) -> Result<SurvivorView, SecAggError> {
+        if self.my_view.is_some() {
+            return Err(SecAggError::OutOfOrder("survivor view already sent this round"));
+        }
+        if !self.input_sent {
+            return Err(SecAggError::OutOfOrder("survivor view before this member's masked input"));
+        }
+        let mut survivors: Vec<PublicKey> = self.inputs_accepted.iter().copied().collect();
+        survivors.push(self.me);
+        survivors.sort();
+        survivors.dedup();
+        self.my_view = Some(survivors.clone());
+        let mut view = SurvivorView {
+            federation_id: self.ctx.federation_id.clone(),
+            round: self.ctx.round,
+            from: self.me,
+            survivors,
+            signature: Signature([0; 64]),
+        };
+        view.signature = self.signing.sign(&view.signing_bytes());
+        Ok(view)
+    }
+
+    /// Records a peer's survivor view. A second, different view from the
+    /// same member is equivocation and refused.
+    pub fn accept_view(&mut self, view: &SurvivorView) -> Result<(), SecAggError> {
+        view.verify(&self.ctx)?;
+        match self.views.get(&view.from) {
+            Some(known) if *known != view.survivors => Err(SecAggError::Rejected {
+                from: view.from,
+                reason: "a second, different survivor view for the round".into(),
+            }),
+            _ => {
+                self.views.insert(view.from, view.survivors.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// The survivor set this member announced, once every other member of
+    /// it has announced the same set; the error names the first member that
+    /// did not (missing) or saw another set (then this member must not
+    /// reveal: the round is not aggregated).
+    pub fn confirmed_survivors(&self) -> Result<Vec<PublicKey>, SecAggError> {
+        let mine = self
+            .my_view
+            .as_ref()
+            .ok_or(SecAggError::OutOfOrder("reveal before this member's survivor view"))?;
+        for member in mine.iter().filter(|m| **m != self.me) {
+            match self.views.get(member) {
+                None => return Err(SecAggError::Unconfirmed { member: *member }),
+                Some(theirs) if theirs != mine => {
+                    return Err(SecAggError::Disagreement {
+                        member: *member,
+                        theirs: theirs.len(),
+                        mine: mine.len(),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(mine.clone())
+    }
+
+    /// [`Self::reveal`] for the survivor set every survivor confirmed
+    /// ([`Self::confirmed_survivors`]): what a member runs between
+    /// processes, where nobody announces one set to all.
+    pub fn reveal_confirmed(&mut self) -> Result<(Vec<PublicKey>, Reveal), SecAggError> {
+        let survivors = self.confirmed_survivors()?;
+        let reveal = self.reveal(&survivors)?;
+        Ok((survivors, reveal))
+    }
+
+    /// Verifies a peer's reveal for `survivors` without using it (the
+    /// node checks reveals as they arrive; [`Self::unmask`] checks again).
+    pub fn check_reveal(&self, reveal: &Reveal, survivors: &[PublicKey]) -> Result<(), SecAggError> {
+        let set = self.ctx.normalise(survivors)?;
+        reveal.verify(&self.ctx, &set)
     }
 
     /// The sum of the survivors' inputs. `inputs` must hold every
