@@ -652,10 +652,12 @@ pub fn compress_from_config(
     let shared = crate::member::MemberData::load(config)
         .map_err(|e| CompressError::Data(format!("{e:#}")))?;
     let splits = &shared.data;
-    let private = shared
+    let part = shared
         .parts
         .get(config.partition.index)
         .ok_or_else(|| CompressError::Data("field `partition.index` is out of range".into()))?;
+    // The member's validation hold-out stays untouched, as in its rounds.
+    let (private, _validation) = shared.trained_and_validation(config, config.partition.index, part);
     let input = InputShape::new(splits.train.shape);
     let classes = splits.train.classes;
     let (teacher, teacher_config, federation_id, round) = match teacher_dir {
@@ -696,7 +698,7 @@ pub fn compress_from_config(
     };
     let data = CompressData {
         data: &splits.train,
-        private,
+        private: &private,
         public: &shared.public,
     };
     let teacher_accuracy = accuracy(&teacher, &splits.test);

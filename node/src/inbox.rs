@@ -232,12 +232,13 @@ pub fn subset_for(manifest: &FederationManifest, round: u64) -> PublicSubset {
     }
 }
 
+/// A small federation for the tests of the gates (`inbox`, `secure`).
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use fd_protocol::{PayloadEncoding, PublicSetDescriptor, SigningKey, digest::sha256};
+pub(crate) mod test_support {
+    use fd_protocol::{FederationManifest, Member, PublicSetDescriptor, SigningKey, digest::sha256};
 
-    fn manifest() -> FederationManifest {
+    /// Federation `fed`: 2 classes, 3 rounds, 2 public rows per round.
+    pub fn manifest() -> FederationManifest {
         FederationManifest {
             federation_id: "fed".into(),
             public_set: PublicSetDescriptor {
@@ -252,13 +253,21 @@ mod tests {
         }
     }
 
-    fn member(key: &SigningKey) -> Member {
+    pub fn member(key: &SigningKey) -> Member {
         Member {
             key: key.public_key(),
             name: "m".into(),
             addrs: vec![],
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fd_protocol::{PayloadEncoding, SigningKey};
+
+    use super::test_support::{manifest, member};
 
     fn share(key: &SigningKey, round: u64, logits: &[f32]) -> LogitShare {
         LogitShare::new_signed(

@@ -51,6 +51,26 @@ impl MemberData {
         Self::from_data(config, Arc::new(config.data.load()?))
     }
 
+    /// Member `index`'s private part `part` split into the samples it
+    /// trains on and its validation hold-out (never trained on: the
+    /// member's rounds and `fd-node compress` both take it from here).
+    /// Seeded by what identifies the member's data and student, so a
+    /// restarted node holds out the same samples.
+    pub fn trained_and_validation(
+        &self,
+        config: &NodeConfig,
+        index: usize,
+        part: &[usize],
+    ) -> (Vec<usize>, Vec<usize>) {
+        validation_split(
+            part,
+            &self.data.train.labels_of(part),
+            self.data.train.classes,
+            config.rollback.validation_fraction,
+            &[config.federation.seed, index as u64, config.training.seed],
+        )
+    }
+
     /// As [`Self::load`], for data already in memory.
     pub fn from_data(config: &NodeConfig, data: Arc<DataSplits>) -> anyhow::Result<Self> {
         let manifest = config.federation.manifest(&data)?;
@@ -148,15 +168,7 @@ impl LocalMember {
             .rollback
             .validate()
             .map_err(|(field, reason)| anyhow::anyhow!("field `{field}` {reason}"))?;
-        // Seeded by what identifies the member's data and student, so a
-        // restarted node holds out the same samples.
-        let (private, validation) = validation_split(
-            part,
-            &data.train.labels_of(part),
-            data.train.classes,
-            config.rollback.validation_fraction,
-            &[config.federation.seed, index as u64, config.training.seed],
-        );
+        let (private, validation) = shared.trained_and_validation(config, index, part);
         if config.rollback.enabled() && validation.is_empty() {
             anyhow::bail!(
                 "field `rollback.validation_fraction` = {} holds out no sample of this member's {} private ones; raise it or remove `rollback.rollback_tolerance`",

@@ -509,32 +509,9 @@ impl SecureRound<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fd_protocol::{FederationManifest, PublicSetDescriptor, digest::sha256};
+    use crate::inbox::test_support::{manifest, member};
     use rand_chacha::ChaCha20Rng;
     use rand_chacha::rand_core::SeedableRng;
-
-    fn manifest() -> FederationManifest {
-        FederationManifest {
-            federation_id: "fed".into(),
-            public_set: PublicSetDescriptor {
-                source: "test".into(),
-                samples: 10,
-                digest: sha256(b"public"),
-            },
-            classes: 2,
-            rounds: 3,
-            subset_size: 2,
-            seed: 1,
-        }
-    }
-
-    fn member(key: &SigningKey) -> Member {
-        Member {
-            key: key.public_key(),
-            name: "m".into(),
-            addrs: vec![],
-        }
-    }
 
     fn peer(key: &SigningKey) -> PeerId {
         net::peer_id_of(&key.public_key()).unwrap()

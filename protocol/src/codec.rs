@@ -199,7 +199,7 @@ mod tests {
         assert_eq!(err.reason(), crate::RejectReason::Version);
         assert!(matches!(
             decode_share(&previous),
-            Err(ProtocolError::UnsupportedVersion { got: 3, .. })
+            Err(ProtocolError::UnsupportedVersion { got: 4, .. })
         ));
 
         assert!(matches!(decode(&[1]), Err(ProtocolError::Malformed(_))));
