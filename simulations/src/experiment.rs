@@ -98,16 +98,17 @@ attack = "random"           # random | label-flip | { scaled = { factor = -10.0 
 quorum = 0.0                # fraction of expected peer shares a member needs to distil (fd-node's
                             #   federation.quorum, default 0.5 there); 0 = distil whatever arrived
 
-[audit]                     # leakage audit (fd over the memory network only): a curious member estimates
+[audit]                     # leakage audit (fd in memory, or under secure aggregation): a curious member estimates
                             #   every other member's label distribution from the shares it receives
 enabled = false             # adds `audit_tv` to metrics.csv and `audit` to summary.json
 curious = 0                 # index of the curious member
 estimator = "mean-probabilities"    # mean-probabilities (mean softmax over the public rows) | argmax (histogram)
 
-[secure_aggregation]        # fd over the memory network: members see only the round's sum of knowledge
-enabled = false             #   (pairwise masks + Shamir recovery, fd_protocol::secagg); aggregator must be
-                            #   mean-probabilities or era; `threshold = 6` overrides the default majority
-dropout_after_key_shares = 0.0  # probability a member stops mid-protocol (its masks are recovered)
+[secure_aggregation]        # fd: members see only the round's sum of knowledge (pairwise masks + Shamir
+enabled = false             #   recovery, fd_protocol::secagg; in memory through a hub, over libp2p as
+                            #   fd-node runs it); aggregator must be mean-probabilities or era;
+                            #   `threshold = 6` overrides the default majority
+dropout_after_key_shares = 0.0  # memory only: probability a member stops mid-protocol (its masks are recovered)
 [dp]                        # fd, isolated: DP-SGD on every member's private data, as in fd-node's config
 enabled = false             # adds `dp_epsilon` (epsilon spent at delta) to metrics.csv; needs
                             #   [knowledge] selector = "all" or "confidence" and no resnet
@@ -408,10 +409,10 @@ impl Experiment {
                 ),
             ));
         }
-        if self.audit.enabled && self.network != Network::Memory {
+        if self.audit.enabled && self.network != Network::Memory && !self.secure_aggregation.enabled {
             return Err(field(
                 "audit.enabled",
-                "needs network = \"memory\": the audit taps the in-memory network's deliveries"
+                "needs network = \"memory\" (the audit taps the in-memory network's deliveries) or secure aggregation (the curious member audits the sums it unmasks)"
                     .into(),
             ));
         }
@@ -421,8 +422,12 @@ impl Experiment {
                     "secures fd's shares; algorithm {} shares none",
                     self.algorithm.name()
                 ))
-            } else if self.network != Network::Memory {
-                Some("runs over network = \"memory\" in the simulator".into())
+            } else if self.network == Network::Libp2p
+                && self.secure_aggregation.dropout_after_key_shares > 0.0
+            {
+                Some("over libp2p members run the protocol themselves: `dropout_after_key_shares` is the in-memory hub's (use [scenario] dropout)".into())
+            } else if self.network == Network::Libp2p && self.topology != Topology::Full {
+                Some("over libp2p needs topology = { kind = \"full\" }: every member masks with every other".into())
             } else if !self.aggregator.supports_secure_aggregation() {
                 Some(format!(
                     "needs an aggregator that runs on sums (mean-probabilities or era), not {:?}: median and trimmed mean need individual values, which secure aggregation hides",

@@ -12,6 +12,7 @@
 //! changing any number (each member's learning is deterministic on its own
 //! and shares are aggregated in sender-key order).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -294,16 +295,45 @@ fn mean_accuracy(rows: &[NodeRow]) -> f64 {
 #[allow(clippy::large_enum_variant)]
 enum SimTransport {
     Memory(MemoryEndpoint),
-    Libp2p(Libp2pTransport),
+    /// A member's own libp2p stack; under secure aggregation the curious
+    /// member's transport also takes the audit's notes from its sums.
+    Libp2p(Libp2pTransport, Option<SumAudit>),
     /// Member `.1`'s side of the secure-aggregation hub (no plain shares).
     Secure(Arc<SecureHub>, usize),
+}
+
+/// The curious member's view under secure aggregation over libp2p: what
+/// the hub notes for it in memory, from the sums it unmasked itself.
+struct SumAudit {
+    spy: Arc<Eavesdropper>,
+    /// Member index of each key.
+    index_of: std::collections::HashMap<fd_protocol::PublicKey, usize>,
+}
+
+impl SumAudit {
+    /// Notes one guess for every other member of the round from the sum
+    /// minus this member's own encoded input (`own`).
+    fn note(&self, plan: &RoundPlan, own: &[u32], sum: &SecureSum) -> anyhow::Result<()> {
+        let own = fd_protocol::secagg::KnowledgeSums::decode(own, self.spy.classes)?;
+        // Exact: both are multiples of 2⁻²⁰ below 2¹², and sum ≥ own.
+        let mut others = sum.sums.clone();
+        for (s, o) in others.weight.iter_mut().zip(&own.weight) {
+            *s -= o;
+        }
+        for (s, o) in others.weighted_probabilities.iter_mut().zip(&own.weighted_probabilities) {
+            *s -= o;
+        }
+        let members = plan.targets.iter().filter_map(|m| self.index_of.get(&m.key).copied());
+        crate::secure::note_guess_from_sum(&self.spy, plan.round, &others, members);
+        Ok(())
+    }
 }
 
 impl ShareTransport for SimTransport {
     fn begin_round(&self, plan: &RoundPlan) {
         match self {
             SimTransport::Memory(t) => t.begin_round(plan),
-            SimTransport::Libp2p(t) => t.begin_round(plan),
+            SimTransport::Libp2p(t, _) => t.begin_round(plan),
             SimTransport::Secure(..) => {}
         }
     }
@@ -316,7 +346,7 @@ impl ShareTransport for SimTransport {
     ) -> anyhow::Result<()> {
         match self {
             SimTransport::Memory(t) => t.push(plan, peer, share).await,
-            SimTransport::Libp2p(t) => t.push(plan, peer, share).await,
+            SimTransport::Libp2p(t, _) => t.push(plan, peer, share).await,
             SimTransport::Secure(..) => bail!("no plain shares under secure aggregation"),
         }
     }
@@ -324,7 +354,7 @@ impl ShareTransport for SimTransport {
     async fn wait_for_shares(&self, plan: &RoundPlan, inbox: &SharedInbox) {
         match self {
             SimTransport::Memory(t) => t.wait_for_shares(plan, inbox).await,
-            SimTransport::Libp2p(t) => t.wait_for_shares(plan, inbox).await,
+            SimTransport::Libp2p(t, _) => t.wait_for_shares(plan, inbox).await,
             SimTransport::Secure(..) => {}
         }
     }
@@ -332,7 +362,7 @@ impl ShareTransport for SimTransport {
     fn round_traffic(&self, round: u64) -> Traffic {
         match self {
             SimTransport::Memory(t) => t.round_traffic(round),
-            SimTransport::Libp2p(t) => t.round_traffic(round),
+            SimTransport::Libp2p(t, _) => t.round_traffic(round),
             SimTransport::Secure(..) => Traffic::default(),
         }
     }
@@ -345,7 +375,17 @@ impl ShareTransport for SimTransport {
     ) -> anyhow::Result<SecureSum> {
         match self {
             SimTransport::Secure(hub, index) => hub.submit(*index, plan.round, key, encoded).await,
-            _ => bail!("secure aggregation needs the hub (`[secure_aggregation] enabled = true`)"),
+            SimTransport::Libp2p(t, audit) => {
+                let own = audit.as_ref().map(|_| encoded.clone());
+                let sum = t.secure_sum(plan, key, encoded).await?;
+                if let (Some(audit), Some(own)) = (audit, own) {
+                    audit.note(plan, &own, &sum)?;
+                }
+                Ok(sum)
+            }
+            SimTransport::Memory(_) => {
+                bail!("secure aggregation needs the hub (`[secure_aggregation] enabled = true`)")
+            }
         }
     }
 }
@@ -383,7 +423,9 @@ async fn run_fd(
         .audit
         .enabled
         .then(|| Arc::new(Eavesdropper::new(&e.audit, classes)));
-    let hub = e.secure_aggregation.enabled.then(|| {
+    // In memory the hub carries secure aggregation; over libp2p each
+    // member's own transport does.
+    let hub = (e.secure_aggregation.enabled && e.network == Network::Memory).then(|| {
         SecureHub::new(&e.name, e.seed, &e.secure_aggregation, classes, spy.clone())
     });
 
@@ -430,11 +472,37 @@ async fn run_fd(
                     None,
                     &e.name,
                 );
-                let client = network.client().clone();
+                let mut transport = Libp2pTransport::new(network.client().clone());
+                let mut audit = None;
+                if e.secure_aggregation.enabled {
+                    let config = fd_node::config::SecureAggregationConfig {
+                        enabled: true,
+                        threshold: e.secure_aggregation.threshold,
+                        ..Default::default()
+                    };
+                    let mailbox = network.secure_mailbox().expect("serve ran above");
+                    transport = transport.with_secure_aggregation(mailbox, config, classes);
+                    audit = spy.as_ref().filter(|s| s.curious == i).map(|spy| SumAudit {
+                        spy: spy.clone(),
+                        index_of: HashMap::new(),
+                    });
+                }
                 networks.push(network);
-                transports.push(Arc::new(SimTransport::Libp2p(Libp2pTransport::new(client))));
+                transports.push((transport, audit));
             }
+            // Every member's key and index, for the curious member's notes.
+            let index_of: HashMap<fd_protocol::PublicKey, usize> =
+                members.iter().enumerate().map(|(i, m)| (m.key, i)).collect();
             transports
+                .into_iter()
+                .map(|(transport, audit)| {
+                    let audit = audit.map(|a| SumAudit {
+                        index_of: index_of.clone(),
+                        ..a
+                    });
+                    Arc::new(SimTransport::Libp2p(transport, audit))
+                })
+                .collect()
         }
     };
     for engine in engines.iter().flatten() {

@@ -302,32 +302,44 @@ impl SecureHub {
         own: &[u32],
         sum: &[u32],
     ) {
-        let classes = self.classes;
         // The others' knowledge: the round's sum minus its own input.
         let others: Vec<u32> = sum.iter().zip(own).map(|(s, o)| s.wrapping_sub(*o)).collect();
-        let Ok(others) = KnowledgeSums::decode(&others, classes) else {
-            return;
-        };
-        let max_weight = others.weight.iter().copied().fold(0.0, f64::max);
-        if max_weight <= 0.0 {
-            return;
+        if let Ok(others) = KnowledgeSums::decode(&others, self.classes) {
+            note_guess_from_sum(spy, round, &others, indices.iter().copied());
         }
-        let mut logits = Vec::with_capacity(others.rows * classes);
-        let mut weights = Vec::with_capacity(others.rows);
-        for (r, w) in others.weight.iter().enumerate() {
-            weights.push((w / max_weight) as f32);
-            for c in 0..classes {
-                let q = if *w > 0.0 {
-                    others.weighted_probabilities[r * classes + c] / w
-                } else {
-                    1.0 / classes as f64
-                };
-                logits.push(q.max(1e-12).ln() as f32);
-            }
+    }
+}
+
+/// What the curious member notes under secure aggregation, wherever the
+/// sum came from (the hub, or libp2p): one guess from the sum of the
+/// others' knowledge `others`, the same for each member of `members` but
+/// itself.
+pub fn note_guess_from_sum(
+    spy: &Eavesdropper,
+    round: u64,
+    others: &KnowledgeSums,
+    members: impl Iterator<Item = usize>,
+) {
+    let classes = spy.classes;
+    let max_weight = others.weight.iter().copied().fold(0.0, f64::max);
+    if max_weight <= 0.0 {
+        return;
+    }
+    let mut logits = Vec::with_capacity(others.rows * classes);
+    let mut weights = Vec::with_capacity(others.rows);
+    for (r, w) in others.weight.iter().enumerate() {
+        weights.push((w / max_weight) as f32);
+        for c in 0..classes {
+            let q = if *w > 0.0 {
+                others.weighted_probabilities[r * classes + c] / w
+            } else {
+                1.0 / classes as f64
+            };
+            logits.push(q.max(1e-12).ln() as f32);
         }
-        let guess = estimate(spy.estimator, &logits, classes, Some(&weights));
-        for &j in indices.iter().filter(|&&j| j != spy.curious) {
-            spy.note(round, j, guess.clone());
-        }
+    }
+    let guess = estimate(spy.estimator, &logits, classes, Some(&weights));
+    for j in members.filter(|&j| j != spy.curious) {
+        spy.note(round, j, guess.clone());
     }
 }

@@ -236,6 +236,45 @@ fn secure_aggregation_keeps_the_teacher_and_hides_each_member() {
 }
 
 #[test]
+fn secure_aggregation_over_libp2p_unmasks_the_hubs_sums() {
+    // Over libp2p every member runs the protocol itself on its own swarm
+    // (fd-node's `SecureRound`: advertisements, sealed key shares, masked
+    // inputs, survivor views, reveals, each member unmasking); in memory
+    // the hub plays the same steps. The sums are exact, so the teachers,
+    // the accuracies and the curious member's audit (taken from the sums it
+    // unmasked minus its own input) must be the same.
+    let text = |network: &str| {
+        experiment_text(&format!(
+            "network = \"{network}\"\naggregator = \"mean-probabilities\"\n[audit]\nenabled = true\n[secure_aggregation]\nenabled = true\n"
+        ))
+    };
+    let hub = run(&parse(&text("memory")));
+    let libp2p = run(&parse(&text("libp2p")));
+    assert_eq!(hub.rows.len(), libp2p.rows.len());
+    for (h, l) in hub.rows.iter().zip(&libp2p.rows) {
+        assert_eq!(l.shares_aggregated, 3, "{l:?}");
+        assert!(l.bytes_sent > 0 && l.bytes_received > 0, "{l:?}");
+        assert_eq!(
+            (h.round, h.node, h.test_accuracy, h.local_accuracy, h.audit_tv),
+            (l.round, l.node, l.test_accuracy, l.local_accuracy, l.audit_tv)
+        );
+    }
+    let (hub_tv, _, federation) = hub.audit.as_ref().unwrap().last().unwrap();
+    let (libp2p_tv, _, _) = libp2p.audit.as_ref().unwrap().last().unwrap();
+    println!("audit TV: hub {hub_tv:.4}, libp2p {libp2p_tv:.4}, federation-wide guess {federation:.4}");
+    assert_eq!(hub_tv, libp2p_tv);
+    assert!(libp2p_tv > federation - 0.05, "libp2p {libp2p_tv:.4} vs federation-wide {federation:.4}");
+    // The hub's mid-protocol dropouts do not exist over libp2p: refused.
+    let table: toml::Table = toml::from_str(&text("libp2p").replace(
+        "[secure_aggregation]\nenabled = true\n",
+        "[secure_aggregation]\nenabled = true\ndropout_after_key_shares = 0.3\n",
+    ))
+    .unwrap();
+    let e = experiment::parse(table, Path::new("t.toml")).unwrap_err();
+    assert!(format!("{e:#}").contains("dropout_after_key_shares"), "{e:#}");
+}
+
+#[test]
 fn the_libp2p_network_gives_the_same_numbers_as_the_memory_network() {
     let memory = run(&parse(&experiment_text("network = \"memory\"")));
     let libp2p = run(&parse(&experiment_text("network = \"libp2p\"")));

@@ -787,6 +787,12 @@ mod tests {
                 // whole to one node, and there are fewer classes than nodes):
                 // that must be a clean Partition error, never a bad split.
                 Err(DataError::Partition { .. }) if scheme == 1 && alpha < 0.5 => return Ok(()),
+                // Tiny pools at any α: the cut points floor each class's
+                // share (as numpy's reference split does), so of a class of
+                // 3 samples the first 2 of 7 nodes get none; with under ~10
+                // samples per node, 2 each can be out of reach (seen: 29
+                // samples, 7 nodes, α = 75).
+                Err(DataError::Partition { .. }) if scheme == 1 && labels.len() < 10 * nodes => return Ok(()),
                 // Fewer samples than shards: refused, exactly then.
                 Err(DataError::Partition { .. }) if scheme == 2 && nodes * k > labels.len() => return Ok(()),
                 Err(e) => return Err(TestCaseError::fail(e.to_string())),
