@@ -141,7 +141,9 @@ enabled = false                       # masked knowledge instead of signed share
 # threshold = 3                       # reveals needed to unmask (default: the smallest majority of the round)
 phase_timeout_secs = 5                # each step after the key advertisements waits this long for members
                                       # still in the protocol; a member that never advertises by the
-                                      # round's deadline is left out of that round
+                                      # round's deadline is left out of that round. The four steps after
+                                      # the deadline take at most 4x this: keep it under the coordinator's
+                                      # 30 s grace for reports
 
 [rollback]                            # monitoring on a held-out validation split (docs/operating.md)
 validation_fraction = 0.1             # private samples held out per class (seeded), never trained on; [0, 1)
@@ -202,12 +204,13 @@ impl SecureAggregationConfig {
     }
 
     /// Refuses a public subset whose masked input would not fit in one
-    /// frame: `rows × (classes + 1)` words of 4 bytes.
+    /// frame: `rows × (classes + 1)` words of 4 bytes (whether or not
+    /// secure aggregation is enabled: the caller asks when it is).
     pub fn check_input_size(&self, rows: usize, classes: usize) -> anyhow::Result<()> {
         let bytes = rows * (classes + 1) * 4;
         // Room for the header fields, the signature and the member list.
         let limit = fd_protocol::MAX_MESSAGE_BYTES - 64 * 1024;
-        if self.enabled && bytes > limit {
+        if bytes > limit {
             anyhow::bail!(
                 "field `federation.subset_size`: {rows} rows × {} words × 4 bytes = {bytes} bytes of masked input, over the {limit}-byte frame limit of secure aggregation; use at most {} rows",
                 classes + 1,

@@ -234,7 +234,7 @@ impl Libp2pTransport {
             .map(|m| net::peer_id_of(&m.key))
             .collect::<anyhow::Result<Vec<_>>>()?;
         for member in &plan.targets {
-            add_addresses(&self.client, member).await?;
+            self.client.add_member(member).await?;
         }
         self.client
             .announce(announcement, targets, Duration::from_secs(30))
@@ -1153,7 +1153,7 @@ struct Unreachable {
 /// Pushes `share` to `peer`; retries while the peer does not know us yet
 /// (its member list may lag the announcement by a moment).
 async fn send_share(client: &Client, peer: &Member, share: LogitShare) -> anyhow::Result<()> {
-    let peer_id = add_addresses(client, peer).await?;
+    let peer_id = client.add_member(peer).await?;
     for attempt in 0..5u64 {
         let answer = request_with_retry(client, peer_id, Message::Share(share.clone()), 3)
             .await
@@ -1179,25 +1179,6 @@ async fn send_share(client: &Client, peer: &Member, share: LogitShare) -> anyhow
         }
     }
     unreachable!("the last attempt returns")
-}
-
-/// Tells the swarm where `member` listens (its announced addresses, or,
-/// without any, whatever Kademlia finds); returns its PeerId.
-async fn add_addresses(client: &Client, member: &Member) -> anyhow::Result<PeerId> {
-    let peer = net::peer_id_of(&member.key)?;
-    let parsed = member.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-    let mut known = false;
-    for addr in net::prefer_quic(parsed) {
-        client.add_address(peer, addr).await?;
-        known = true;
-    }
-    if !known
-        && !client.connected_peers().await?.contains(&peer)
-        && let Err(e) = client.find_peer(peer).await
-    {
-        tracing::debug!(%peer, "no address found for the member yet: {e:#}");
-    }
-    Ok(peer)
 }
 
 /// The member's public key as a libp2p PeerId, for printing.

@@ -178,18 +178,14 @@ impl SecureMailbox {
         f(rounds.entry(round).or_default())
     }
 
-    /// Waits until `done` holds for `round`'s messages or `deadline` passes;
-    /// returns whether it held.
-    async fn wait_until(&self, round: u64, deadline: Instant, done: impl Fn(&RoundMail) -> bool) -> bool {
+    /// Waits until `done` holds for `round`'s messages or `deadline`
+    /// passes (the caller then works with what arrived).
+    async fn wait_until(&self, round: u64, deadline: Instant, done: impl Fn(&RoundMail) -> bool) {
         let mut arrived = self.arrived.subscribe();
-        loop {
-            if self.read(round, &done) {
-                return true;
-            }
-            match tokio::time::timeout_at(deadline, arrived.changed()).await {
-                Ok(Ok(())) => {}
-                // Deadline, or the mailbox is gone.
-                _ => return self.read(round, &done),
+        while !self.read(round, &done) {
+            // Deadline, or the mailbox is gone.
+            if !matches!(tokio::time::timeout_at(deadline, arrived.changed()).await, Ok(Ok(()))) {
+                return;
             }
         }
     }
@@ -217,12 +213,9 @@ fn reason_of(e: &SecAggError) -> RejectReason {
 async fn deliver(client: Client, peer: Member, message: SecAggMessage, until: Instant) {
     let kind = message.kind();
     let round = message.round();
-    let Ok(peer_id) = net::peer_id_of(&peer.key) else {
+    let Ok(peer_id) = client.add_member(&peer).await else {
         return;
     };
-    for addr in net::prefer_quic(peer.addrs.iter().filter_map(|a| a.parse().ok()).collect()) {
-        let _ = client.add_address(peer_id, addr).await;
-    }
     let request = Message::SecAgg(message);
     let mut pause = Duration::from_millis(100);
     loop {
@@ -350,9 +343,12 @@ impl SecureRound<'_> {
         let now = Instant::now();
         let deadline = plan.deadline.map_or(now + phase, |d| d.max(now + phase));
         sent += self.send(&to(&mut peers.keys()), SecAggMessage::Advertise(advertisement), last_use(deadline));
-        let all = peers.len();
+        // Only the round's members count: a member of the federation that is
+        // not in this round must not end the wait early.
         self.mailbox
-            .wait_until(round, deadline, |m| m.advertisements.len() >= all)
+            .wait_until(round, deadline, |m| {
+                peers.keys().all(|k| m.advertisements.contains_key(k))
+            })
             .await;
         let advertisements: Vec<KeyAdvertisement> =
             self.mailbox.read(round, |m| m.advertisements.values().cloned().collect());

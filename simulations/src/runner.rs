@@ -313,19 +313,9 @@ struct SumAudit {
 impl SumAudit {
     /// Notes one guess for every other member of the round from the sum
     /// minus this member's own encoded input (`own`).
-    fn note(&self, plan: &RoundPlan, own: &[u32], sum: &SecureSum) -> anyhow::Result<()> {
-        let own = fd_protocol::secagg::KnowledgeSums::decode(own, self.spy.classes)?;
-        // Exact: both are multiples of 2⁻²⁰ below 2¹², and sum ≥ own.
-        let mut others = sum.sums.clone();
-        for (s, o) in others.weight.iter_mut().zip(&own.weight) {
-            *s -= o;
-        }
-        for (s, o) in others.weighted_probabilities.iter_mut().zip(&own.weighted_probabilities) {
-            *s -= o;
-        }
+    fn note(&self, plan: &RoundPlan, own: &[u32], sum: &SecureSum) {
         let members = plan.targets.iter().filter_map(|m| self.index_of.get(&m.key).copied());
-        crate::secure::note_guess_from_sum(&self.spy, plan.round, &others, members);
-        Ok(())
+        crate::secure::note_guess_from_sum(&self.spy, plan.round, own, &sum.sums, members);
     }
 }
 
@@ -379,7 +369,7 @@ impl ShareTransport for SimTransport {
                 let own = audit.as_ref().map(|_| encoded.clone());
                 let sum = t.secure_sum(plan, key, encoded).await?;
                 if let (Some(audit), Some(own)) = (audit, own) {
-                    audit.note(plan, &own, &sum)?;
+                    audit.note(plan, &own, &sum);
                 }
                 Ok(sum)
             }
@@ -454,6 +444,9 @@ async fn run_fd(
                 .collect()
         }
         Network::Libp2p => {
+            // Every member's key and index, for the curious member's notes.
+            let index_of: HashMap<fd_protocol::PublicKey, usize> =
+                members.iter().enumerate().map(|(i, m)| (m.key, i)).collect();
             let mut transports = Vec::with_capacity(n);
             for (i, engine) in engines.iter().enumerate() {
                 let engine = engine.as_ref().unwrap();
@@ -484,25 +477,13 @@ async fn run_fd(
                     transport = transport.with_secure_aggregation(mailbox, config, classes);
                     audit = spy.as_ref().filter(|s| s.curious == i).map(|spy| SumAudit {
                         spy: spy.clone(),
-                        index_of: HashMap::new(),
+                        index_of: index_of.clone(),
                     });
                 }
                 networks.push(network);
-                transports.push((transport, audit));
+                transports.push(Arc::new(SimTransport::Libp2p(transport, audit)));
             }
-            // Every member's key and index, for the curious member's notes.
-            let index_of: HashMap<fd_protocol::PublicKey, usize> =
-                members.iter().enumerate().map(|(i, m)| (m.key, i)).collect();
             transports
-                .into_iter()
-                .map(|(transport, audit)| {
-                    let audit = audit.map(|a| SumAudit {
-                        index_of: index_of.clone(),
-                        ..a
-                    });
-                    Arc::new(SimTransport::Libp2p(transport, audit))
-                })
-                .collect()
         }
     };
     for engine in engines.iter().flatten() {

@@ -274,8 +274,10 @@ impl SecureHub {
             let unmasked = p.unmask(&survivors, &inputs, &reveals);
             if let (Some(spy), Ok(u)) = (&self.spy, &unmasked)
                 && indices[k] == spy.curious
+                && let Ok(sum) = KnowledgeSums::decode(&u.sum, self.classes)
             {
-                self.audit(spy, round, &indices, &submitted[&indices[k]].1, &u.sum);
+                let own = &submitted[&indices[k]].1;
+                note_guess_from_sum(spy, round, own, &sum, indices.iter().copied());
             }
             let result = unmasked
                 .map_err(anyhow::Error::from)
@@ -291,36 +293,31 @@ impl SecureHub {
         }
         Ok(results)
     }
-
-    /// The curious member's estimate of every other member: from the sum
-    /// of the others' knowledge (the round's sum minus its own input).
-    fn audit(
-        &self,
-        spy: &Eavesdropper,
-        round: u64,
-        indices: &[usize],
-        own: &[u32],
-        sum: &[u32],
-    ) {
-        // The others' knowledge: the round's sum minus its own input.
-        let others: Vec<u32> = sum.iter().zip(own).map(|(s, o)| s.wrapping_sub(*o)).collect();
-        if let Ok(others) = KnowledgeSums::decode(&others, self.classes) {
-            note_guess_from_sum(spy, round, &others, indices.iter().copied());
-        }
-    }
 }
 
 /// What the curious member notes under secure aggregation, wherever the
-/// sum came from (the hub, or libp2p): one guess from the sum of the
-/// others' knowledge `others`, the same for each member of `members` but
-/// itself.
+/// sum came from (the hub, or libp2p): one guess from the others'
+/// knowledge — the round's unmasked `sum` minus its own encoded input
+/// `own` — the same for each member of `members` but itself.
 pub fn note_guess_from_sum(
     spy: &Eavesdropper,
     round: u64,
-    others: &KnowledgeSums,
+    own: &[u32],
+    sum: &KnowledgeSums,
     members: impl Iterator<Item = usize>,
 ) {
     let classes = spy.classes;
+    let Ok(own) = KnowledgeSums::decode(own, classes) else {
+        return;
+    };
+    // Exact: both are multiples of 2⁻²⁰ below 2¹², and sum ≥ own.
+    let mut others = sum.clone();
+    for (s, o) in others.weight.iter_mut().zip(&own.weight) {
+        *s -= o;
+    }
+    for (s, o) in others.weighted_probabilities.iter_mut().zip(&own.weighted_probabilities) {
+        *s -= o;
+    }
     let max_weight = others.weight.iter().copied().fold(0.0, f64::max);
     if max_weight <= 0.0 {
         return;

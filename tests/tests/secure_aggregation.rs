@@ -57,6 +57,12 @@ fn four_members_aggregate_securely_and_three_go_on_after_one_is_killed() {
         let metrics = read_metrics(&dir.join(format!("node-{i}.jsonl")));
         assert_eq!(metrics.len(), ROUNDS as usize, "node {i}");
         for m in &metrics {
+            // What docs/results.md §8 and docs/performance.md quote
+            // (`cargo test --workspace --test secure_aggregation -- --nocapture`).
+            println!(
+                "node {i} round {}: sent {} B, received {} B, network {:.2} s",
+                m.round, m.bytes_sent, m.bytes_received, m.network_seconds
+            );
             let peers = if m.round == 1 { NODES - 1 } else { NODES - 2 };
             assert_eq!(
                 m.shares_sent, 0,

@@ -150,6 +150,26 @@ impl Client {
         self.send(Command::AddAddress { peer, addr }).await
     }
 
+    /// Tells the swarm where `member` listens (its announced addresses,
+    /// QUIC first, or, without any, whatever Kademlia finds); returns its
+    /// PeerId.
+    pub async fn add_member(&self, member: &fd_protocol::Member) -> anyhow::Result<PeerId> {
+        let peer = super::peer_id_of(&member.key)?;
+        let parsed = member.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        let mut known = false;
+        for addr in super::prefer_quic(parsed) {
+            self.add_address(peer, addr).await?;
+            known = true;
+        }
+        if !known
+            && !self.connected_peers().await?.contains(&peer)
+            && let Err(e) = self.find_peer(peer).await
+        {
+            tracing::debug!(%peer, "no address found for the member yet: {e:#}");
+        }
+        Ok(peer)
+    }
+
     /// Sends `message` to `peer` (dialling if needed) and waits for its answer.
     pub async fn request(&self, peer: PeerId, message: Message) -> anyhow::Result<Message> {
         let (reply, rx) = oneshot::channel();
