@@ -123,6 +123,16 @@ fn members_behind_nats_reach_each_other_through_the_relay_and_hole_punching() {
         }
     }
     eprintln!("shares relayed, per member and round: {relayed:?}");
+    // What hole punching did, for the failure messages below.
+    let punching: Vec<String> = (0..NODES)
+        .flat_map(|i| {
+            log_lines(&nodes[i], "hole punching")
+                .into_iter()
+                .map(move |l| format!("node-{i}: {l}"))
+        })
+        .collect();
+    let punching = punching.join("\n");
+    eprintln!("hole punching:\n{punching}");
     // Member 3 reaches members 1 and 2 through the relay only, in every
     // round (in round 1 the public member may be reached relayed too,
     // before the direct connection is up).
@@ -132,7 +142,8 @@ fn members_behind_nats_reach_each_other_through_the_relay_and_hole_punching() {
         for i in 0..NODES {
             assert_eq!(
                 relayed[i][round], expected[i],
-                "member {i}, round {}: relayed shares once direct connections exist ({relayed:?})",
+                "member {i}, round {}: relayed shares once direct connections exist ({relayed:?}); \
+                 hole punching:\n{punching}",
                 round + 1
             );
         }

@@ -299,12 +299,27 @@ struct DpPosition {
     exhausted: bool,
 }
 
+/// Training steps of a fully connected student doing at most this many
+/// multiply-adds per forward pass of a batch run on one thread, whatever
+/// `threads` says. Their matrix products (64 × 784 × 200 for the default
+/// MLP at batch 64) are just past the size at which burn's flex backend
+/// splits a product across threads, and at that size the split costs more
+/// than it saves: MLP 784-200-200-10 training at batch 64 ran at 0.82× its
+/// one-thread speed on two threads (docs/performance.md, issue 18).
+/// Prediction (batches of 1,024) and convolutional students keep every
+/// thread.
+pub const SINGLE_THREAD_STEP_WORK: usize = 1 << 25;
+
 /// A node's student with its optimizer.
 pub struct Learner {
     /// Every kernel of this learner runs in its own rayon pool: the thread
     /// count is a per-node setting, and reductions see the same splits on
     /// every run (see [`TrainingConfig::threads`]).
     pool: Arc<rayon::ThreadPool>,
+    /// Where training and distillation steps run: `pool`, or a pool of one
+    /// thread for a small fully connected student (see
+    /// [`SINGLE_THREAD_STEP_WORK`]).
+    step_pool: Arc<rayon::ThreadPool>,
     student: Option<Student>,
     optimizer: ModuleOptimizer,
     device: Device,
@@ -361,9 +376,18 @@ impl Learner {
                 .init(),
         };
         // Its threads flush denormals: see `fpenv` for why.
-        let pool = crate::fpenv::computing_pool(config.threads, "fd-learner");
+        let pool = Arc::new(crate::fpenv::computing_pool(config.threads, "fd-learner"));
+        let small_dense = model
+            .dense_multiply_adds(input, classes)
+            .is_some_and(|work| work.saturating_mul(config.batch_size) <= SINGLE_THREAD_STEP_WORK);
+        let step_pool = if config.threads > 1 && small_dense {
+            Arc::new(crate::fpenv::computing_pool(1, "fd-learner-step"))
+        } else {
+            pool.clone()
+        };
         Learner {
-            pool: Arc::new(pool),
+            pool,
+            step_pool,
             student: Some(student),
             optimizer,
             device: training_device,
@@ -606,9 +630,14 @@ impl Learner {
         value
     }
 
+    /// Threads a training or distillation step of this learner runs on.
+    pub fn step_threads(&self) -> usize {
+        self.step_pool.current_num_threads()
+    }
+
     /// Supervised epochs over `indices` of `data`; returns the mean loss of the last epoch.
     pub fn train_local(&mut self, data: &Dataset, indices: &[usize]) -> f64 {
-        let pool = self.pool.clone();
+        let pool = self.step_pool.clone();
         pool.install(|| self.train_local_here(data, indices))
     }
 
@@ -683,7 +712,7 @@ impl Learner {
         t: f64,
         private: &[usize],
     ) -> f64 {
-        let pool = self.pool.clone();
+        let pool = self.step_pool.clone();
         pool.install(|| self.distill_here(data, indices, teacher, t, private))
     }
 
@@ -1166,6 +1195,34 @@ mod tests {
             student_accuracy >= 0.9 * teacher_accuracy,
             "student {student_accuracy:.4} below 90% of teacher {teacher_accuracy:.4}"
         );
+    }
+
+    #[test]
+    fn small_fully_connected_students_train_on_one_thread() {
+        let data = data();
+        let input = InputShape::new(data.train.shape);
+        let step_threads = |model: ModelConfig, threads, batch_size| {
+            let config = TrainingConfig {
+                threads,
+                batch_size,
+                ..TrainingConfig::default()
+            };
+            Learner::new(&model, config, DeviceKind::Flex, input, data.train.classes).step_threads()
+        };
+        let mlp = ModelConfig::default();
+        assert_eq!(
+            mlp.dense_multiply_adds(input, 10),
+            Some(784 * 200 + 200 * 200 + 200 * 10)
+        );
+        assert_eq!(step_threads(mlp.clone(), 1, 64), 1);
+        assert_eq!(step_threads(mlp.clone(), 2, 64), 1, "MLP 200-200 at batch 64: one thread");
+        let wide = ModelConfig::Mlp {
+            hidden: vec![2048, 2048],
+        };
+        assert_eq!(step_threads(wide, 2, 64), 2, "a wide MLP keeps its threads");
+        assert_eq!(step_threads(mlp, 2, 4096), 2, "so does a large batch");
+        assert_eq!(ModelConfig::FedAvgCnn {}.dense_multiply_adds(input, 10), None);
+        assert_eq!(step_threads(ModelConfig::FedAvgCnn {}, 2, 64), 2);
     }
 
     #[test]

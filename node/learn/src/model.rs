@@ -143,6 +143,20 @@ impl ModelConfig {
 }
 
 impl ModelConfig {
+    /// Multiply-adds of one sample's forward pass when the student is fully
+    /// connected (an MLP): Σ in × out over its layers. `None` for students
+    /// with convolutions, whose work does not follow from their weights.
+    pub fn dense_multiply_adds(&self, input: InputShape, classes: usize) -> Option<usize> {
+        let ModelConfig::Mlp { hidden } = self else {
+            return None;
+        };
+        let mut widths = Vec::with_capacity(hidden.len() + 2);
+        widths.push(input.features());
+        widths.extend(hidden.iter().copied());
+        widths.push(classes);
+        Some(widths.windows(2).map(|w| w[0] * w[1]).sum())
+    }
+
     /// The small deployable students `fd-node compress` distils the zoo's
     /// larger ones into: MLP 64 and MLP 32 (for the MLP 200-200) and a
     /// two-stage CNN of 8 and 16 channels with a 32-unit hidden layer (for
