@@ -111,7 +111,8 @@ weight_decay = 0.0                    # L2 penalty
 momentum = 0.9                        # SGD momentum (ignored by adam)
 seed = 0                              # weight init and shuffling
 eval_samples = 0                      # test samples to evaluate on (0 = all)
-threads = 1                           # CPU threads; 1 = bit-identical reruns, more = faster
+# threads = 1                         # CPU threads; default: every core of the machine (faster;
+                                      # small MLP steps still take one). 1 = bit-identical reruns
 
 [knowledge]                           # which public samples this node says it knows (docs/results.md)
 selector = "density"                  # density (k-NN in the student's feature space vs private data)
@@ -326,6 +327,24 @@ impl ListenAddrs {
 }
 
 
+/// `training.threads` when node.toml does not set it: every core the
+/// machine offers. A node is usually alone on its machine and wants its
+/// rounds fast; the simulator, which runs many members in one process and
+/// promises bit-identical reruns, keeps [`TrainingConfig`]'s default of 1.
+pub fn default_training_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Whether `[training]` of this (already parsed) TOML text sets `threads`.
+fn training_threads_set(text: &str) -> bool {
+    text.parse::<toml::Table>().is_ok_and(|table| {
+        table
+            .get("training")
+            .and_then(toml::Value::as_table)
+            .is_some_and(|training| training.contains_key("threads"))
+    })
+}
+
 impl NodeConfig {
     /// Parses TOML text; `path` is used for messages and relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
@@ -333,6 +352,9 @@ impl NodeConfig {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+        if !training_threads_set(text) {
+            config.training.threads = default_training_threads();
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         config.key_file = resolve(base, &config.key_file);
         config.metrics_file = config.metrics_file.map(|p| resolve(base, &p));
@@ -597,9 +619,20 @@ mod tests {
         let c = NodeConfig::parse(EXAMPLE_CONFIG, Path::new("/etc/fd/node.toml")).unwrap();
         assert_eq!(c.key_file, PathBuf::from("/etc/fd/node-0.key"));
         assert_eq!(c.partition.scheme, Partitioner::Dirichlet { alpha: 0.1 });
-        assert_eq!(c.training, TrainingConfig::default());
+        assert_eq!(
+            c.training,
+            TrainingConfig {
+                threads: default_training_threads(),
+                ..TrainingConfig::default()
+            },
+            "the template's recipe, on every core"
+        );
         assert_eq!(c.dp, DpConfig::default());
         assert_eq!(c.federation.rounds, 3);
+        let pinned = EXAMPLE_CONFIG.replace("# threads = 1 ", "threads = 1   ");
+        assert_ne!(pinned, EXAMPLE_CONFIG);
+        let pinned = NodeConfig::parse(&pinned, Path::new("/etc/fd/node.toml")).unwrap();
+        assert_eq!(pinned.training.threads, 1, "an explicit thread count is kept");
         assert!(c.coordinator.is_some());
     }
 

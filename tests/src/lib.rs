@@ -406,6 +406,8 @@ hidden = [200, 200]
 local_epochs = 1
 distill_epochs = 5
 seed = {index}
+# One thread each: the tests run several members on a 2-core machine.
+threads = 1
 "#
     );
     std::fs::write(&path, text).unwrap();
