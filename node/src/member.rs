@@ -141,6 +141,11 @@ pub struct LocalMember {
     /// δ of the ε the learner reports under DP-SGD (`[dp] delta`).
     pub dp_delta: f64,
     pub times: StepTimes,
+    /// How often the last teacher this member distilled towards agreed with
+    /// the labels the public rows carry (argmax over kept rows): a research
+    /// measure the simulator reports (`teacher_accuracy` in metrics.csv),
+    /// never shared. `None` before the first distillation.
+    pub last_teacher_accuracy: Option<f64>,
 }
 
 impl LocalMember {
@@ -237,6 +242,7 @@ impl LocalMember {
             dp_delta: config.dp.delta,
             data,
             times: StepTimes::default(),
+            last_teacher_accuracy: None,
         })
     }
 
@@ -400,6 +406,8 @@ impl LocalMember {
         round: u64,
         teacher: &EnsembleTeacher,
     ) -> (f64, Option<Verdict>) {
+        let labels = self.data.train.labels_of(&self.subset_indices(round));
+        self.last_teacher_accuracy = teacher.accuracy(&labels);
         let Some(tolerance) = self.rollback.rollback_tolerance.filter(|_| self.rollback.enabled())
         else {
             return (self.distill(round, teacher), None);

@@ -32,7 +32,7 @@ use crate::audit::AuditSummary;
 use crate::experiment::Experiment;
 use crate::runner::{NodeRow, RunResult, peak_rss_bytes};
 
-pub const METRICS_HEADER: &str = "round,node,model,active,byzantine,test_accuracy,local_accuracy,train_loss,distill_loss,bytes_sent,bytes_received,shares_aggregated,shares_rejected,shares_late,teacher_rows_kept,audit_tv,sim_seconds,dp_epsilon,validation_accuracy,rolled_back";
+pub const METRICS_HEADER: &str = "round,node,model,active,byzantine,test_accuracy,local_accuracy,train_loss,distill_loss,bytes_sent,bytes_received,shares_aggregated,shares_rejected,shares_late,teacher_rows_kept,audit_tv,sim_seconds,dp_epsilon,validation_accuracy,rolled_back,teacher_accuracy";
 pub const TIMINGS_HEADER: &str = "round,node,train_seconds,predict_seconds,encode_seconds,network_seconds,verify_seconds,aggregate_seconds,distill_seconds";
 
 pub fn metrics_csv(rows: &[NodeRow]) -> String {
@@ -40,7 +40,7 @@ pub fn metrics_csv(rows: &[NodeRow]) -> String {
     for r in rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{},{},{:.4},{},{:.3},{},{},{}",
+            "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{},{},{:.4},{},{:.3},{},{},{},{}",
             r.round,
             r.node,
             r.model,
@@ -62,7 +62,9 @@ pub fn metrics_csv(rows: &[NodeRow]) -> String {
                 .map_or(String::new(), |eps| format!("{eps:.4}")),
             r.validation_accuracy
                 .map_or(String::new(), |a| format!("{a:.6}")),
-            u8::from(r.rolled_back)
+            u8::from(r.rolled_back),
+            r.teacher_accuracy
+                .map_or(String::new(), |a| format!("{a:.6}"))
         );
     }
     out

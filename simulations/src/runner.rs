@@ -54,6 +54,11 @@ pub struct NodeRow {
     /// Fraction of the round's public rows the member distilled (fd; 0 when
     /// it did not distil).
     pub teacher_rows_kept: f64,
+    /// Fraction of the kept public rows on which the teacher this member
+    /// distilled towards this round agreed with their labels (fd; empty
+    /// when it did not distil): how good the knowledge was, apart from how
+    /// well it was distilled.
+    pub teacher_accuracy: Option<f64>,
     /// Leakage audit ([`crate::audit`]): TV distance between the curious
     /// member's estimate of this member's label distribution and the truth;
     /// `None` when not audited, for the curious member itself, or when it
@@ -247,6 +252,7 @@ fn row_from(e: &Experiment, round: u64, node: usize, m: &RoundMetrics) -> NodeRo
         shares_late: 0,
         teacher_rows_kept: m.teacher_rows_kept,
         audit_tv: None,
+        teacher_accuracy: None,
         dp_epsilon: None,
         validation_accuracy: m.validation_accuracy,
         rolled_back: m.rolled_back,
@@ -273,6 +279,7 @@ fn idle_row(e: &Experiment, round: u64, node: usize, previous: Option<&NodeRow>)
         shares_late: 0,
         teacher_rows_kept: 0.0,
         audit_tv: None,
+        teacher_accuracy: None,
         dp_epsilon: previous.and_then(|r| r.dp_epsilon),
         validation_accuracy: previous.and_then(|r| r.validation_accuracy),
         rolled_back: false,
@@ -624,6 +631,11 @@ async fn run_fd(
             row.dp_epsilon = engines[i]
                 .as_ref()
                 .and_then(|engine| engine.member().learner.dp_epsilon());
+            if metrics[i].as_ref().is_some_and(|m| m.distilled) {
+                row.teacher_accuracy = engines[i]
+                    .as_ref()
+                    .and_then(|engine| engine.member().last_teacher_accuracy);
+            }
             last[i] = Some(row.clone());
             rows.push(row);
         }
@@ -791,6 +803,7 @@ async fn run_fedavg(
                         shares_late: 0,
                         teacher_rows_kept: 0.0,
                         audit_tv: None,
+                        teacher_accuracy: None,
                         dp_epsilon: None,
                         validation_accuracy: None,
                         rolled_back: false,

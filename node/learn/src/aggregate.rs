@@ -156,6 +156,30 @@ pub struct EnsembleTeacher {
 }
 
 impl EnsembleTeacher {
+    /// Fraction of the kept rows whose largest logit is at their label
+    /// (`labels[row]`, one per row); `None` when no row is kept or the
+    /// labels do not match the rows.
+    pub fn accuracy(&self, labels: &[u8]) -> Option<f64> {
+        if labels.len() != self.rows || self.classes == 0 {
+            return None;
+        }
+        let (mut kept, mut right) = (0usize, 0usize);
+        for (row, (&label, &keep)) in labels.iter().zip(&self.kept).enumerate() {
+            if !keep {
+                continue;
+            }
+            kept += 1;
+            let logits = &self.logits[row * self.classes..(row + 1) * self.classes];
+            let argmax = logits
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (c, &v)| if v > best.1 { (c, v) } else { best })
+                .0;
+            right += usize::from(argmax == usize::from(label));
+        }
+        (kept > 0).then(|| right as f64 / kept as f64)
+    }
+
     /// Fraction of rows kept for distillation.
     pub fn kept_fraction(&self) -> f64 {
         if self.rows == 0 {
@@ -697,6 +721,27 @@ mod tests {
         assert_eq!(t.kept, vec![true, false]);
         assert_eq!(t.kept_fraction(), 0.5);
         assert!(t.logits.iter().all(|l| l.is_finite()));
+    }
+
+    #[test]
+    fn teacher_accuracy_counts_kept_rows_whose_argmax_is_the_label() {
+        let teacher = EnsembleTeacher {
+            logits: vec![
+                2.0, 0.0, 0.0, // row 0: class 0
+                0.0, 3.0, 1.0, // row 1: class 1
+                0.0, 0.0, 5.0, // row 2: class 2, not kept
+                1.0, 0.0, 4.0, // row 3: class 2
+            ],
+            rows: 4,
+            classes: 3,
+            contributors: 2,
+            kept: vec![true, true, false, true],
+        };
+        // Right on rows 0 and 3, wrong on row 1; row 2 (wrong) is not kept.
+        assert_eq!(teacher.accuracy(&[0, 2, 1, 2]), Some(2.0 / 3.0));
+        assert_eq!(teacher.accuracy(&[0, 1, 2]), None, "labels must match the rows");
+        let none_kept = EnsembleTeacher { kept: vec![false; 4], ..teacher };
+        assert_eq!(none_kept.accuracy(&[0, 1, 2, 2]), None);
     }
 
     #[test]

@@ -35,6 +35,12 @@ const ANNOUNCE_TICK: Duration = Duration::from_millis(100);
 /// other through a relay (see [`EventLoop::add_circuit_addresses`]).
 const CIRCUIT_DEFER: Duration = Duration::from_secs(1);
 
+/// How long a node with relay mode `always` waits for its first listen
+/// address before it reserves anyway (see [`EventLoop::reserve`]): the
+/// program asks it to listen right after starting it, so this only runs
+/// out for a node that listens nowhere.
+const FIRST_RESERVATION_GRACE: Duration = Duration::from_secs(1);
+
 /// How often a pending announcement redials the peers it waits for.
 const ANNOUNCE_REDIAL: Duration = Duration::from_secs(1);
 
@@ -85,7 +91,8 @@ struct RelayState {
     /// When to (re)try the relays without a reservation.
     retry_at: Option<Instant>,
     /// Whether this node listens on an address of its own (not a
-    /// circuit). Reservations wait for it: see [`EventLoop::reserve`].
+    /// circuit). The first reservation waits for it, or for
+    /// [`FIRST_RESERVATION_GRACE`]: see [`EventLoop::reserve`].
     listening: bool,
     /// Every open connection: its peer and whether it is relayed.
     connections: HashMap<ConnectionId, (PeerId, bool)>,
@@ -116,7 +123,7 @@ impl RelayState {
         let wanted = config.mode == RelayMode::Always && !config.relays.is_empty();
         RelayState {
             wanted,
-            retry_at: wanted.then(Instant::now),
+            retry_at: wanted.then(|| Instant::now() + FIRST_RESERVATION_GRACE),
             listening: false,
             config,
             reservations: HashMap::new(),
@@ -411,17 +418,16 @@ impl EventLoop {
     /// own dial would be dropped while another dial to the relay, a join
     /// say, is in progress, closing the reservation's listener).
     ///
-    /// Not before this node listens on an address of its own: a TCP dial
-    /// made earlier cannot leave from the listen port, so the relay (and
-    /// identify) would observe an ephemeral port, DCUtR would hand peers
-    /// that port as this node's hole-punching address, and the peers'
-    /// dials would be dropped by this node's NAT (measured: hole punching
-    /// between two members failed in about one run in seven this way).
+    ///
+    /// With mode `always` the first attempt waits until this node listens
+    /// on an address of its own (or [`FIRST_RESERVATION_GRACE`] for one
+    /// that listens nowhere): a TCP dial made earlier cannot leave from the
+    /// listen port, so the relay (and identify) would observe an ephemeral
+    /// port, DCUtR would hand peers that port as this node's hole-punching
+    /// address, and the peers' dials would be dropped by this node's NAT
+    /// (measured: hole punching between two members failed in about one
+    /// run in seven this way).
     fn reserve(&mut self) {
-        if !self.relays.listening {
-            self.relays.retry_at.get_or_insert_with(Instant::now);
-            return;
-        }
         for (relay, addr) in self.relays.config.relays.clone() {
             if self.relays.reservations.contains_key(&relay) {
                 continue;
@@ -580,7 +586,11 @@ impl EventLoop {
                 }
                 if own && !self.relays.listening {
                     self.relays.listening = true;
-                    self.poll_relays();
+                    // The first reservation was waiting for this.
+                    if self.relays.wanted && self.relays.reservations.is_empty() {
+                        self.relays.retry_at = Some(Instant::now());
+                        self.poll_relays();
+                    }
                 }
             }
             SwarmEvent::ListenerError { listener_id, error }
