@@ -111,6 +111,7 @@ weight_decay = 0.0                    # L2 penalty
 momentum = 0.9                        # SGD momentum (ignored by adam)
 seed = 0                              # weight init and shuffling
 eval_samples = 0                      # test samples to evaluate on (0 = all)
+local_ntd = 0.0                       # not-true distillation in local training (FedNTD); 0 = off
 # threads = 1                         # CPU threads; default: every core of the machine (faster;
                                       # small MLP steps still take one). 1 = bit-identical reruns
 

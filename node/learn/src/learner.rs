@@ -110,6 +110,13 @@ pub struct TrainingConfig {
     /// reductions then sum in an order that depends on scheduling, so the
     /// last bits of the numbers may change between runs.
     pub threads: usize,
+    /// Weight β of not-true distillation in local training (FedNTD, Lee et
+    /// al. 2022): loss = CE + β · KL between the student at the start of
+    /// the round and the student being trained, over the classes other
+    /// than each sample's label. It keeps what the member learned from the
+    /// federation about classes it does not hold while it trains on its
+    /// own. 0 = off; ignored under DP-SGD.
+    pub local_ntd: f64,
 }
 
 /// The default recipe is the best one measured on Fashion-MNIST under label
@@ -134,6 +141,7 @@ impl Default for TrainingConfig {
             seed: 0,
             eval_samples: 0,
             threads: 1,
+            local_ntd: 0.0,
         }
     }
 }
@@ -160,6 +168,12 @@ impl TrainingConfig {
             if !(t.is_finite() && t > 0.0) {
                 return Err(format!("training.{field} must be positive, got {t}"));
             }
+        }
+        if !(self.local_ntd.is_finite() && self.local_ntd >= 0.0) {
+            return Err(format!(
+                "training.local_ntd must be 0 or positive, got {}",
+                self.local_ntd
+            ));
         }
         if !(0.0..=1.0).contains(&self.distill_alpha) {
             return Err(format!(
@@ -606,6 +620,32 @@ impl Learner {
         )
     }
 
+    /// For not-true distillation on the private samples `chunk`: the
+    /// start-of-round logits (`frozen_logits`, rows by `row_of`) and a mask
+    /// that is −10⁴ at each sample's label and 0 elsewhere; added to both
+    /// logit matrices, it takes the label out of both softmaxes.
+    fn not_true_targets(
+        &self,
+        data: &Dataset,
+        chunk: &[usize],
+        row_of: &std::collections::HashMap<usize, usize>,
+        frozen_logits: &[f32],
+    ) -> (Tensor<2>, Tensor<2>) {
+        let classes = self.classes;
+        let mut before = Vec::with_capacity(chunk.len() * classes);
+        let mut mask = vec![0.0f32; chunk.len() * classes];
+        for (k, (&i, label)) in chunk.iter().zip(data.labels_of(chunk)).enumerate() {
+            let row = row_of[&i];
+            before.extend_from_slice(&frozen_logits[row * classes..(row + 1) * classes]);
+            mask[k * classes + usize::from(label)] = -1e4;
+        }
+        let shape = [chunk.len(), classes];
+        (
+            Tensor::from_data(TensorData::new(before, shape), &self.device),
+            Tensor::from_data(TensorData::new(mask, shape), &self.device),
+        )
+    }
+
     fn labels(&self, data: &Dataset, indices: &[usize]) -> Tensor<1, Int> {
         let labels: Vec<i64> = data.labels_of(indices).into_iter().map(i64::from).collect();
         Tensor::from_data(TensorData::new(labels, [indices.len()]), &self.device)
@@ -648,6 +688,15 @@ impl Learner {
         let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
         let mut order = indices.to_vec();
         let mut last = f64::NAN;
+        // Not-true distillation: the start-of-round student's logits on
+        // every private sample, by sample index.
+        let ntd = self.config.local_ntd;
+        let frozen: std::collections::HashMap<usize, usize> = if ntd > 0.0 {
+            indices.iter().enumerate().map(|(row, &i)| (i, row)).collect()
+        } else {
+            Default::default()
+        };
+        let frozen_logits = if ntd > 0.0 { self.predict_here(data, indices) } else { Vec::new() };
         for _ in 0..self.config.local_epochs {
             order.shuffle(&mut self.rng);
             let (mut sum, mut batches) = (0.0, 0usize);
@@ -655,7 +704,15 @@ impl Learner {
                 let x = self.batch(data, chunk, &self.device.clone());
                 let y = self.labels(data, chunk);
                 let logits = self.student().forward(x);
-                sum += self.step(loss_fn.forward(logits, y));
+                let loss = if ntd > 0.0 {
+                    let (before, mask) =
+                        self.not_true_targets(data, chunk, &frozen, &frozen_logits);
+                    let ntd_term = distillation_kl(before + mask.clone(), logits.clone() + mask, 1.0);
+                    loss_fn.forward(logits, y) + ntd_term * ntd
+                } else {
+                    loss_fn.forward(logits, y)
+                };
+                sum += self.step(loss);
                 batches += 1;
             }
             last = sum / batches.max(1) as f64;
@@ -1223,6 +1280,55 @@ mod tests {
         assert_eq!(step_threads(mlp, 2, 4096), 2, "so does a large batch");
         assert_eq!(ModelConfig::FedAvgCnn {}.dense_multiply_adds(input, 10), None);
         assert_eq!(step_threads(ModelConfig::FedAvgCnn {}, 2, 64), 2);
+    }
+
+    /// A generalist student then trained on two classes only: with
+    /// not-true distillation it keeps more of what it knew about the other
+    /// eight (accuracy on their test samples), because the term pulls its
+    /// answers among non-label classes back to the start-of-round ones.
+    #[test]
+    fn not_true_distillation_keeps_knowledge_of_classes_a_member_lacks() {
+        let data = data();
+        let everything: Vec<usize> = (0..3000).collect();
+        let two_classes: Vec<usize> = (0..6000)
+            .filter(|&i| data.train.labels[i] < 2)
+            .take(600)
+            .collect();
+        let others: Vec<usize> = (0..data.test.len())
+            .filter(|&i| data.test.labels[i] >= 2)
+            .collect();
+        let accuracy_on_others = |ntd: f64| {
+            let config = TrainingConfig {
+                local_ntd: ntd,
+                local_epochs: 3,
+                ..TrainingConfig::default()
+            };
+            let mut l = learner(5, config, &data);
+            l.config.local_ntd = 0.0;
+            l.train_local(&data.train, &everything);
+            let before = l.predict(&data.test, &others);
+            l.config.local_ntd = ntd;
+            l.train_local(&data.train, &two_classes);
+            let after = l.predict(&data.test, &others);
+            let right = |logits: &[f32]| {
+                logits
+                    .chunks(10)
+                    .zip(&others)
+                    .filter(|(row, i)| argmax(row) == usize::from(data.test.labels[**i]))
+                    .count() as f64
+                    / others.len() as f64
+            };
+            (right(&before), right(&after))
+        };
+        let (generalist, plain) = accuracy_on_others(0.0);
+        let (same_start, with_ntd) = accuracy_on_others(1.0);
+        println!("other classes: generalist {generalist:.4}, after two-class training plain {plain:.4}, with NTD {with_ntd:.4}");
+        assert_eq!(generalist, same_start, "both start from the same generalist");
+        assert!(generalist > 0.5, "the generalist learned the other classes: {generalist}");
+        assert!(
+            with_ntd > plain + 0.05,
+            "NTD keeps knowledge of the other classes: {with_ntd:.4} vs {plain:.4}"
+        );
     }
 
     #[test]
