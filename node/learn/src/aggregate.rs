@@ -170,12 +170,7 @@ impl EnsembleTeacher {
             }
             kept += 1;
             let logits = &self.logits[row * self.classes..(row + 1) * self.classes];
-            let argmax = logits
-                .iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (c, &v)| if v > best.1 { (c, v) } else { best })
-                .0;
-            right += usize::from(argmax == usize::from(label));
+            right += usize::from(crate::model::argmax(logits) == usize::from(label));
         }
         (kept > 0).then(|| right as f64 / kept as f64)
     }

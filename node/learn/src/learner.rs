@@ -620,23 +620,22 @@ impl Learner {
         )
     }
 
-    /// For not-true distillation on the private samples `chunk`: the
-    /// start-of-round logits (`frozen_logits`, rows by `row_of`) and a mask
-    /// that is −10⁴ at each sample's label and 0 elsewhere; added to both
-    /// logit matrices, it takes the label out of both softmaxes.
+    /// For not-true distillation on the private samples `chunk`: their
+    /// start-of-round logits (rows `positions` of `frozen`) and a mask that
+    /// is −10⁴ at each sample's label and 0 elsewhere; added to both logit
+    /// matrices, it takes the label out of both softmaxes.
     fn not_true_targets(
         &self,
         data: &Dataset,
         chunk: &[usize],
-        row_of: &std::collections::HashMap<usize, usize>,
-        frozen_logits: &[f32],
+        positions: &[usize],
+        frozen: &[f32],
     ) -> (Tensor<2>, Tensor<2>) {
         let classes = self.classes;
         let mut before = Vec::with_capacity(chunk.len() * classes);
         let mut mask = vec![0.0f32; chunk.len() * classes];
-        for (k, (&i, label)) in chunk.iter().zip(data.labels_of(chunk)).enumerate() {
-            let row = row_of[&i];
-            before.extend_from_slice(&frozen_logits[row * classes..(row + 1) * classes]);
+        for (k, (&row, label)) in positions.iter().zip(data.labels_of(chunk)).enumerate() {
+            before.extend_from_slice(&frozen[row * classes..(row + 1) * classes]);
             mask[k * classes + usize::from(label)] = -1e4;
         }
         let shape = [chunk.len(), classes];
@@ -671,7 +670,8 @@ impl Learner {
     }
 
     /// Threads a training or distillation step of this learner runs on.
-    pub fn step_threads(&self) -> usize {
+    #[cfg(test)]
+    fn step_threads(&self) -> usize {
         self.step_pool.current_num_threads()
     }
 
@@ -686,27 +686,24 @@ impl Learner {
             return self.train_local_dp(data, indices);
         }
         let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
-        let mut order = indices.to_vec();
+        // Positions into `indices`, shuffled (the same sample order as
+        // shuffling `indices` itself), so a batch also finds its rows of
+        // `frozen`.
+        let mut order: Vec<usize> = (0..indices.len()).collect();
         let mut last = f64::NAN;
-        // Not-true distillation: the start-of-round student's logits on
-        // every private sample, by sample index.
+        // Not-true distillation: the start-of-round student's logits.
         let ntd = self.config.local_ntd;
-        let frozen: std::collections::HashMap<usize, usize> = if ntd > 0.0 {
-            indices.iter().enumerate().map(|(row, &i)| (i, row)).collect()
-        } else {
-            Default::default()
-        };
-        let frozen_logits = if ntd > 0.0 { self.predict_here(data, indices) } else { Vec::new() };
+        let frozen = if ntd > 0.0 { self.predict_here(data, indices) } else { Vec::new() };
         for _ in 0..self.config.local_epochs {
             order.shuffle(&mut self.rng);
             let (mut sum, mut batches) = (0.0, 0usize);
-            for chunk in order.chunks(self.config.batch_size) {
-                let x = self.batch(data, chunk, &self.device.clone());
-                let y = self.labels(data, chunk);
+            for positions in order.chunks(self.config.batch_size) {
+                let chunk: Vec<usize> = positions.iter().map(|&k| indices[k]).collect();
+                let x = self.batch(data, &chunk, &self.device.clone());
+                let y = self.labels(data, &chunk);
                 let logits = self.student().forward(x);
                 let loss = if ntd > 0.0 {
-                    let (before, mask) =
-                        self.not_true_targets(data, chunk, &frozen, &frozen_logits);
+                    let (before, mask) = self.not_true_targets(data, &chunk, positions, &frozen);
                     let ntd_term = distillation_kl(before + mask.clone(), logits.clone() + mask, 1.0);
                     loss_fn.forward(logits, y) + ntd_term * ntd
                 } else {

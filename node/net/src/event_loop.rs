@@ -36,9 +36,16 @@ const ANNOUNCE_TICK: Duration = Duration::from_millis(100);
 const CIRCUIT_DEFER: Duration = Duration::from_secs(1);
 
 /// How long a node with relay mode `always` waits for its first listen
-/// address before it reserves anyway (see [`EventLoop::reserve`]): the
-/// program asks it to listen right after starting it, so this only runs
-/// out for a node that listens nowhere.
+/// address before it reserves anyway; it reserves as soon as it listens.
+/// The program asks it to listen right after starting it, so this only
+/// runs out for a node that listens nowhere.
+///
+/// Why wait: a TCP dial made before the node listens cannot leave from the
+/// listen port, so the relay (and identify) would observe an ephemeral
+/// port, DCUtR would hand peers that port as this node's hole-punching
+/// address, and the peers' dials would be dropped by this node's NAT
+/// (measured: members 1 and 2 of `tests/tests/nat.rs` stayed relayed in 3
+/// of 18 runs this way).
 const FIRST_RESERVATION_GRACE: Duration = Duration::from_secs(1);
 
 /// How often a pending announcement redials the peers it waits for.
@@ -416,17 +423,8 @@ impl EventLoop {
     /// reservation on and is connected to, which reserves a slot there;
     /// dials the others, and reserves once connected (the relay client's
     /// own dial would be dropped while another dial to the relay, a join
-    /// say, is in progress, closing the reservation's listener).
-    ///
-    ///
-    /// With mode `always` the first attempt waits until this node listens
-    /// on an address of its own (or [`FIRST_RESERVATION_GRACE`] for one
-    /// that listens nowhere): a TCP dial made earlier cannot leave from the
-    /// listen port, so the relay (and identify) would observe an ephemeral
-    /// port, DCUtR would hand peers that port as this node's hole-punching
-    /// address, and the peers' dials would be dropped by this node's NAT
-    /// (measured: hole punching between two members failed in about one
-    /// run in seven this way).
+    /// say, is in progress, closing the reservation's listener). When the
+    /// first call comes: see [`FIRST_RESERVATION_GRACE`].
     fn reserve(&mut self) {
         for (relay, addr) in self.relays.config.relays.clone() {
             if self.relays.reservations.contains_key(&relay) {
