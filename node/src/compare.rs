@@ -376,6 +376,8 @@ mod tests {
                 optimizer: crate::learner::OptimizerKind::Adam,
                 learning_rate: 1e-3,
                 seed: 2,
+                // Plain supervised training of a fixture, not a member's round.
+                local_ntd: 0.0,
                 ..TrainingConfig::default()
             },
             DeviceKind::Flex,

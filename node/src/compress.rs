@@ -954,6 +954,8 @@ mod tests {
                 optimizer: OptimizerKind::Adam,
                 learning_rate: 1e-3,
                 seed: 1,
+                // A centrally trained teacher: nothing to keep from round to round.
+                local_ntd: 0.0,
                 ..TrainingConfig::default()
             },
             DeviceKind::Flex,

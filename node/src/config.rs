@@ -101,7 +101,7 @@ hidden = [200, 200]                   # mlp: hidden layer widths
 local_epochs = 1                      # epochs on private data per round
 distill_epochs = 2                    # epochs on the public subset towards the teacher
 batch_size = 32
-learning_rate = 0.01
+learning_rate = 0.02
 optimizer = "sgd"                     # sgd (with `momentum`) | adam
 temperature = 1.0                     # distillation temperature T in round 1 (loss scaled by T^2)
 final_temperature = 1.0               # T in the last round, for non-constant schedules
@@ -111,7 +111,10 @@ weight_decay = 0.0                    # L2 penalty
 momentum = 0.9                        # SGD momentum (ignored by adam)
 seed = 0                              # weight init and shuffling
 eval_samples = 0                      # test samples to evaluate on (0 = all)
-local_ntd = 0.0                       # not-true distillation in local training (FedNTD); 0 = off
+local_ntd = 1.0                       # not-true distillation in local training (FedNTD): keeps what the
+                                      # federation taught about classes this node lacks; 0 = off
+logit_adjustment = 0.0                # tau: cross-entropy on private labels reads logits + tau*ln(own label
+                                      # frequencies), against the pull towards classes this node holds; 0 = off
 # threads = 1                         # CPU threads; default: every core of the machine (faster;
                                       # small MLP steps still take one). 1 = bit-identical reruns
 

@@ -793,6 +793,8 @@ mod tests {
             model,
             TrainingConfig {
                 local_epochs: epochs,
+                // Plain supervised training of a fixture, not a member's round.
+                local_ntd: 0.0,
                 ..TrainingConfig::default()
             },
             DeviceKind::Flex,

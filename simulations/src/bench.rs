@@ -254,6 +254,8 @@ fn throughput(
         batch_size: batch,
         local_epochs: 1,
         optimizer: spec.optimizer,
+        // Plain supervised steps, like for like with docs/pytorch_parity.py.
+        local_ntd: 0.0,
         ..TrainingConfig::default()
     };
     let mut learner = Learner::new(

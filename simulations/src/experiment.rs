@@ -72,10 +72,12 @@ hidden = [200, 200]
 local_epochs = 1            # the defaults are the best recipe measured (docs/results.md)
 distill_epochs = 2
 batch_size = 32
-learning_rate = 0.01
+learning_rate = 0.02
 optimizer = "sgd"
 temperature = 1.0
 distill_alpha = 0.5
+local_ntd = 1.0             # not-true distillation in local training (FedNTD); 0 = off
+logit_adjustment = 0.0      # cross-entropy on private labels with logits + tau*ln(label frequencies); 0 = off
 
 [knowledge]                 # fd: as in fd-node's config
 selector = "density"        # density | all | confidence | class-coverage
