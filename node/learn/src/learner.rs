@@ -177,29 +177,20 @@ impl TrainingConfig {
                 return Err(format!("training.{field} must be positive, got {t}"));
             }
         }
-        if !(self.logit_adjustment.is_finite() && self.logit_adjustment >= 0.0) {
-            return Err(format!(
-                "training.logit_adjustment must be 0 or positive, got {}",
-                self.logit_adjustment
-            ));
-        }
-        if !(self.local_ntd.is_finite() && self.local_ntd >= 0.0) {
-            return Err(format!(
-                "training.local_ntd must be 0 or positive, got {}",
-                self.local_ntd
-            ));
-        }
         if !(0.0..=1.0).contains(&self.distill_alpha) {
             return Err(format!(
                 "training.distill_alpha must be in [0, 1], got {}",
                 self.distill_alpha
             ));
         }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(format!(
-                "training.weight_decay must be ≥ 0, got {}",
-                self.weight_decay
-            ));
+        for (field, weight) in [
+            ("weight_decay", self.weight_decay),
+            ("local_ntd", self.local_ntd),
+            ("logit_adjustment", self.logit_adjustment),
+        ] {
+            if !(weight.is_finite() && weight >= 0.0) {
+                return Err(format!("training.{field} must be ≥ 0, got {weight}"));
+            }
         }
         if !(0.0..1.0).contains(&self.momentum) {
             return Err(format!(
